@@ -1,0 +1,15 @@
+"""onnx_lapq: loss-aware post-training quantization of ONNX models.
+
+    import onnx, onnx_lapq
+    result = onnx_lapq.quantize(onnx.load("model.onnx"), calibration, config=onnx_lapq.QuantConfig(weight_bits=4))
+    onnx.save(result.model, "model.qdq.onnx")
+"""
+from .config import QuantConfig
+from .errors import CalibrationError, ConfigError, ExportError, LapqError, ModelError
+from .modelio import load_model, save_model_atomic
+from .pipeline import Progress, QuantResult, quantize
+
+__all__ = [
+    "QuantConfig", "QuantResult", "Progress", "quantize", "load_model", "save_model_atomic",
+    "LapqError", "ConfigError", "ModelError", "CalibrationError", "ExportError",
+]

@@ -1,0 +1,109 @@
+"""Command line: python -m onnx_lapq IN.onnx OUT.onnx --calib CALIB.npz [options].
+
+Reads the model and calibration files, runs :func:`onnx_lapq.quantize`, writes the
+quantized model atomically (and the report as JSON with --report), and prints a
+summary.  Errors print one line and exit non-zero (2 for bad input); -v adds the
+traceback and debug logging.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+
+from .config import CALIBRATION_METHODS, QuantConfig
+from .data import npz_batches
+from .errors import LapqError, ModelError
+from .modelio import load_model, same_file, save_model_atomic
+from .pipeline import quantize
+from .progress import ProgressBar
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m onnx_lapq", description="Quantize a float ONNX model into an integer-ready QDQ model.")
+    p.add_argument("input", metavar="IN.onnx", help="float ONNX model (never modified)")
+    p.add_argument("output", metavar="OUT.onnx", help="where to write the QDQ model")
+    p.add_argument("--calib", required=True, metavar="CALIB.npz", help=".npz with one array per model input (samples on axis 0), or a folder of them")
+    p.add_argument("--weight-bits", type=int, default=8, help="weight bits: 2..8 or 16 (default 8)")
+    p.add_argument("--act-bits", type=int, default=8, help="activation bits: 2..8 or 16 (default 8)")
+    p.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per output channel")
+    p.add_argument("--method", default="minmax", choices=[m for m in CALIBRATION_METHODS if m != "lp"], help="activation clipping (default minmax)")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="node names (regular expressions) or op types to keep float")
+    p.add_argument("--keep-first-last-8bit", action="store_true", help="first and last quantized layers at 8 bits")
+    p.add_argument("--num-samples", type=int, default=None, help="use at most N calibration samples")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per ONNX Runtime call (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    p.add_argument("--report", metavar="REPORT.json", help="write the run's report as JSON")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    return p
+
+
+def _config(args: argparse.Namespace) -> QuantConfig:
+    op_types = tuple(x for x in args.exclude if x in ("Conv", "ConvTranspose", "Gemm", "MatMul"))
+    patterns = tuple(x for x in args.exclude if x not in op_types)
+    return QuantConfig(
+        weight_bits=args.weight_bits, act_bits=args.act_bits, per_channel=not args.per_tensor, method=args.method,
+        exclude=patterns, exclude_op_types=op_types, keep_first_last_8bit=args.keep_first_last_8bit,
+        num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
+    )
+
+
+def _summary(report: dict, seconds: float, output: str) -> str:
+    sites = report["sites"]
+    size = report["size_bytes"]
+    bits = report["config"]
+    return (
+        f"wrote {output}: {sites['weight_sites']} weight and {sites['activation_sites']} activation sites "
+        f"(W{bits['weight_bits']}A{bits['act_bits']}, {bits['method']}), "
+        f"{size['float'] / 1e6:.2f} MB -> {size['quantized'] / 1e6:.2f} MB, "
+        f"{report['calibration_samples']} calibration samples, {seconds:.1f} s"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    config = _config(args)
+    if same_file(args.input, args.output):
+        raise ModelError("OUT.onnx is the input file: choose another output path (the input is never overwritten)")
+    model = load_model(args.input)
+    bar = ProgressBar(sys.stderr)
+    try:
+        result = quantize(model, npz_batches(args.calib), config=config, on_step=bar)
+    finally:
+        bar.close()
+    save_model_atomic(result.model, args.output)
+    if args.report:
+        tmp = args.report + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(result.report, fh, indent=1)
+        os.replace(tmp, args.report)
+    print(_summary(result.report, time.perf_counter() - started, args.output))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except LapqError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"onnx_lapq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onnx_lapq: interrupted; no output written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: still one line, the traceback with -v
+        if args.verbose:
+            traceback.print_exc()
+        print(f"onnx_lapq: internal error: {type(exc).__name__}: {exc} (rerun with -v and report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

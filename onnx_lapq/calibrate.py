@@ -1,0 +1,65 @@
+"""Observe activation statistics in one streaming ONNX Runtime pass over the calibration data.
+
+The float model is run with the observed tensors added as graph outputs; each batch's
+outputs are folded into a :class:`TensorStats` and dropped, so memory is bounded by
+one batch of activations plus a fixed-size histogram per tensor, whatever the number
+of samples.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import CalibrationError
+from .stats import TensorStats
+
+
+def session(model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session for an in-memory model."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also returns ``tensors`` (float32) as graph outputs."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    present = {o.name for o in out.graph.output}
+    for name in tensors:
+        if name not in present:
+            out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return out
+
+
+def collect_stats(
+    model: onnx.ModelProto,
+    tensors: list[str],
+    batches: Iterable[dict[str, np.ndarray]],
+    *,
+    half_bins: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[dict[str, TensorStats], int]:
+    """Statistics of ``tensors`` over all batches, and the number of samples seen.
+
+    ``on_batch(samples_so_far)`` is called after each batch.
+    """
+    sess = session(with_outputs(model, tensors))
+    stats = {name: TensorStats(half_bins) for name in tensors}
+    done = 0
+    for batch in batches:
+        try:
+            outputs = sess.run(tensors, batch)
+        except Exception as exc:  # ORT raises its own exception types
+            raise CalibrationError(f"ONNX Runtime could not run the model on the calibration data: {exc}".splitlines()[0]) from None
+        for name, value in zip(tensors, outputs):
+            stats[name].update(value)
+        done += next(iter(batch.values())).shape[0]
+        if on_batch is not None:
+            on_batch(done)
+    return stats, done

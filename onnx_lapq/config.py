@@ -1,0 +1,97 @@
+"""Typed, validated options of a quantization run (frozen dataclasses, keyword-only).
+
+Every field has a default that gives W8A8 with per-channel weights; each check in
+``__post_init__`` raises :class:`ConfigError` with a message that says how to fix it.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse", "lp")
+DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _check_bits(name: str, value: int) -> None:
+    if value not in SUPPORTED_BITS:
+        raise ConfigError(f"{name}={value!r} is not supported: use one of {', '.join(map(str, SUPPORTED_BITS))}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """What to quantize and how.
+
+    weight_bits, act_bits: 2..8 or 16. 8-bit exports as int8/uint8, 4-bit as
+        INT4/UINT4 (opset 21), 16-bit as INT16/UINT16 (opset 21); 2, 3, 5, 6 and 7
+        bits use an 8-bit container whose range is restricted to 2**bits levels.
+    per_channel: per-output-channel weight scales (per-tensor when False).
+    weight_symmetric: weights with zero point 0 and range -(2**(b-1)-1)..2**(b-1)-1.
+    act_symmetric: activations with zero point 0 (unsigned when never negative).
+    method: how activation clipping ranges are chosen from the calibration
+        statistics: minmax, percentile, entropy (KL), mse, or lp (with lp_norm).
+        mse and lp also choose per-channel weight clipping (exactly, on the weights);
+        the other methods clip weights at their min/max.
+    exclude: regular expressions; nodes whose name matches one fully stay float.
+    exclude_op_types: op types that stay float.
+    op_types: op types whose weights and inputs are quantized.
+    keep_first_last_8bit: the first and last quantized layers use 8 bits.
+    num_samples: calibration samples to use (None: all given).
+    batch_size: rows per ONNX Runtime call when calibration arrays are split.
+    seed: seeds every random choice of the run.
+    """
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    per_channel: bool = True
+    weight_symmetric: bool = True
+    act_symmetric: bool = False
+    method: str = "minmax"
+    percentile: float = 99.999
+    lp_norm: float = 2.4
+    exclude: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+    op_types: tuple[str, ...] = DEFAULT_OP_TYPES
+    keep_first_last_8bit: bool = False
+    num_samples: int | None = None
+    batch_size: int = 32
+    seed: int = 0
+    histogram_bins: int = 4096
+
+    def __post_init__(self) -> None:
+        _check_bits("weight_bits", self.weight_bits)
+        _check_bits("act_bits", self.act_bits)
+        if self.method not in CALIBRATION_METHODS:
+            raise ConfigError(f"method={self.method!r} is unknown: use one of {', '.join(CALIBRATION_METHODS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile={self.percentile} must be in (50, 100], e.g. 99.999")
+        if not 0.5 <= self.lp_norm <= 8.0:
+            raise ConfigError(f"lp_norm={self.lp_norm} must be in [0.5, 8], e.g. 2.4")
+        for field in ("exclude", "exclude_op_types", "op_types"):
+            if isinstance(getattr(self, field), str):
+                raise ConfigError(f"{field} must be a tuple of strings, not one string: write {field}=({getattr(self, field)!r},)")
+        for pattern in self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"exclude pattern {pattern!r} is not a valid regular expression ({exc}): fix or quote it") from None
+        unknown = set(self.op_types) - set(DEFAULT_OP_TYPES)
+        if unknown:
+            raise ConfigError(f"op_types {sorted(unknown)} cannot be quantized: choose from {', '.join(DEFAULT_OP_TYPES)}")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ConfigError(f"num_samples={self.num_samples} must be at least 1 (or None for all)")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be at least 1")
+        if self.histogram_bins not in tuple(2**k for k in range(8, 17)):
+            raise ConfigError(f"histogram_bins={self.histogram_bins} must be a power of two from 256 to 65536")
+
+    def excludes_node(self, name: str, op_type: str) -> bool:
+        """True when a node stays float by name pattern or op type."""
+        return op_type in self.exclude_op_types or any(re.fullmatch(p, name) for p in self.exclude)
+
+    @property
+    def needs_opset21(self) -> bool:
+        """4-bit and 16-bit Q/DQ types exist only from opset 21."""
+        return any(b in (4, 16) for b in (self.weight_bits, self.act_bits))

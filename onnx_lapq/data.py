@@ -1,0 +1,136 @@
+"""Calibration data: validate it against the model's inputs and stream it in batches.
+
+Accepted forms: an iterable of ``{input_name: ndarray}`` dicts (one batch each,
+samples on axis 0), an object with ``get_next()`` returning such dicts and then None
+(ONNX Runtime's CalibrationDataReader), or, through :func:`npz_batches`, an ``.npz``
+file (one array per input, samples on axis 0) or a folder of them.  Batches are read
+one at a time; nothing here holds the whole data set.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .errors import CalibrationError
+
+log = logging.getLogger(__name__)
+SHORT_CALIBRATION = 32
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input: name, numpy dtype, and shape (None for symbolic dimensions)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The graph inputs that calibration must feed (initializers excluded)."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        tensor = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+        specs.append(InputSpec(value.name, np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)), dims))
+    return specs
+
+
+def _items(calibration: Any) -> Iterator[Any]:
+    if hasattr(calibration, "get_next"):
+        while (item := calibration.get_next()) is not None:
+            yield item
+        return
+    if isinstance(calibration, (dict, str, bytes, np.ndarray)) or not isinstance(calibration, Iterable):
+        raise CalibrationError(
+            f"calibration must be an iterable of {{input_name: array}} dicts or have get_next(), not {type(calibration).__name__}; "
+            "wrap a single dict in a list"
+        )
+    yield from calibration
+
+
+def _check(item: Any, specs: list[InputSpec], position: int) -> dict[str, np.ndarray]:
+    if not isinstance(item, dict):
+        raise CalibrationError(f"calibration item {position} is a {type(item).__name__}, not a {{input_name: array}} dict")
+    names = {s.name for s in specs}
+    missing, extra = names - set(item), set(item) - names
+    if missing or extra:
+        raise CalibrationError(
+            f"calibration item {position} has inputs {sorted(item)} but the model takes {sorted(names)}: "
+            "key each array by the model's input name"
+        )
+    rows = {np.shape(v)[0] if np.ndim(v) else None for v in item.values()}
+    if len(rows) != 1:
+        raise CalibrationError(f"calibration item {position}: arrays have different numbers of samples on axis 0")
+    batch = {}
+    for spec in specs:
+        value = np.asarray(item[spec.name])
+        if value.dtype != spec.dtype:
+            raise CalibrationError(
+                f"calibration input {spec.name!r} is {value.dtype} but the model takes {spec.dtype}: convert it with .astype(np.{spec.dtype})"
+            )
+        if value.ndim != len(spec.shape) or any(d is not None and d != v for d, v in zip(spec.shape[1:], value.shape[1:])):
+            want = "x".join("?" if d is None else str(d) for d in spec.shape)
+            raise CalibrationError(
+                f"calibration input {spec.name!r} has shape {'x'.join(map(str, value.shape))} but the model takes {want}: "
+                "put samples on axis 0 and match the other dimensions"
+            )
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            raise CalibrationError(f"calibration input {spec.name!r} contains NaN or Inf: clean the data before calibrating")
+        batch[spec.name] = value
+    return batch
+
+
+def iter_batches(calibration: Any, specs: list[InputSpec], *, batch_size: int, num_samples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Validated batches of at most ``batch_size`` samples, ``num_samples`` in all.
+
+    Raises CalibrationError when the data does not fit the model or is empty; a short
+    set (under 32 samples) is only a warning.
+    """
+    seen = 0
+    for position, item in enumerate(_items(calibration)):
+        batch = _check(item, specs, position)
+        rows = next(iter(batch.values())).shape[0]
+        for start in range(0, rows, batch_size):
+            take = min(batch_size, rows - start)
+            if num_samples is not None:
+                take = min(take, num_samples - seen)
+            if take <= 0:
+                break
+            yield {k: v[start:start + take] for k, v in batch.items()}
+            seen += take
+        if num_samples is not None and seen >= num_samples:
+            break
+    if seen == 0:
+        raise CalibrationError("calibration data is empty: give at least one sample (a few hundred is typical)")
+    if seen < SHORT_CALIBRATION:
+        log.warning("only %d calibration samples: ranges may not generalize; a few hundred is typical", seen)
+
+
+def npz_batches(path: str) -> Iterator[dict[str, np.ndarray]]:
+    """The arrays of an .npz file, or of each .npz in a folder (sorted by name), as dicts."""
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.npz")))
+        if not files:
+            raise CalibrationError(f"calibration folder {path!r} holds no .npz files")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise CalibrationError(f"calibration file {path!r} does not exist: pass an .npz (one array per model input) or a folder of them")
+    for file in files:
+        try:
+            with np.load(file, allow_pickle=False) as npz:
+                item = {key: npz[key] for key in npz.files}
+        except Exception as exc:
+            raise CalibrationError(f"{file!r} is not a readable .npz ({type(exc).__name__}): save it with numpy.savez") from None
+        yield item

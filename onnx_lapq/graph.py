@@ -1,0 +1,168 @@
+"""Load and normalize a float ONNX model; the only module that speaks onnx-graphsurgeon.
+
+normalize(model) returns a new ModelProto that is numerically the same network with:
+  * the default-domain opset raised to what the requested Q/DQ types need
+    (13 for per-axis Q/DQ, 21 for 4-bit and 16-bit types) and an IR version that
+    ONNX Runtime accepts;
+  * constants folded and dead nodes removed, every node named, nodes in topological
+    order;
+  * BatchNormalization folded into a preceding Conv/ConvTranspose/Gemm, and a constant
+    per-channel Add after a bias-less Conv folded into the Conv's bias.
+The input ModelProto is never modified.  (File reading and writing live in modelio.)
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import version_converter
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 13
+INT4_OPSET = 21
+MAX_OPSET = 23
+MAX_IR = 11  # ONNX Runtime 1.31 refuses the IR 14 that onnx 1.23 writes by default
+# The lowest IR version that carries each opset (ONNX's own table), so that we never
+# write a newer IR than ONNX Runtime reads.
+_IR_FOR_OPSET = {13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10, 22: 10, 23: 11}
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    raise ModelError("the model imports no default-domain opset: it is not a standard ONNX model")
+
+
+def normalize(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET) -> onnx.ModelProto:
+    """The normalized copy of ``model`` described in the module docstring."""
+    model = _convert_opset(model, min_opset)
+    graph = gs.import_onnx(model)
+    _name_nodes(graph)
+    try:
+        graph.fold_constants()
+    except Exception as exc:  # folding is an optimization; the model stays valid without it
+        log.warning("constant folding failed (%s); continuing without it", exc)
+    graph.cleanup().toposort()
+    _fold_batchnorm(graph)
+    _fold_conv_bias_add(graph)
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    out.ir_version = min(max(model.ir_version, _IR_FOR_OPSET[default_opset(out)]), MAX_IR)
+    out.producer_name = model.producer_name
+    del out.opset_import[:]
+    out.opset_import.extend(model.opset_import)
+    try:
+        return onnx.shape_inference.infer_shapes(out)
+    except Exception as exc:
+        raise ModelError(f"shape inference failed on the model ({exc}): check it with onnx.checker.check_model") from None
+
+
+def _convert_opset(model: onnx.ModelProto, min_opset: int) -> onnx.ModelProto:
+    current = default_opset(model)
+    if current > MAX_OPSET:
+        raise ModelError(f"opset {current} is newer than onnx_lapq supports ({MAX_OPSET}): re-export the model at opset {MAX_OPSET} or lower")
+    if current >= min_opset:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    try:
+        converted = version_converter.convert_version(model, min_opset)
+    except Exception as exc:
+        raise ModelError(f"cannot convert opset {current} to {min_opset} ({exc}): re-export the model at opset {min_opset} or newer") from None
+    converted.ir_version = max(converted.ir_version, _IR_FOR_OPSET[min_opset])
+    return converted
+
+
+def _name_nodes(graph: gs.Graph) -> None:
+    taken = {n.name for n in graph.nodes if n.name}
+    for i, node in enumerate(graph.nodes):
+        if not node.name:
+            name = f"{node.op}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+
+
+def _sole_consumer(tensor: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
+    if len(tensor.outputs) != 1 or tensor in graph.outputs:
+        return None
+    return tensor.outputs[0]
+
+
+def _output_channel_axis(node: gs.Node) -> int:
+    if node.op == "Conv":
+        return 0
+    if node.op == "ConvTranspose":
+        return 1
+    return 0 if node.attrs.get("transB", 0) else 1
+
+
+def _fold_batchnorm(graph: gs.Graph) -> None:
+    for node in list(graph.nodes):
+        if node.op not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 2:
+            continue
+        if node.op == "ConvTranspose" and node.attrs.get("group", 1) != 1:
+            continue
+        bn = _sole_consumer(node.outputs[0], graph)
+        if bn is None or bn.op != "BatchNormalization" or len(bn.outputs) != 1:
+            continue
+        weight = node.inputs[1]
+        params = bn.inputs[1:5]
+        if not isinstance(weight, gs.Constant) or not all(isinstance(p, gs.Constant) for p in params):
+            continue
+        gamma, beta, mean, var = (p.values.astype(np.float64) for p in params)
+        factor = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
+        axis = _output_channel_axis(node)
+        shape = [1] * weight.values.ndim
+        shape[axis] = -1
+        new_w = (weight.values.astype(np.float64) * factor.reshape(shape)).astype(np.float32)
+        old_b = node.inputs[2].values.astype(np.float64) if len(node.inputs) > 2 else np.zeros_like(mean)
+        new_b = ((old_b - mean) * factor + beta).astype(np.float32)
+        node.inputs[1] = gs.Constant(f"{weight.name}_bnfolded", new_w)
+        bias = gs.Constant(f"{node.name}_bias_bnfolded", new_b)
+        if len(node.inputs) > 2:
+            node.inputs[2] = bias
+        else:
+            node.inputs.append(bias)
+        if node.op == "Gemm":
+            node.attrs["beta"] = 1.0
+        node.outputs[0] = bn.outputs[0]
+        bn.outputs.clear()
+        log.debug("folded %s into %s", bn.name, node.name)
+
+
+def _fold_conv_bias_add(graph: gs.Graph) -> None:
+    """Conv(x, W) -> Add(., c) with c of shape [C,1,...] or [1,C,1,...] becomes Conv(x, W, c)."""
+    for node in list(graph.nodes):
+        if node.op != "Conv" or len(node.inputs) != 2 or not isinstance(node.inputs[1], gs.Constant):
+            continue
+        add = _sole_consumer(node.outputs[0], graph)
+        if add is None or add.op != "Add":
+            continue
+        const = next((t for t in add.inputs if isinstance(t, gs.Constant)), None)
+        if const is None:
+            continue
+        channels = node.inputs[1].values.shape[0]
+        values = np.asarray(const.values)
+        squeezed = values.reshape(-1) if values.size == channels else None
+        spatial_ok = values.ndim <= node.inputs[1].values.ndim and all(
+            d == 1 for i, d in enumerate(values.shape[::-1]) if i != values.ndim - 1 - _channel_dim(values, channels)
+        ) if squeezed is not None else False
+        if not spatial_ok:
+            continue
+        node.inputs.append(gs.Constant(f"{node.name}_bias_folded", squeezed.astype(np.float32)))
+        node.outputs[0] = add.outputs[0]
+        add.outputs.clear()
+
+
+def _channel_dim(values: np.ndarray, channels: int) -> int:
+    """Index of the dimension of a broadcast bias that holds the channels (counted from the left)."""
+    dims = [i for i, d in enumerate(values.shape) if d == channels]
+    return dims[0] if dims else -1

@@ -1,0 +1,71 @@
+"""Model files: read an ONNX file, and write one atomically (temporary file, then rename).
+
+Writes never touch the input file and never leave a half-written output: the model
+(and, over 2 GB, its external data file ``<out>.data``) is written beside the target
+under a temporary name and renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import onnx
+
+from .errors import ModelError
+
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def load_model(path: str) -> onnx.ModelProto:
+    """Read an ONNX file (with external data beside it); ModelError if it is not one."""
+    if not os.path.isfile(path):
+        raise ModelError(f"model file {path!r} does not exist: check the path")
+    try:
+        model = onnx.load(path)
+    except Exception as exc:  # protobuf raises several unrelated types
+        raise ModelError(f"{path!r} is not a readable ONNX model ({type(exc).__name__}): export it with onnx.save") from None
+    if not model.graph.node:
+        raise ModelError(f"{path!r} holds no graph nodes: is it an ONNX model?")
+    return model
+
+
+def same_file(a: str, b: str) -> bool:
+    """True when two paths name the same file (existing or not)."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str) -> None:
+    """Write ``model`` to ``path`` all at once; external data beside it when over 2 GB."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ModelError(f"output folder {folder!r} does not exist: create it first")
+    fd, tmp = tempfile.mkstemp(prefix=".onnx_lapq-", suffix=".onnx", dir=folder)
+    os.close(fd)
+    data_name = os.path.basename(path) + ".data"
+    tmp_data = os.path.join(folder, os.path.basename(tmp) + ".data")
+    try:
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            onnx.save(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=os.path.basename(tmp_data))
+            _relocate_external_data(tmp, data_name)
+            os.replace(tmp_data, os.path.join(folder, data_name))
+        else:
+            with open(tmp, "wb") as fh:
+                fh.write(model.SerializeToString())
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, tmp_data):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+
+def _relocate_external_data(model_path: str, location: str) -> None:
+    """Point every external tensor of the saved model at ``location`` (the final data file name)."""
+    model = onnx.load(model_path, load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    with open(model_path, "wb") as fh:
+        fh.write(model.SerializeToString())

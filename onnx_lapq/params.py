@@ -1,0 +1,59 @@
+"""Numbers for the sites of a plan: clipping ranges -> scales and zero points.
+
+``SiteRanges`` holds what calibration chose: a real range [lo, hi] per activation
+group and a symmetric clip per weight (one value per channel or per tensor).
+``qparams`` turns them into a :class:`QParams` per quantized tensor, and biases get
+s_b = s_in * s_w with zero point 0.  This is the only module that knows how ranges
+map to integer grids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .clip import activation_format
+from .plan import QuantPlan
+from .qmath import QFormat, scale_zero_point
+
+INT32 = QFormat(32, signed=True, symmetric=False)
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Scale (float32), zero point (int64), integer grid and axis of one quantized tensor."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    fmt: QFormat
+    axis: int | None = None
+
+
+@dataclass(frozen=True)
+class SiteRanges:
+    """Clipping chosen for a plan: activation group -> (lo, hi); weight -> (lo, hi) per channel."""
+
+    activations: dict[str, tuple[float, float]] = field(default_factory=dict)
+    weights: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
+def qparams(plan: QuantPlan, ranges: SiteRanges, *, weight_symmetric: bool, act_symmetric: bool) -> dict[str, QParams]:
+    """QParams for every weight, activation and bias tensor of ``plan``."""
+    out: dict[str, QParams] = {}
+    for group in plan.groups:
+        lo, hi = ranges.activations[group]
+        fmt = activation_format(lo, plan.group_bits(group), act_symmetric)
+        scale, zp = scale_zero_point(lo, hi, fmt)
+        for site in plan.activations:
+            if site.group == group:
+                out[site.tensor] = QParams(scale, zp, fmt)
+    for site in plan.weights:
+        fmt = QFormat(site.bits, signed=True, symmetric=weight_symmetric)
+        lo, hi = ranges.weights[site.tensor]
+        scale, zp = scale_zero_point(lo, hi, fmt)
+        out[site.tensor] = QParams(scale, zp, fmt, site.axis)
+    for bias in plan.biases:
+        s_in, s_w = out[bias.input_tensor].scale, out[bias.weight_tensor].scale
+        scale = (np.float32(s_in) * s_w.astype(np.float32)).astype(np.float32)
+        out[bias.tensor] = QParams(scale, np.zeros(scale.shape, np.int64), INT32, 0 if scale.ndim else None)
+    return out

@@ -1,0 +1,249 @@
+"""Where Q/DQ goes: the quantization sites of a normalized graph (no numbers, only places).
+
+Sites:
+  * weight:     the constant weight of each Conv/ConvTranspose/Gemm/MatMul that is not
+                excluded; per-channel on the output-channel axis (Conv 0, ConvTranspose 1,
+                Gemm 0 if transB else 1, 2-D MatMul 1), per-tensor on request.
+  * activation: every non-constant float input of those ops ("input" role, the LAPQ
+                sites).  When a layer runs at 8/8 bits its output is quantized too
+                ("output" role), after a sole-consumer Relu or Clip(min >= 0) where there
+                is one, so that ONNX Runtime fuses DQ -> op -> Q into integer kernels;
+                graph outputs stay float.  Sub-8-bit activations have no CPU kernels to
+                fuse into, so they get only the input sites.
+  * bias:       the float bias of Conv/Gemm with a quantized input, exported as int32 with
+                scale s_in * s_w and zero point 0.
+Activation sites share one parameter group when ONNX Runtime needs equal scales: the
+output of a value-preserving op (MaxPool, Reshape, Flatten, Transpose, ...) with its
+input, and Concat with its inputs.  At sub-8 bits such an output site is dropped
+instead (its values are already on the input's grid), which keeps ONNX Runtime from
+rewriting a 4-bit DQ -> MaxPool -> Q pair into a MaxPool on 4-bit integers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+from onnx import numpy_helper
+
+from .config import QuantConfig
+from .errors import ModelError
+
+PASS_THROUGH_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout")
+# ONNX Runtime's QDQ propagation moves Q/DQ across these ops and then runs them on the
+# integers, for which it has no 4-bit kernels: a sub-8-bit site next to one stores its
+# codes in an 8-bit container (same grid, same numbers) so the model loads at ENABLE_ALL.
+WIDE_CONTAINER_OPS = PASS_THROUGH_OPS + ("Slice", "Gather", "Resize", "Expand", "Split", "Tile", "DepthToSpace", "SpaceToDepth")
+FUSABLE_ACTIVATIONS = ("Relu", "Clip")
+
+
+@dataclass(frozen=True)
+class WeightSite:
+    tensor: str
+    node: str
+    op_type: str
+    axis: int | None
+    bits: int
+
+
+@dataclass(frozen=True)
+class ActivationSite:
+    tensor: str
+    bits: int
+    role: str  # "input" (of a quantized op) or "output" (closes a fusable group)
+    group: str  # tensor name of the site whose parameters this one uses
+    wide: bool = False  # sub-8-bit codes stored in 8-bit integers (see WIDE_CONTAINER_OPS)
+
+
+@dataclass(frozen=True)
+class BiasSite:
+    tensor: str
+    node: str
+    input_tensor: str
+    weight_tensor: str
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    weights: tuple[WeightSite, ...]
+    activations: tuple[ActivationSite, ...]
+    biases: tuple[BiasSite, ...]
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """Parameter groups of activations, in graph order (one tunable clip each)."""
+        return tuple(dict.fromkeys(a.group for a in self.activations))
+
+    def group_bits(self, group: str) -> int:
+        return next(a.bits for a in self.activations if a.group == group)
+
+    def summary(self) -> dict:
+        return {
+            "weight_sites": len(self.weights),
+            "activation_sites": len(self.activations),
+            "activation_groups": len(self.groups),
+            "bias_sites": len(self.biases),
+        }
+
+
+class _GraphIndex:
+    """Producers, consumers and constants of a GraphProto."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.graph_outputs = {o.name for o in graph.output}
+        self.float_tensors = self._float_tensors()
+
+    def _float_tensors(self) -> set[str]:
+        infos = list(self.graph.input) + list(self.graph.value_info) + list(self.graph.output)
+        return {v.name for v in infos if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+
+    def is_float_activation(self, name: str) -> bool:
+        return bool(name) and name not in self.initializers and name in self.float_tensors
+
+    def sole_consumer(self, name: str) -> onnx.NodeProto | None:
+        users = self.consumers.get(name, [])
+        return users[0] if len(users) == 1 and name not in self.graph_outputs else None
+
+    def constant(self, name: str):
+        return numpy_helper.to_array(self.initializers[name]) if name in self.initializers else None
+
+
+def _weight_axis(node: onnx.NodeProto, weight_ndim: int, per_channel: bool) -> int | None:
+    if not per_channel:
+        return None
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    return 1 if weight_ndim == 2 else None
+
+
+def _compute_nodes(index: _GraphIndex, config: QuantConfig) -> list[onnx.NodeProto]:
+    nodes = []
+    for node in index.graph.node:
+        if node.op_type not in config.op_types or config.excludes_node(node.name, node.op_type):
+            continue
+        if len(node.input) < 2 or index.constant(node.input[1]) is None:
+            continue  # activation x activation (attention) or non-constant weights
+        if index.initializers[node.input[1]].data_type != onnx.TensorProto.FLOAT:
+            continue
+        if not index.is_float_activation(node.input[0]):
+            continue
+        nodes.append(node)
+    return nodes
+
+
+def _fused_output(index: _GraphIndex, node: onnx.NodeProto) -> str | None:
+    out = node.output[0]
+    follower = index.sole_consumer(out)
+    if follower is not None and follower.op_type in FUSABLE_ACTIVATIONS:
+        low = index.constant(follower.input[1]) if follower.op_type == "Clip" and len(follower.input) > 1 else 0.0
+        if low is not None and float(low) >= 0.0:
+            out = follower.output[0]
+    return None if out in index.graph_outputs else out
+
+
+def build_plan(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
+    """The sites of a normalized model; ModelError when nothing can be quantized."""
+    index = _GraphIndex(model.graph)
+    nodes = _compute_nodes(index, config)
+    if not nodes:
+        raise ModelError(
+            f"nothing to quantize: no {'/'.join(config.op_types)} node with a constant float weight "
+            "outside the excluded ones; check --exclude or the model"
+        )
+    edge = {nodes[0].name, nodes[-1].name} if config.keep_first_last_8bit else set()
+    weights: dict[str, WeightSite] = {}
+    acts: dict[str, ActivationSite] = {}
+    biases: list[BiasSite] = []
+    for node in nodes:
+        wbits, abits = (8, 8) if node.name in edge else (config.weight_bits, config.act_bits)
+        wname = node.input[1]
+        if wname not in weights:
+            axis = _weight_axis(node, index.initializers[wname].dims.__len__(), config.per_channel)
+            weights[wname] = WeightSite(wname, node.name, node.op_type, axis, wbits)
+        _add_activation(acts, node.input[0], abits, "input")
+        if wbits == 8 and abits == 8:
+            fused = _fused_output(index, node)
+            if fused is not None:
+                _add_activation(acts, fused, 8, "output")
+        bias = node.input[2] if len(node.input) > 2 and node.op_type in ("Conv", "Gemm") else ""
+        if bias and index.constant(bias) is not None and len(index.consumers[bias]) == 1 and index.constant(bias).ndim == 1:
+            biases.append(BiasSite(bias, node.name, node.input[0], wname))
+    acts = _mark_wide(index, _group_sites(index, acts))
+    order = {name: i for i, name in enumerate(_tensor_order(index))}
+    return QuantPlan(
+        weights=tuple(weights.values()),
+        activations=tuple(sorted(acts.values(), key=lambda a: order.get(a.tensor, -1))),
+        biases=tuple(biases),
+    )
+
+
+def _add_activation(acts: dict[str, ActivationSite], tensor: str, bits: int, role: str) -> None:
+    """Input roles take precedence: a tensor's bits are those of the ops that consume it."""
+    old = acts.get(tensor)
+    if old is not None and old.role != role:
+        if role == "output":
+            return
+    elif old is not None:
+        bits = max(bits, old.bits)
+    acts[tensor] = ActivationSite(tensor, bits, role, tensor)
+
+
+def _tensor_order(index: _GraphIndex) -> list[str]:
+    names = [i.name for i in index.graph.input]
+    for node in index.graph.node:
+        names.extend(node.output)
+    return names
+
+
+def _group_sites(index: _GraphIndex, acts: dict[str, ActivationSite]) -> dict[str, ActivationSite]:
+    """Tie sites that ONNX Runtime wants on one scale; drop sub-8-bit pass-through outputs."""
+    parent = {name: name for name in acts}
+
+    def find(name: str) -> str:
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    for node in index.graph.node:
+        if node.op_type in PASS_THROUGH_OPS and node.input and node.input[0] in acts and node.output[0] in acts:
+            src, dst = acts[node.input[0]], acts[node.output[0]]
+            if src.bits == dst.bits == 8:
+                parent[find(dst.tensor)] = find(src.tensor)
+            elif src.bits == dst.bits:
+                del acts[dst.tensor], parent[dst.tensor]
+                _redirect(parent, dst.tensor, src.tensor)
+        elif node.op_type == "Concat" and node.output[0] in acts:
+            inputs = [i for i in node.input if i not in index.initializers]
+            if all(i in acts and acts[i].bits == acts[node.output[0]].bits for i in inputs):
+                for name in inputs:
+                    parent[find(name)] = find(node.output[0])
+    return {name: ActivationSite(s.tensor, s.bits, s.role, find(name)) for name, s in acts.items()}
+
+
+def _mark_wide(index: _GraphIndex, acts: dict[str, ActivationSite]) -> dict[str, ActivationSite]:
+    out = {}
+    for name, site in acts.items():
+        producer = index.producer.get(name)
+        neighbours = [producer.op_type] if producer is not None else []
+        neighbours += [n.op_type for n in index.consumers.get(name, [])]
+        wide = site.bits < 8 and any(op in WIDE_CONTAINER_OPS for op in neighbours)
+        out[name] = ActivationSite(site.tensor, site.bits, site.role, site.group, wide)
+    return out
+
+
+def _redirect(parent: dict[str, str], removed: str, target: str) -> None:
+    for name, p in parent.items():
+        if p == removed:
+            parent[name] = target

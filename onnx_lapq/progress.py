@@ -1,0 +1,45 @@
+"""A one-line progress bar with ETA on a text stream, fed by quantize()'s on_step callback."""
+from __future__ import annotations
+
+import time
+from typing import TextIO
+
+from .pipeline import Progress
+
+
+class ProgressBar:
+    """Renders :class:`Progress` events as ``stage [#####.....] done/total ETA 12s``."""
+
+    def __init__(self, stream: TextIO, width: int = 30):
+        self.stream = stream
+        self.width = width
+        self.stage: str | None = None
+        self.started = 0.0
+        self.interactive = stream.isatty()
+
+    def __call__(self, progress: Progress) -> None:
+        now = time.perf_counter()
+        if progress.stage != self.stage:
+            self.close()
+            self.stage, self.started = progress.stage, now
+        elapsed = now - self.started
+        if progress.total:
+            frac = min(progress.done / progress.total, 1.0)
+            bar = "#" * int(frac * self.width)
+            eta = elapsed / frac - elapsed if frac > 0 else 0.0
+            line = f"{progress.stage:<10} [{bar:<{self.width}}] {progress.done}/{progress.total} ETA {eta:4.0f}s"
+        else:
+            line = f"{progress.stage:<10} {progress.done} done, {elapsed:.0f}s"
+        if self.interactive:
+            self.stream.write("\r" + line)
+            self.stream.flush()
+        self._last = line
+
+    def close(self) -> None:
+        """End the current stage's line."""
+        if self.stage is not None:
+            if not self.interactive:
+                self.stream.write(getattr(self, "_last", ""))
+            self.stream.write("\n")
+            self.stream.flush()
+            self.stage = None

@@ -1,0 +1,91 @@
+"""Integer quantization maths in pure numpy (no onnx), bit-exact with ONNX Q/DQ.
+
+    q     = clamp(rint(x / s) + z, qmin, qmax)     (round half to even, saturate)
+    x_hat = (q - z) * s                            (computed in float32)
+
+A :class:`QFormat` is the integer grid of one site: its bit-width, signedness and
+the clamp range.  Symmetric grids drop the most negative code so that the range is
+-(2**(b-1)-1)..2**(b-1)-1 and zero is exact; asymmetric grids use every code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class QFormat:
+    """An integer grid: ``bits`` wide, ``signed`` or not, clamped to [qmin, qmax]."""
+
+    bits: int
+    signed: bool
+    symmetric: bool
+
+    @property
+    def qmin(self) -> int:
+        if not self.signed:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.symmetric else 0)
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def levels(self) -> int:
+        return self.qmax - self.qmin
+
+
+def scale_zero_point(lo, hi, fmt: QFormat) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float32) and zero point (int64) mapping the real range [lo, hi] onto ``fmt``.
+
+    The range is first widened to contain 0 so that zero is exactly representable.
+    Symmetric formats give z = 0 (unsigned formats require lo >= 0); a degenerate
+    range gives s = 1.
+    """
+    lo = np.minimum(np.asarray(lo, np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, np.float64), 0.0)
+    if fmt.symmetric:
+        if fmt.signed:
+            scale = np.maximum(-lo, hi) / fmt.qmax
+        else:
+            scale = hi / fmt.qmax
+        zero_point = np.zeros_like(scale, dtype=np.int64)
+    else:
+        scale = (hi - lo) / fmt.levels
+        safe = np.where(scale > 0, scale, 1.0)
+        zero_point = np.clip(np.rint(fmt.qmin - lo / safe), fmt.qmin, fmt.qmax).astype(np.int64)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    return scale, zero_point
+
+
+def _broadcast(param, ndim: int, axis: int | None) -> np.ndarray:
+    param = np.asarray(param)
+    if axis is None or param.ndim == 0:
+        return param
+    shape = [1] * ndim
+    shape[axis] = -1
+    return param.reshape(shape)
+
+
+def quantize(x, scale, zero_point, fmt: QFormat, axis: int | None = None) -> np.ndarray:
+    """Integer codes of ``x`` (int64), as ONNX QuantizeLinear computes them in float32."""
+    x = np.asarray(x, np.float32)
+    s = _broadcast(np.asarray(scale, np.float32), x.ndim, axis)
+    z = _broadcast(np.asarray(zero_point, np.int64), x.ndim, axis)
+    q = np.rint(x / s).astype(np.float64) + z
+    return np.clip(q, fmt.qmin, fmt.qmax).astype(np.int64)
+
+
+def dequantize(q, scale, zero_point, axis: int | None = None) -> np.ndarray:
+    """Real values of integer codes (float32), as ONNX DequantizeLinear computes them."""
+    q = np.asarray(q)
+    s = _broadcast(np.asarray(scale, np.float32), q.ndim, axis)
+    z = _broadcast(np.asarray(zero_point, np.int64), q.ndim, axis)
+    return ((q - z).astype(np.float32) * s).astype(np.float32)
+
+
+def fake_quantize(x, scale, zero_point, fmt: QFormat, axis: int | None = None) -> np.ndarray:
+    """dequantize(quantize(x)): what a Q -> DQ pair does to ``x``."""
+    return dequantize(quantize(x, scale, zero_point, fmt, axis), scale, zero_point, axis)
