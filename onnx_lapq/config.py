@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from .errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse", "lp")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse", "lp", "lapq")
+SEARCHES = ("powell", "coordinate")
+LOSSES = ("auto", "kl", "mse", "cosine", "ce")
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -33,7 +35,9 @@ class QuantConfig:
     method: how activation clipping ranges are chosen from the calibration
         statistics: minmax, percentile, entropy (KL), mse, or lp (with lp_norm).
         mse and lp also choose per-channel weight clipping (exactly, on the weights);
-        the other methods clip weights at their min/max.
+        the other methods clip weights at their min/max.  lapq starts from the
+        Lp clipping at the best p of ``lp_grid`` and searches all clipping values
+        jointly against the end-to-end ``loss`` (LAPQ, Nahshan et al. 2019).
     exclude: regular expressions; nodes whose name matches one fully stay float.
     exclude_op_types: op types that stay float.
     op_types: op types whose weights and inputs are quantized.
@@ -41,6 +45,15 @@ class QuantConfig:
     num_samples: calibration samples to use (None: all given).
     batch_size: rows per ONNX Runtime call when calibration arrays are split.
     seed: seeds every random choice of the run.
+    lp_grid: the p values of LAPQ's initialization sweep.
+    search: "powell" (scipy's, over all coordinates) or "coordinate" (one at a time).
+    max_evals, time_limit: search budgets (loss evaluations, seconds; None = none);
+        the best point seen is kept when a budget stops the search.
+    search_iterations: Powell iterations / coordinate sweeps.
+    loss: the search's objective: auto (kl for classifiers, else mse), kl, mse,
+        cosine, or ce (cross-entropy against the calibration labels).
+    label_key: name of the labels array in the calibration data (for loss="ce").
+    memory_budget_mb: cached activations the loss evaluator may keep.
     """
 
     weight_bits: int = 8
@@ -59,6 +72,14 @@ class QuantConfig:
     batch_size: int = 32
     seed: int = 0
     histogram_bins: int = 4096
+    lp_grid: tuple[float, ...] = (2.0, 2.5, 3.0, 3.5, 4.0)
+    search: str = "powell"
+    max_evals: int = 2000
+    time_limit: float | None = None
+    search_iterations: int = 2
+    loss: str = "auto"
+    label_key: str | None = None
+    memory_budget_mb: int = 1024
 
     def __post_init__(self) -> None:
         _check_bits("weight_bits", self.weight_bits)
@@ -84,6 +105,20 @@ class QuantConfig:
             raise ConfigError(f"num_samples={self.num_samples} must be at least 1 (or None for all)")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size} must be at least 1")
+        if self.search not in SEARCHES:
+            raise ConfigError(f"search={self.search!r} is unknown: use one of {', '.join(SEARCHES)}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss={self.loss!r} is unknown: use one of {', '.join(LOSSES)}")
+        if self.loss == "ce" and self.label_key is None:
+            raise ConfigError("loss='ce' needs labels: set label_key to the name of the labels array in the calibration data")
+        if self.max_evals < 1 or self.search_iterations < 1:
+            raise ConfigError("max_evals and search_iterations must be at least 1")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise ConfigError(f"time_limit={self.time_limit} must be positive seconds (or None for no limit)")
+        if len(self.lp_grid) < 1 or any(not 0.5 <= p <= 8.0 for p in self.lp_grid):
+            raise ConfigError("lp_grid must hold p values in [0.5, 8], e.g. (2, 2.5, 3, 3.5, 4)")
+        if self.memory_budget_mb < 0:
+            raise ConfigError("memory_budget_mb must be >= 0")
         if self.histogram_bins not in tuple(2**k for k in range(8, 17)):
             raise ConfigError(f"histogram_bins={self.histogram_bins} must be a power of two from 256 to 65536")
 

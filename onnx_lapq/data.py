@@ -59,11 +59,13 @@ def _items(calibration: Any) -> Iterator[Any]:
     yield from calibration
 
 
-def _check(item: Any, specs: list[InputSpec], position: int) -> dict[str, np.ndarray]:
+def _check(item: Any, specs: list[InputSpec], position: int, label_key: str | None) -> dict[str, np.ndarray]:
     if not isinstance(item, dict):
         raise CalibrationError(f"calibration item {position} is a {type(item).__name__}, not a {{input_name: array}} dict")
     names = {s.name for s in specs}
-    missing, extra = names - set(item), set(item) - names
+    if label_key is not None and label_key not in item:
+        raise CalibrationError(f"calibration item {position} has no labels array {label_key!r}: add it or drop the labels option")
+    missing, extra = names - set(item), set(item) - names - {label_key}
     if missing or extra:
         raise CalibrationError(
             f"calibration item {position} has inputs {sorted(item)} but the model takes {sorted(names)}: "
@@ -88,18 +90,28 @@ def _check(item: Any, specs: list[InputSpec], position: int) -> dict[str, np.nda
         if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
             raise CalibrationError(f"calibration input {spec.name!r} contains NaN or Inf: clean the data before calibrating")
         batch[spec.name] = value
+    if label_key is not None:
+        labels = np.asarray(item[label_key])
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise CalibrationError(f"labels {label_key!r} must be a 1-D integer array (class index per sample)")
+        batch[label_key] = labels.astype(np.int64)
     return batch
 
 
-def iter_batches(calibration: Any, specs: list[InputSpec], *, batch_size: int, num_samples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+def iter_batches(
+    calibration: Any, specs: list[InputSpec], *, batch_size: int, num_samples: int | None = None, label_key: str | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     """Validated batches of at most ``batch_size`` samples, ``num_samples`` in all.
+
+    With ``label_key`` each item must also hold that 1-D integer array of labels,
+    which the batches carry under the same key.
 
     Raises CalibrationError when the data does not fit the model or is empty; a short
     set (under 32 samples) is only a warning.
     """
     seen = 0
     for position, item in enumerate(_items(calibration)):
-        batch = _check(item, specs, position)
+        batch = _check(item, specs, position, label_key)
         rows = next(iter(batch.values())).shape[0]
         for start in range(0, rows, batch_size):
             take = min(batch_size, rows - start)

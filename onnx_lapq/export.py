@@ -10,6 +10,9 @@ debugging tools work on our output).  Grids narrower than their container (2, 3,
 6, 7 bits in 8-bit integers) get a ``<t>_Clip`` before the QuantizeLinear that
 restricts the range to the grid; weights are already on their grid.  Sub-8-bit
 activation sites marked ``wide`` by the plan are stored the same way.
+
+A "fed" export keeps the same graph but takes every Q/DQ number as a graph input:
+the loss evaluator's one session for all candidate parameters.
 """
 from __future__ import annotations
 
@@ -41,17 +44,19 @@ def container(fmt: QFormat, wide: bool = False) -> int:
     return _CONTAINERS[(bits, fmt.signed)]
 
 
-def _int_tensor(name: str, values: np.ndarray, fmt: QFormat, wide: bool = False) -> TensorProto:
-    dtype = container(fmt, wide)
-    values = np.asarray(values, np.int64)
+def _proto(name: str, value: np.ndarray, dtype: int) -> TensorProto:
     if dtype in (TensorProto.INT4, TensorProto.UINT4):
-        return helper.make_tensor(name, dtype, values.shape, values.ravel().tolist())
-    np_type = helper.tensor_dtype_to_np_dtype(dtype)
-    return numpy_helper.from_array(values.astype(np_type), name)
+        return helper.make_tensor(name, dtype, value.shape, np.asarray(value, np.int64).ravel().tolist())
+    return numpy_helper.from_array(value, name)
 
 
-def _float_tensor(name: str, values) -> TensorProto:
-    return numpy_helper.from_array(np.asarray(values, np.float32), name)
+def _entry(value, fmt: QFormat | None, wide: bool = False) -> tuple[np.ndarray, int]:
+    """(array, ONNX type): float32 when ``fmt`` is None, else codes in ``fmt``'s container."""
+    if fmt is None:
+        return np.asarray(value, np.float32), TensorProto.FLOAT
+    dtype = container(fmt, wide)
+    np_type = np.int8 if dtype == TensorProto.INT4 else np.uint8 if dtype == TensorProto.UINT4 else helper.tensor_dtype_to_np_dtype(dtype)
+    return np.asarray(value, np.int64).astype(np_type), dtype
 
 
 def _dq_node(prefix: str, source: str, qp: QParams) -> onnx.NodeProto:
@@ -62,61 +67,106 @@ def _dq_node(prefix: str, source: str, qp: QParams) -> onnx.NodeProto:
     )
 
 
-def export_qdq(model: onnx.ModelProto, plan: QuantPlan, params: dict[str, QParams]) -> onnx.ModelProto:
-    """A new QDQ ModelProto: ``model`` with ``params`` baked in (``model`` is untouched)."""
+def _clipped(site, qp: QParams, fed: bool) -> bool:
+    """Whether the site's QuantizeLinear gets a Clip: grids narrower than their container
+    (always in a fed model, so that its structure does not depend on the numbers)."""
+    return fed or (qp.fmt.bits < 8 and container(qp.fmt, site.wide) in (TensorProto.INT8, TensorProto.UINT8))
+
+
+def qdq_tensors(
+    weights: dict[str, np.ndarray], plan: QuantPlan, params: dict[str, QParams], *, fed: bool = False, sites: set[str] | None = None,
+) -> dict[str, tuple[np.ndarray, int]]:
+    """The numbers of a QDQ model by tensor name: (array, ONNX type).
+
+    ``weights`` maps float initializer names to values.  ``fed`` stores every code in
+    an 8-bit (or 16/32-bit) container, as a model whose Q/DQ tensors are graph inputs
+    takes them, and saturates biases instead of leaving an overflowing one float.
+    ``sites`` limits the result to the tensors of those sites.
+    """
+    out: dict[str, tuple[np.ndarray, int]] = {}
+    for name in [w.tensor for w in plan.weights] + [b.tensor for b in plan.biases]:
+        if sites is not None and name not in sites:
+            continue
+        qp = params[name]
+        values = weights[name]
+        if qp.fmt.bits == 32 and not fed and np.any(np.abs(np.rint(values / _axis_view(qp.scale, values.ndim, qp.axis))) > 2**31 - 1):
+            log.warning("bias %s overflows int32 at scale s_in*s_w; it stays float", name)
+            continue
+        codes = quantize(values, qp.scale, qp.zero_point, qp.fmt, qp.axis)
+        out[f"{name}_quantized"] = _entry(codes, qp.fmt, fed)
+        out[f"{name}_scale"] = _entry(qp.scale, None)
+        out[f"{name}_zero_point"] = _entry(qp.zero_point, qp.fmt, fed)
+    for site in plan.activations:
+        t, qp = site.tensor, params[site.tensor]
+        if sites is not None and t not in sites:
+            continue
+        if _clipped(site, qp, fed):
+            out[f"{t}_clip_min"] = _entry((qp.fmt.qmin - int(qp.zero_point)) * float(qp.scale), None)
+            out[f"{t}_clip_max"] = _entry((qp.fmt.qmax - int(qp.zero_point)) * float(qp.scale), None)
+        out[f"{t}_scale"] = _entry(qp.scale, None)
+        out[f"{t}_zero_point"] = _entry(qp.zero_point, qp.fmt, fed or site.wide)
+    return out
+
+
+def export_qdq(model: onnx.ModelProto, plan: QuantPlan, params: dict[str, QParams], *, fed: bool = False) -> onnx.ModelProto:
+    """A new QDQ ModelProto: ``model`` with ``params`` baked in (``model`` is untouched).
+
+    With ``fed`` the Q/DQ numbers (see :func:`qdq_tensors`) become graph inputs
+    instead of initializers, so one ONNX Runtime session evaluates any parameters.
+    """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    inits = {t.name: t for t in graph.initializer}
-    new_inits: list[TensorProto] = []
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    tensors = qdq_tensors(weights, plan, params, fed=fed)
     new_nodes: list[onnx.NodeProto] = []
     rename: dict[str, str] = {}
-    dropped: set[str] = set()
-
-    constant_sites = [w.tensor for w in plan.weights] + [b.tensor for b in plan.biases]
-    for name in constant_sites:
-        qp = params[name]
-        values = numpy_helper.to_array(inits[name])
-        codes = quantize(values, qp.scale, qp.zero_point, qp.fmt, qp.axis)
-        if qp.fmt.bits == 32 and np.any(np.abs(np.rint(values / _axis_view(qp.scale, values.ndim, qp.axis))) > 2**31 - 1):
-            log.warning("bias %s overflows int32 at scale s_in*s_w; it stays float", name)
-            continue
-        new_inits += [
-            _int_tensor(f"{name}_quantized", codes, qp.fmt),
-            _float_tensor(f"{name}_scale", qp.scale),
-            _int_tensor(f"{name}_zero_point", qp.zero_point, qp.fmt),
-        ]
-        new_nodes.append(_dq_node(name, f"{name}_quantized", qp))
-        rename[name] = f"{name}_DequantizeLinear_Output"
-        dropped.add(name)
-
+    for name in [w.tensor for w in plan.weights] + [b.tensor for b in plan.biases]:
+        if f"{name}_quantized" in tensors:
+            new_nodes.append(_dq_node(name, f"{name}_quantized", params[name]))
+            rename[name] = f"{name}_DequantizeLinear_Output"
     for site in plan.activations:
-        qp, t = params[site.tensor], site.tensor
+        t = site.tensor
         source = t
-        if qp.fmt.bits < 8 and container(qp.fmt, site.wide) in (TensorProto.INT8, TensorProto.UINT8):
-            lo = (qp.fmt.qmin - int(qp.zero_point)) * float(qp.scale)
-            hi = (qp.fmt.qmax - int(qp.zero_point)) * float(qp.scale)
-            new_inits += [_float_tensor(f"{t}_clip_min", lo), _float_tensor(f"{t}_clip_max", hi)]
+        if f"{t}_clip_min" in tensors:
             new_nodes.append(helper.make_node("Clip", [t, f"{t}_clip_min", f"{t}_clip_max"], [f"{t}_Clip_Output"], name=f"{t}_Clip"))
             source = f"{t}_Clip_Output"
-        new_inits += [_float_tensor(f"{t}_scale", qp.scale), _int_tensor(f"{t}_zero_point", qp.zero_point, qp.fmt, site.wide)]
         new_nodes.append(helper.make_node(
             "QuantizeLinear", [source, f"{t}_scale", f"{t}_zero_point"], [f"{t}_QuantizeLinear_Output"], name=f"{t}_QuantizeLinear",
         ))
-        new_nodes.append(_dq_node(t, f"{t}_QuantizeLinear_Output", qp))
+        new_nodes.append(_dq_node(t, f"{t}_QuantizeLinear_Output", params[t]))
         rename[t] = f"{t}_DequantizeLinear_Output"
 
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name in rename:
                 node.input[i] = rename[name]
-    kept = [t for t in graph.initializer if t.name not in dropped]
+    kept = [t for t in graph.initializer if t.name not in rename]
     del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
-    nodes = list(graph.node) + new_nodes
+    graph.initializer.extend(kept)
+    if fed:
+        graph.input.extend(helper.make_tensor_value_info(n, dtype, value.shape) for n, (value, dtype) in tensors.items())
+    else:
+        graph.initializer.extend(_proto(n, value, dtype) for n, (value, dtype) in tensors.items())
+    ordered = _order(list(graph.node), new_nodes, {i.name for i in graph.input} | {t.name for t in graph.initializer})
     del graph.node[:]
-    graph.node.extend(toposort(nodes, {i.name for i in graph.input} | {t.name for t in graph.initializer}))
+    graph.node.extend(ordered)
     return out
+
+
+def _order(original: list[onnx.NodeProto], added: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """Topological order that puts each added Q/DQ node just before its first consumer,
+    so that a parameter change touches only the graph from that consumer on."""
+    rank = {id(n): 2 * i + 1 for i, n in enumerate(original)}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in original + added:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for node in reversed(added):
+        users = [rank[id(u)] for o in node.output for u in consumers.get(o, []) if id(u) in rank]
+        rank[id(node)] = min(users) - 1 if users else 2 * len(original) + 1
+    nodes = original + added
+    return toposort(nodes, available, [rank[id(n)] for n in nodes])
 
 
 def _axis_view(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
@@ -127,8 +177,10 @@ def _axis_view(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
     return np.asarray(scale, np.float64).reshape(shape)
 
 
-def toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
-    """Nodes in dependency order; among ready nodes the earliest in ``nodes`` goes first."""
+def toposort(nodes: list[onnx.NodeProto], available: set[str], priority: list[float] | None = None) -> list[onnx.NodeProto]:
+    """Nodes in dependency order; among ready nodes the lowest ``priority`` (default: the
+    position in ``nodes``) goes first."""
+    priority = priority or list(range(len(nodes)))
     producer = {o: i for i, n in enumerate(nodes) for o in n.output}
     waiting = [0] * len(nodes)
     users: dict[int, list[int]] = {}
@@ -140,16 +192,16 @@ def toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.Node
         waiting[i] = len(deps)
         for d in deps:
             users.setdefault(d, []).append(i)
-    ready = [i for i, w in enumerate(waiting) if w == 0]
+    ready = [(priority[i], i) for i, w in enumerate(waiting) if w == 0]
     heapq.heapify(ready)
     order = []
     while ready:
-        i = heapq.heappop(ready)
+        _, i = heapq.heappop(ready)
         order.append(nodes[i])
         for u in users.get(i, []):
             waiting[u] -= 1
             if waiting[u] == 0:
-                heapq.heappush(ready, u)
+                heapq.heappush(ready, (priority[u], u))
     if len(order) != len(nodes):
         raise ValueError("the graph has a cycle")
     return order

@@ -57,3 +57,39 @@ def qparams(plan: QuantPlan, ranges: SiteRanges, *, weight_symmetric: bool, act_
         scale = (np.float32(s_in) * s_w.astype(np.float32)).astype(np.float32)
         out[bias.tensor] = QParams(scale, np.zeros(scale.shape, np.int64), INT32, 0 if scale.ndim else None)
     return out
+
+
+# Bounds of a search coordinate: the log of the factor applied to an initial clip.
+LOG_FACTOR_BOUNDS = (float(np.log(0.05)), float(np.log(2.0)))
+
+
+class ParamSpace:
+    """The search vector x <-> clipping ranges.
+
+    One coordinate per activation group and one per weight site; x_i is the log of the
+    factor that scales the initial range of that site (all channels of a weight
+    together).  x = 0 is the initialization.
+    """
+
+    def __init__(self, plan: QuantPlan, initial: SiteRanges):
+        self.plan = plan
+        self.initial = initial
+        self.names = [f"act:{g}" for g in plan.groups] + [f"weight:{w.tensor}" for w in plan.weights]
+
+    @property
+    def size(self) -> int:
+        return len(self.names)
+
+    @property
+    def bounds(self) -> list[tuple[float, float]]:
+        return [LOG_FACTOR_BOUNDS] * self.size
+
+    def ranges(self, x: np.ndarray) -> SiteRanges:
+        factors = np.exp(np.asarray(x, np.float64))
+        groups = self.plan.groups
+        acts = {g: (self.initial.activations[g][0] * f, self.initial.activations[g][1] * f) for g, f in zip(groups, factors)}
+        weights = {
+            w.tensor: (self.initial.weights[w.tensor][0] * f, self.initial.weights[w.tensor][1] * f)
+            for w, f in zip(self.plan.weights, factors[len(groups):])
+        }
+        return SiteRanges(activations=acts, weights=weights)

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -21,7 +21,9 @@ from .data import input_specs, iter_batches
 from .errors import ConfigError, ModelError
 from .export import export_qdq
 from .graph import INT4_OPSET, MIN_OPSET, default_opset, normalize
-from .params import QParams, SiteRanges, qparams
+from .lapq import run_lapq
+from .loss import LossEvaluator
+from .params import ParamSpace, QParams, SiteRanges, qparams
 from .plan import QuantPlan, build_plan
 from .qmath import QFormat
 from .stats import TensorStats
@@ -68,26 +70,81 @@ def quantize(
     times["prepare"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    batches = iter_batches(calibration, input_specs(normalized), batch_size=config.batch_size, num_samples=config.num_samples)
-    tensors = [a.tensor for a in plan.activations]
+    batches = iter_batches(
+        calibration, input_specs(normalized), batch_size=config.batch_size, num_samples=config.num_samples, label_key=config.label_key,
+    )
+    if config.method == "lapq":  # the search evaluates the loss on the same samples many times
+        batches = list(batches)
     stats, samples = collect_stats(
-        normalized, tensors, batches, half_bins=config.histogram_bins // 2,
+        normalized, [a.tensor for a in plan.activations], _without(batches, config.label_key), half_bins=config.histogram_bins // 2,
         on_batch=lambda done: notify(Progress("calibrate", done, config.num_samples)),
     )
     times["calibrate"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    ranges = choose_ranges(normalized, plan, stats, config)
-    params = qparams(plan, ranges, weight_symmetric=config.weight_symmetric, act_symmetric=config.act_symmetric)
-    times["clip"] = time.perf_counter() - clock
+    search_report: dict[str, Any] = {}
+    initial_params = None
+    if config.method == "lapq":
+        ranges, initial_params, evaluator, search_report = _lapq(normalized, plan, stats, batches, config, notify)
+    else:
+        ranges = choose_ranges(normalized, plan, stats, config)
+    params = _qparams(plan, ranges, config)
+    times["search" if config.method == "lapq" else "clip"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     quantized = export_qdq(normalized, plan, params)
-    check_exported(quantized)
+    exported = check_exported(quantized)
+    if config.method == "lapq":
+        search_report["exported_loss"] = evaluator.measure(exported)
     times["export"] = time.perf_counter() - clock
 
-    report = _report(model, quantized, plan, params, ranges, config, times, samples)
+    report = _report(model, quantized, plan, params, ranges, config, times, samples, initial_params)
+    report.update(search_report)
     return QuantResult(model=quantized, plan=plan, params=params, report=report)
+
+
+def _qparams(plan: QuantPlan, ranges: SiteRanges, config: QuantConfig) -> dict[str, QParams]:
+    return qparams(plan, ranges, weight_symmetric=config.weight_symmetric, act_symmetric=config.act_symmetric)
+
+
+def _without(batches, label_key: str | None):
+    """The batches with the labels array (if any) removed: what the model itself takes."""
+    for batch in batches:
+        yield {k: v for k, v in batch.items() if k != label_key}
+
+
+def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify):
+    """LAPQ's ranges, the initial (Lp at p*) parameters, the evaluator, and the report entries."""
+    labels = np.concatenate([b[config.label_key] for b in batches]) if config.label_key else None
+    inputs = list(_without(batches, config.label_key))
+
+    def ranges_at_p(p: float) -> SiteRanges:
+        return choose_ranges(normalized, plan, stats, replace(config, method="lp", lp_norm=float(p)))
+
+    first = _qparams(plan, ranges_at_p(config.lp_grid[0]), config)
+    evaluator = LossEvaluator(
+        normalized, plan, inputs, first, loss=config.loss, labels=labels, memory_budget=config.memory_budget_mb << 20,
+    )
+    outcome = run_lapq(
+        ranges_at_p, lambda r: evaluator(_qparams(plan, r, config)), lambda r: ParamSpace(plan, r),
+        lp_grid=config.lp_grid, search=config.search, max_evals=config.max_evals, time_limit=config.time_limit,
+        iterations=config.search_iterations,
+        on_eval=lambda n, best: notify(Progress("search", n, config.max_evals)),
+    )
+    report = {
+        "loss": evaluator.kind,
+        "p_star": outcome.p_star,
+        "p_losses": {str(p): v for p, v in outcome.p_losses.items()},
+        "init_loss": outcome.init_loss,
+        "final_loss": outcome.search.fun,
+        "nfev": outcome.search.nfev,
+        "nit": outcome.search.nit,
+        "search_message": outcome.search.message,
+        "search_seconds": round(outcome.search.seconds, 3),
+        "loss_trace": [[n, v] for n, v in outcome.search.trace],
+        "evaluator": {"cuts": len(evaluator.cuts) - 1, "mean_suffix_fraction": round(evaluator.mean_suffix_fraction, 3)},
+    }
+    return outcome.ranges, _qparams(plan, outcome.initial_ranges, config), evaluator, report
 
 
 def choose_ranges(model: onnx.ModelProto, plan: QuantPlan, stats: dict[str, TensorStats], config: QuantConfig) -> SiteRanges:
@@ -116,7 +173,8 @@ def _merge(members: list[TensorStats]) -> TensorStats:
     return merged
 
 
-def _report(original, quantized, plan, params, ranges, config, times, samples) -> dict[str, Any]:
+def _report(original, quantized, plan, params, ranges, config, times, samples, initial=None) -> dict[str, Any]:
+    initial = initial or params
     return {
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
         "opset": default_opset(quantized),
@@ -129,6 +187,7 @@ def _report(original, quantized, plan, params, ranges, config, times, samples) -
                 "tensor": a.tensor, "group": a.group, "role": a.role, "bits": a.bits,
                 "range": [float(x) for x in ranges.activations[a.group]],
                 "scale": float(params[a.tensor].scale), "zero_point": int(params[a.tensor].zero_point),
+                "initial_scale": float(initial[a.tensor].scale),
                 "signed": params[a.tensor].fmt.signed,
             }
             for a in plan.activations
@@ -137,6 +196,7 @@ def _report(original, quantized, plan, params, ranges, config, times, samples) -
             {
                 "tensor": w.tensor, "node": w.node, "op_type": w.op_type, "bits": w.bits, "axis": w.axis,
                 "scale_min": float(np.min(params[w.tensor].scale)), "scale_max": float(np.max(params[w.tensor].scale)),
+                "scale_factor": float(np.mean(params[w.tensor].scale / initial[w.tensor].scale)),
             }
             for w in plan.weights
         ],

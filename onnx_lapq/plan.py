@@ -179,7 +179,10 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
         bias = node.input[2] if len(node.input) > 2 and node.op_type in ("Conv", "Gemm") else ""
         if bias and index.constant(bias) is not None and len(index.consumers[bias]) == 1 and index.constant(bias).ndim == 1:
             biases.append(BiasSite(bias, node.name, node.input[0], wname))
-    acts = _mark_wide(index, _group_sites(index, acts))
+    consumer_weight_bits: dict[str, list[int]] = {}
+    for node in nodes:
+        consumer_weight_bits.setdefault(node.input[0], []).append(weights[node.input[1]].bits)
+    acts = _mark_wide(index, _group_sites(index, acts), consumer_weight_bits)
     order = {name: i for i, name in enumerate(_tensor_order(index))}
     return QuantPlan(
         weights=tuple(weights.values()),
@@ -232,13 +235,17 @@ def _group_sites(index: _GraphIndex, acts: dict[str, ActivationSite]) -> dict[st
     return {name: ActivationSite(s.tensor, s.bits, s.role, find(name)) for name, s in acts.items()}
 
 
-def _mark_wide(index: _GraphIndex, acts: dict[str, ActivationSite]) -> dict[str, ActivationSite]:
+def _mark_wide(index: _GraphIndex, acts: dict[str, ActivationSite], consumer_weight_bits: dict[str, list[int]]) -> dict[str, ActivationSite]:
+    """Sub-8-bit sites next to a WIDE_CONTAINER_OPS op, or read by a layer whose weights are
+    not 4-bit (ONNX Runtime would fuse an 8-bit weight with a 4-bit input into a kernel that
+    rejects it), keep their codes in 8-bit integers."""
     out = {}
     for name, site in acts.items():
         producer = index.producer.get(name)
         neighbours = [producer.op_type] if producer is not None else []
         neighbours += [n.op_type for n in index.consumers.get(name, [])]
-        wide = site.bits < 8 and any(op in WIDE_CONTAINER_OPS for op in neighbours)
+        mixed = any(bits != 4 for bits in consumer_weight_bits.get(name, []))
+        wide = site.bits < 8 and (mixed or any(op in WIDE_CONTAINER_OPS for op in neighbours))
         out[name] = ActivationSite(site.tensor, site.bits, site.role, site.group, wide)
     return out
 

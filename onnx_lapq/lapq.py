@@ -1,0 +1,77 @@
+"""LAPQ (Nahshan et al. 2019): Lp-norm initialization, then a joint search of all clipping values.
+
+1. For each p of the grid, every site is clipped at its Lp-optimal range (activations
+   from their histograms, weights exactly) and the end-to-end loss is measured.
+2. A parabola fitted to loss(p) gives p* (clamped to the grid); when the fit is not
+   convex, or p* does worse than the best grid point, the best grid point is used.
+3. From the ranges at p*, ``search.minimize`` tunes the vector of log clip factors
+   (one per activation group, one per weight layer) against the same loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .params import ParamSpace, SiteRanges
+from .search import SearchResult, minimize
+
+
+@dataclass(frozen=True)
+class LapqOutcome:
+    """The searched ranges and what the report needs about how they were found."""
+
+    ranges: SiteRanges
+    initial_ranges: SiteRanges
+    p_star: float
+    p_losses: dict[float, float]
+    init_loss: float
+    search: SearchResult
+
+
+def parabola_minimum(ps: list[float], losses: list[float]) -> float | None:
+    """Vertex of the least-squares parabola through (p, loss), clamped to the grid; None if not convex."""
+    if len(ps) < 3:
+        return None
+    a, b, _ = np.polyfit(np.asarray(ps, np.float64), np.asarray(losses, np.float64), 2)
+    if not a > 0:
+        return None
+    return float(np.clip(-b / (2 * a), min(ps), max(ps)))
+
+
+def run_lapq(
+    ranges_at_p: Callable[[float], SiteRanges],
+    loss_of: Callable[[SiteRanges], float],
+    space_for: Callable[[SiteRanges], ParamSpace],
+    *,
+    lp_grid: tuple[float, ...],
+    search: str,
+    max_evals: int,
+    time_limit: float | None,
+    iterations: int,
+    on_eval: Callable[[int, float], None] | None = None,
+) -> LapqOutcome:
+    """Run the three steps above; ``loss_of`` is the end-to-end calibration loss of ranges."""
+    losses = {float(p): loss_of(ranges_at_p(p)) for p in lp_grid}
+    best_p = min(losses, key=losses.get)
+    p_star = parabola_minimum(list(losses), list(losses.values()))
+    if p_star is None or p_star in losses:
+        p_star = best_p if p_star is None else p_star
+    else:
+        losses[p_star] = loss_of(ranges_at_p(p_star))
+        if losses[p_star] > losses[best_p]:
+            p_star = best_p
+    initial = ranges_at_p(p_star)
+    space = space_for(initial)
+    result = minimize(
+        lambda x: loss_of(space.ranges(x)), np.zeros(space.size), space.bounds,
+        method=search, max_evals=max_evals, time_limit=time_limit, iterations=iterations, on_eval=on_eval,
+    )
+    if result.fun > losses[p_star]:  # cannot happen (x0 is evaluated first) unless the loss is noisy
+        result = dataclasses.replace(result, x=np.zeros(space.size), fun=losses[p_star])
+    return LapqOutcome(
+        ranges=space.ranges(result.x), initial_ranges=initial, p_star=p_star,
+        p_losses=dict(sorted(losses.items())), init_loss=losses[p_star], search=result,
+    )

@@ -1,0 +1,107 @@
+"""Budgeted derivative-free minimization of the calibration loss over the vector x.
+
+``powell``: scipy.optimize.minimize(method="Powell") over all coordinates with bounds
+(the LAPQ paper's choice).  ``coordinate``: one bounded scalar minimization per
+coordinate in graph order, repeated for a number of sweeps; each step changes one
+site, which the loss evaluator's prefix cache makes cheap.  Both stop on ``max_evals``
+or ``time_limit`` and always return the best point seen.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from scipy import optimize
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """scipy-style result: best x, its loss, evaluations, iterations, why it stopped, and the trace."""
+
+    x: np.ndarray
+    fun: float
+    nfev: int
+    nit: int
+    success: bool
+    message: str
+    trace: list = field(default_factory=list)  # (evaluation, best loss so far) at each improvement
+    seconds: float = 0.0
+
+
+class _BudgetSpent(Exception):
+    pass
+
+
+class _Tracked:
+    """The objective with a budget, the best point seen and an improvement trace."""
+
+    def __init__(self, fun: Callable[[np.ndarray], float], max_evals: int, time_limit: float | None, on_eval):
+        self.fun, self.max_evals, self.on_eval = fun, max_evals, on_eval
+        self.deadline = None if time_limit is None else time.perf_counter() + time_limit
+        self.nfev, self.best_x, self.best_f, self.trace = 0, None, np.inf, []
+
+    def __call__(self, x: np.ndarray) -> float:
+        if self.nfev >= self.max_evals or (self.deadline is not None and time.perf_counter() > self.deadline):
+            raise _BudgetSpent
+        value = float(self.fun(np.asarray(x, np.float64)))
+        self.nfev += 1
+        if value < self.best_f:
+            self.best_x, self.best_f = np.array(x, np.float64), value
+            self.trace.append((self.nfev, value))
+        if self.on_eval is not None:
+            self.on_eval(self.nfev, self.best_f)
+        return value
+
+
+def minimize(
+    fun: Callable[[np.ndarray], float],
+    x0: np.ndarray,
+    bounds: list[tuple[float, float]],
+    *,
+    method: str = "powell",
+    max_evals: int = 2000,
+    time_limit: float | None = None,
+    iterations: int = 2,
+    on_eval: Callable[[int, float], None] | None = None,
+) -> SearchResult:
+    """Minimize ``fun`` from ``x0`` within ``bounds`` and the budgets."""
+    started = time.perf_counter()
+    tracked = _Tracked(fun, max_evals, time_limit, on_eval)
+    nit, message, success = 0, "", True
+    try:
+        tracked(x0)
+        if method == "powell":
+            res = optimize.minimize(
+                tracked, x0, method="Powell", bounds=bounds,
+                options={"maxiter": iterations, "maxfev": max_evals, "xtol": 1e-2, "ftol": 1e-4},
+            )
+            nit, message = int(res.nit), str(res.message)
+        else:
+            nit = _coordinate_descent(tracked, np.array(x0, np.float64), bounds, iterations)
+            message = f"completed {nit} coordinate sweeps"
+    except _BudgetSpent:
+        success, message = False, f"stopped by budget after {tracked.nfev} evaluations"
+    return SearchResult(
+        x=tracked.best_x, fun=tracked.best_f, nfev=tracked.nfev, nit=nit, success=success,
+        message=message, trace=tracked.trace, seconds=time.perf_counter() - started,
+    )
+
+
+def _coordinate_descent(tracked: _Tracked, x: np.ndarray, bounds: list[tuple[float, float]], sweeps: int) -> int:
+    best = tracked.best_f
+    for sweep in range(sweeps):
+        start = best
+        for i, (lo, hi) in enumerate(bounds):
+            def along(value: float, i=i) -> float:
+                trial = x.copy()
+                trial[i] = value
+                return tracked(trial)
+
+            res = optimize.minimize_scalar(along, bounds=(max(lo, x[i] - 1.0), min(hi, x[i] + 0.5)), method="bounded", options={"xatol": 1e-2, "maxiter": 12})
+            if res.fun < best:
+                x[i], best = float(res.x), float(res.fun)
+        if start - best <= 1e-4 * max(abs(start), 1e-12):
+            return sweep + 1
+    return sweeps
