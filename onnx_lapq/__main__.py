@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 
-from .config import CALIBRATION_METHODS, QuantConfig
+from .config import CALIBRATION_METHODS, LOSSES, SEARCHES, QuantConfig
 from .data import npz_batches
 from .errors import LapqError, ModelError
 from .modelio import load_model, same_file, save_model_atomic
@@ -23,20 +23,33 @@ from .pipeline import quantize
 from .progress import ProgressBar
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line error format."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"onnx_lapq: error: {message} (see python -m onnx_lapq --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m onnx_lapq", description="Quantize a float ONNX model into an integer-ready QDQ model.")
+    p = _Parser(prog="python -m onnx_lapq", description="Quantize a float ONNX model into an integer-ready QDQ model.")
     p.add_argument("input", metavar="IN.onnx", help="float ONNX model (never modified)")
     p.add_argument("output", metavar="OUT.onnx", help="where to write the QDQ model")
     p.add_argument("--calib", required=True, metavar="CALIB.npz", help=".npz with one array per model input (samples on axis 0), or a folder of them")
     p.add_argument("--weight-bits", type=int, default=8, help="weight bits: 2..8 or 16 (default 8)")
     p.add_argument("--act-bits", type=int, default=8, help="activation bits: 2..8 or 16 (default 8)")
     p.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per output channel")
-    p.add_argument("--method", default="minmax", choices=[m for m in CALIBRATION_METHODS if m != "lp"], help="activation clipping (default minmax)")
+    p.add_argument("--method", default="minmax", choices=[m for m in CALIBRATION_METHODS if m != "lp"], help="clipping: per-tensor calibrators, or lapq (joint loss-aware search; default minmax)")
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="node names (regular expressions) or op types to keep float")
     p.add_argument("--keep-first-last-8bit", action="store_true", help="first and last quantized layers at 8 bits")
     p.add_argument("--num-samples", type=int, default=None, help="use at most N calibration samples")
     p.add_argument("--batch-size", type=int, default=32, help="samples per ONNX Runtime call (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    lapq = p.add_argument_group("lapq search")
+    lapq.add_argument("--search", default="powell", choices=SEARCHES, help="powell (default) or coordinate")
+    lapq.add_argument("--max-evals", type=int, default=2000, help="loss evaluations at most (default 2000)")
+    lapq.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="stop the search after this long (best point kept)")
+    lapq.add_argument("--loss", default="auto", choices=LOSSES, help="search objective: auto (kl for classifiers, else mse), kl, mse, cosine, ce")
+    lapq.add_argument("--labels", default=None, metavar="KEY", help="name of the integer labels array in the calibration npz (for --loss ce)")
     p.add_argument("--report", metavar="REPORT.json", help="write the run's report as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     return p
@@ -49,6 +62,7 @@ def _config(args: argparse.Namespace) -> QuantConfig:
         weight_bits=args.weight_bits, act_bits=args.act_bits, per_channel=not args.per_tensor, method=args.method,
         exclude=patterns, exclude_op_types=op_types, keep_first_last_8bit=args.keep_first_last_8bit,
         num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
+        search=args.search, max_evals=args.max_evals, time_limit=args.time_limit, loss=args.loss, label_key=args.labels,
     )
 
 
@@ -56,12 +70,18 @@ def _summary(report: dict, seconds: float, output: str) -> str:
     sites = report["sites"]
     size = report["size_bytes"]
     bits = report["config"]
-    return (
+    line = (
         f"wrote {output}: {sites['weight_sites']} weight and {sites['activation_sites']} activation sites "
         f"(W{bits['weight_bits']}A{bits['act_bits']}, {bits['method']}), "
         f"{size['float'] / 1e6:.2f} MB -> {size['quantized'] / 1e6:.2f} MB, "
         f"{report['calibration_samples']} calibration samples, {seconds:.1f} s"
     )
+    if "final_loss" in report:
+        line += (
+            f"\n{report['loss']} loss: Lp init (p*={report['p_star']:.2f}) {report['init_loss']:.4g} -> "
+            f"searched {report['final_loss']:.4g} in {report['nfev']} evaluations; exported model {report['exported_loss']:.4g}"
+        )
+    return line
 
 
 def run(args: argparse.Namespace) -> int:

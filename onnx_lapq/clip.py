@@ -47,7 +47,9 @@ def lp_errors(stats: TensorStats, bits: int, p: float, alphas: np.ndarray, symme
     """E|Q(x) - x|^p from the histogram for each range alpha * [min, max]."""
     lo, hi = min(stats.min, 0.0), max(stats.max, 0.0)
     fmt = activation_format(lo, bits, symmetric)
-    centers, weights = stats.centers, stats.counts / max(stats.counts.sum(), 1)
+    counts = stats.counts.astype(np.float64)
+    counts[stats.half_bins] -= stats.zeros  # exact zeros quantize without error
+    centers, weights = stats.centers, counts / max(stats.counts.sum(), 1)
     errors = np.empty(len(alphas))
     for i, a in enumerate(alphas):
         scale, zp = scale_zero_point(a * lo, a * hi, fmt)
@@ -62,10 +64,10 @@ def lp_errors(stats: TensorStats, bits: int, p: float, alphas: np.ndarray, symme
 def _percentile_range(stats: TensorStats, percentile: float) -> tuple[float, float]:
     cdf = np.cumsum(stats.counts) / max(stats.counts.sum(), 1)
     edges = stats.edges
-    tail = 1.0 - percentile / 100.0
-    hi = float(edges[1:][np.searchsorted(cdf, 1.0 - tail)])
-    lo = float(edges[:-1][np.searchsorted(cdf, tail, side="right")]) if stats.min < 0 else 0.0
-    return max(min(lo, 0.0), stats.min), min(max(hi, 0.0), stats.max)
+    share = percentile / 100.0 - 1e-9  # 99.9 / 100 rounds above 0.999; do not skip to the next outlier
+    hi = float(edges[1:][np.searchsorted(cdf, share)])
+    lo = float(edges[:-1][np.searchsorted(cdf, 1.0 - share, side="right")]) if stats.min < 0 else 0.0
+    return max(min(lo, 0.0), min(stats.min, 0.0)), min(max(hi, 0.0), stats.max)
 
 
 def entropy_threshold(stats: TensorStats, bits: int) -> float:

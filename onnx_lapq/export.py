@@ -68,9 +68,13 @@ def _dq_node(prefix: str, source: str, qp: QParams) -> onnx.NodeProto:
 
 
 def _clipped(site, qp: QParams, fed: bool) -> bool:
-    """Whether the site's QuantizeLinear gets a Clip: grids narrower than their container
-    (always in a fed model, so that its structure does not depend on the numbers)."""
-    return fed or (qp.fmt.bits < 8 and container(qp.fmt, site.wide) in (TensorProto.INT8, TensorProto.UINT8))
+    """Whether the site's QuantizeLinear gets a Clip: grids narrower than their container,
+    such as 3-bit codes in int8 or symmetric -127..127 in int8 (always in a fed model, so
+    that its structure does not depend on the numbers)."""
+    dtype = container(qp.fmt, site.wide)
+    info = np.iinfo(np.int8 if dtype == TensorProto.INT4 else np.uint8 if dtype == TensorProto.UINT4 else helper.tensor_dtype_to_np_dtype(dtype))
+    natural = (-8, 7) if dtype == TensorProto.INT4 else (0, 15) if dtype == TensorProto.UINT4 else (int(info.min), int(info.max))
+    return fed or (qp.fmt.qmin, qp.fmt.qmax) != natural
 
 
 def qdq_tensors(

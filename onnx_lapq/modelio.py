@@ -47,7 +47,9 @@ def save_model_atomic(model: onnx.ModelProto, path: str) -> None:
     tmp_data = os.path.join(folder, os.path.basename(tmp) + ".data")
     try:
         if model.ByteSize() > PROTOBUF_LIMIT:
-            onnx.save(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=os.path.basename(tmp_data))
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)  # onnx.save moves tensors out of the proto it is given
+            onnx.save(copy, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=os.path.basename(tmp_data))
             _relocate_external_data(tmp, data_name)
             os.replace(tmp_data, os.path.join(folder, data_name))
         else:

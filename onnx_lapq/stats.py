@@ -19,11 +19,12 @@ def _pow2_at_least(value: float) -> float:
 
 
 class TensorStats:
-    """Observer of one tensor: count, min, max and a symmetric power-of-two histogram."""
+    """Observer of one tensor: count, exact zeros, min, max and a symmetric power-of-two histogram."""
 
     def __init__(self, half_bins: int = 2048):
         self.half_bins = half_bins
         self.count = 0
+        self.zeros = 0
         self.min = math.inf
         self.max = -math.inf
         self.radius = 0.0
@@ -36,6 +37,7 @@ class TensorStats:
             return
         lo, hi = float(x.min()), float(x.max())
         self.count += x.size
+        self.zeros += int(np.count_nonzero(x == 0))
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         self._grow_to(max(-lo, hi))
         width = self.radius / self.half_bins
@@ -49,6 +51,7 @@ class TensorStats:
             raise ValueError("cannot merge histograms with different bin counts")
         out = TensorStats(self.half_bins)
         out.count = self.count + other.count
+        out.zeros = self.zeros + other.zeros
         out.min, out.max = min(self.min, other.min), max(self.max, other.max)
         out.radius = max(self.radius, other.radius)
         out.counts = self._counts_at(out.radius) + other._counts_at(out.radius)

@@ -1,0 +1,52 @@
+"""Smoke test of tools/bench.py: a --quick run on mnist8 (w8a8, ort-minmax + minmax).
+
+Needs the benchmark kit (../shared/kit next to the repo, or $ONNX_LAPQ_KIT) and
+the `bench` extra (matplotlib, pillow); skips cleanly without them. Marked
+slow (setup.cfg: "needs ../shared/kit"); it takes a few seconds.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _kit() -> Path:
+    return Path(os.environ.get("ONNX_LAPQ_KIT") or REPO / ".." / "shared" / "kit").resolve()
+
+
+@pytest.fixture(scope="module")
+def kit() -> Path:
+    path = _kit()
+    if not (path / "eval.py").is_file():
+        pytest.skip(f"benchmark kit not found at {path} (set ONNX_LAPQ_KIT)")
+    for module in ("matplotlib", "PIL"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} not installed (pip install .[bench])")
+    return path
+
+
+@pytest.mark.slow
+def test_quick_bench_mnist8(kit, tmp_path):
+    cmd = [sys.executable, str(REPO / "tools" / "bench.py"), "--kit", str(kit), "--models", "mnist8",
+           "--configs", "w8a8", "--methods", "ort-minmax,minmax", "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    rows = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    assert set(rows) == {"ort-minmax", "minmax"}
+    for method, row in rows.items():
+        assert row["error"] is None, f"{method}: {row['error']}"
+        assert row["model"] == "mnist8" and row["config"] == "w8a8"
+        assert 98.0 < row["fp32_metric"] < 100.0
+        assert row["metric"] > 90.0, f"{method}: top-1 {row['metric']}"
+        assert row["quant_seconds"] > 0 and row["peak_rss_mb"] > 0
+        assert row["ms_per_item"] > 0 and row["fp32_ms_per_item"] > 0
+    for name in ("results.md", "accuracy_vs_bits.png", "quant_time.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "| w8a8 | minmax |" in (tmp_path / "results.md").read_text()
