@@ -67,14 +67,13 @@ def _dq_node(prefix: str, source: str, qp: QParams) -> onnx.NodeProto:
     )
 
 
-def _clipped(site, qp: QParams, fed: bool) -> bool:
+def _clipped(site, qp: QParams) -> bool:
     """Whether the site's QuantizeLinear gets a Clip: grids narrower than their container,
-    such as 3-bit codes in int8 or symmetric -127..127 in int8 (always in a fed model, so
-    that its structure does not depend on the numbers)."""
+    such as 3-bit codes in int8 or symmetric -127..127 in int8."""
     dtype = container(qp.fmt, site.wide)
     info = np.iinfo(np.int8 if dtype == TensorProto.INT4 else np.uint8 if dtype == TensorProto.UINT4 else helper.tensor_dtype_to_np_dtype(dtype))
     natural = (-8, 7) if dtype == TensorProto.INT4 else (0, 15) if dtype == TensorProto.UINT4 else (int(info.min), int(info.max))
-    return fed or (qp.fmt.qmin, qp.fmt.qmax) != natural
+    return (qp.fmt.qmin, qp.fmt.qmax) != natural
 
 
 def qdq_tensors(
@@ -82,9 +81,11 @@ def qdq_tensors(
 ) -> dict[str, tuple[np.ndarray, int]]:
     """The numbers of a QDQ model by tensor name: (array, ONNX type).
 
-    ``weights`` maps float initializer names to values.  ``fed`` stores every code in
-    an 8-bit (or 16/32-bit) container, as a model whose Q/DQ tensors are graph inputs
-    takes them, and saturates biases instead of leaving an overflowing one float.
+    ``weights`` maps float initializer names to values.  ``fed`` stores weight codes in
+    8-bit (or 16/32-bit) containers, as a model whose Q/DQ tensors are graph inputs
+    takes them, and saturates biases instead of leaving an overflowing one float;
+    activation zero points keep their type (4-bit ones are fed as OrtValues), so the
+    fed graph has the exported graph's structure.
     ``sites`` limits the result to the tensors of those sites.
     """
     out: dict[str, tuple[np.ndarray, int]] = {}
@@ -104,11 +105,11 @@ def qdq_tensors(
         t, qp = site.tensor, params[site.tensor]
         if sites is not None and t not in sites:
             continue
-        if _clipped(site, qp, fed):
+        if _clipped(site, qp):
             out[f"{t}_clip_min"] = _entry((qp.fmt.qmin - int(qp.zero_point)) * float(qp.scale), None)
             out[f"{t}_clip_max"] = _entry((qp.fmt.qmax - int(qp.zero_point)) * float(qp.scale), None)
         out[f"{t}_scale"] = _entry(qp.scale, None)
-        out[f"{t}_zero_point"] = _entry(qp.zero_point, qp.fmt, fed or site.wide)
+        out[f"{t}_zero_point"] = _entry(qp.zero_point, qp.fmt, site.wide)
     return out
 
 

@@ -114,7 +114,8 @@ class LossEvaluator:
         self.reference = [reference.run([self.output], b)[0] for b in batches]
         self.samples = sum(len(r) for r in self.reference)
         self.fed = export_qdq(model, plan, init_params, fed=True)
-        self._current: dict[str, np.ndarray] = {}
+        self._raw: dict[str, np.ndarray] = {}
+        self._current: dict[str, np.ndarray | ort.OrtValue] = {}
         self._version: dict[str, int] = {}
         self._site_params: dict[str, tuple] = {}
         self._update_feeds(init_params)
@@ -173,10 +174,11 @@ class LossEvaluator:
                 changed.add(name)
         if not changed:
             return
-        for name, (value, _) in qdq_tensors(self.weights, self.plan, params, fed=True, sites=changed).items():
-            old = self._current.get(name)
+        for name, (value, dtype) in qdq_tensors(self.weights, self.plan, params, fed=True, sites=changed).items():
+            old = self._raw.get(name)
             if old is None or old.shape != value.shape or not np.array_equal(old, value):
-                self._current[name] = value
+                self._raw[name] = value
+                self._current[name] = _feed(value, dtype)
                 self._version[name] = self._version.get(name, 0) + 1
 
     def _versions(self, cut: _Cut) -> tuple:
@@ -254,6 +256,15 @@ class LossEvaluator:
         del graph.initializer[:]
         graph.initializer.extend(kept_inits)
         return model
+
+
+def _feed(value: np.ndarray, dtype: int):
+    """A feed for a fed Q/DQ tensor: numpy arrays as they are, 4-bit scalars as typed OrtValues."""
+    if dtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        if value.ndim:
+            raise ValueError("only scalar 4-bit tensors are fed")  # weights are fed in 8-bit containers
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(value.astype(np.uint8 if dtype == onnx.TensorProto.UINT4 else np.int8), dtype)
+    return value
 
 
 def _offsets(batches: list[dict[str, np.ndarray]]) -> list[int]:
