@@ -1,0 +1,179 @@
+"""LAPQ: the loss evaluator, Lp initialization, the budgeted joint search and its report."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import onnx
+import pytest
+from conftest import DIGITS_CALIB, DIGITS_MODEL, block_model, conv_chain_model, random_inputs, run_cli
+
+import onnx_lapq
+from onnx_lapq.calibrate import session
+from onnx_lapq.graph import normalize
+from onnx_lapq.lapq import parabola_minimum
+from onnx_lapq.loss import LossEvaluator, distance
+from onnx_lapq.params import ParamSpace
+from onnx_lapq.search import minimize
+
+
+def digits():
+    return onnx.load(DIGITS_MODEL), [dict(np.load(DIGITS_CALIB))]
+
+
+def lapq_config(**kw):
+    base = dict(weight_bits=3, act_bits=3, method="lapq", max_evals=120)
+    base.update(kw)
+    return onnx_lapq.QuantConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def digits_lapq():
+    model, calib = digits()
+    return onnx_lapq.quantize(model, calib, config=lapq_config())
+
+
+def test_search_lowers_loss_below_lp_init(digits_lapq):
+    report = digits_lapq.report
+    assert report["final_loss"] < 0.8 * report["init_loss"]
+    assert report["init_loss"] == min(report["p_losses"].values()) or report["p_star"] not in map(float, report["p_losses"])
+
+
+def test_exported_loss_matches_search(digits_lapq):
+    report = digits_lapq.report
+    assert abs(report["exported_loss"] - report["final_loss"]) <= 0.01 * report["final_loss"]
+
+
+def test_report_fields(digits_lapq):
+    report = digits_lapq.report
+    for key in ("final_loss", "exported_loss", "init_loss", "p_star", "nfev", "seconds", "loss_trace", "activations", "weights"):
+        assert key in report, key
+    assert min(onnx_lapq.QuantConfig().lp_grid) <= report["p_star"] <= max(onnx_lapq.QuantConfig().lp_grid)
+    trace_losses = [v for _, v in report["loss_trace"]]
+    assert trace_losses == sorted(trace_losses, reverse=True) and trace_losses[-1] == report["final_loss"]
+    assert any(a["scale"] != a["initial_scale"] for a in report["activations"])
+    json.dumps(report)  # JSON-ready
+
+
+def test_max_evals_stops_search():
+    model, calib = digits()
+    result = onnx_lapq.quantize(model, calib, config=lapq_config(max_evals=15))
+    assert result.report["nfev"] == 15
+    assert "budget" in result.report["search_message"]
+    assert result.report["final_loss"] <= result.report["init_loss"]
+
+
+def test_time_limit_stops_search():
+    model, calib = digits()
+    started = time.perf_counter()
+    result = onnx_lapq.quantize(model, calib, config=lapq_config(max_evals=100000, time_limit=1.0))
+    assert "budget" in result.report["search_message"]
+    assert result.report["search_seconds"] < 5.0
+    assert time.perf_counter() - started < 60
+
+
+@pytest.mark.parametrize("search", ["powell", "coordinate"])
+def test_lapq_is_deterministic(search):
+    model, calib = digits()
+    a = onnx_lapq.quantize(model, calib, config=lapq_config(search=search, max_evals=60))
+    b = onnx_lapq.quantize(model, calib, config=lapq_config(search=search, max_evals=60))
+    assert a.model.SerializeToString() == b.model.SerializeToString()
+    assert a.report["final_loss"] == b.report["final_loss"]
+
+
+def test_coordinate_search_lowers_loss():
+    model, calib = digits()
+    result = onnx_lapq.quantize(model, calib, config=lapq_config(search="coordinate", max_evals=150))
+    assert result.report["final_loss"] < result.report["init_loss"]
+
+
+@pytest.mark.parametrize("bits", [(8, 8), (4, 4), (3, 3)])
+def test_cached_evaluation_equals_full_evaluation(bits):
+    """The prefix cache never changes a loss: compare with a fresh evaluator (no cache) on the same params."""
+    model = block_model(opset=21)
+    calib = random_inputs(model, 48, batch=16)
+    config = onnx_lapq.QuantConfig(weight_bits=bits[0], act_bits=bits[1])
+    result = onnx_lapq.quantize(model, calib, config=config)
+    normalized = normalize(model, min_opset=21)
+    cached = LossEvaluator(normalized, result.plan, calib, result.params, loss="mse")
+    assert len(cached.cuts) > 1
+    rng = np.random.default_rng(0)
+    from onnx_lapq.pipeline import choose_ranges  # the ranges the result was made from
+    from onnx_lapq.calibrate import collect_stats
+    stats, _ = collect_stats(normalized, [a.tensor for a in result.plan.activations], calib, half_bins=2048)
+    space = ParamSpace(result.plan, choose_ranges(normalized, result.plan, stats, config))
+    for step in range(12):
+        x = np.zeros(space.size)
+        x[rng.integers(space.size)] = rng.uniform(-1.0, 0.3)
+        params = onnx_lapq.params.qparams(result.plan, space.ranges(x), weight_symmetric=True, act_symmetric=False)
+        fresh = LossEvaluator(normalized, result.plan, calib, params, loss="mse", memory_budget=0)
+        assert len(fresh.cuts) == 1
+        assert cached(params) == pytest.approx(fresh(params), rel=1e-6, abs=1e-12)
+    assert cached.mean_suffix_fraction < 1.0
+
+
+def test_evaluator_loss_matches_exported_model():
+    model = conv_chain_model(opset=21)
+    calib = random_inputs(model, 32)
+    result = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(weight_bits=4, act_bits=4))
+    evaluator = LossEvaluator(normalize(model, min_opset=21), result.plan, calib, result.params, loss="kl")
+    assert evaluator(result.params) == pytest.approx(evaluator.measure(session(result.model)), rel=1e-5)
+
+
+def test_distances_against_numpy():
+    rng = np.random.default_rng(0)
+    ref, out = rng.normal(size=(5, 7)), rng.normal(size=(5, 7))
+    p = np.exp(ref) / np.exp(ref).sum(1, keepdims=True)
+    q = np.exp(out) / np.exp(out).sum(1, keepdims=True)
+    np.testing.assert_allclose(distance("kl", ref, out, None, False), (p * np.log(p / q)).sum(1), rtol=1e-10)
+    np.testing.assert_allclose(distance("kl", p, q, None, True), (p * np.log(p / q)).sum(1), rtol=1e-10)
+    labels = np.array([0, 1, 2, 3, 4])
+    np.testing.assert_allclose(distance("ce", ref, out, labels, False), -np.log(q[np.arange(5), labels]), rtol=1e-10)
+    cos = (ref * out).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(out, axis=1)
+    np.testing.assert_allclose(distance("cosine", ref, out, None, False), 1 - cos, rtol=1e-10)
+    np.testing.assert_allclose(distance("mse", ref, out, None, False), ((out - ref) ** 2).sum(1) / (ref**2).sum(1), rtol=1e-10)
+
+
+def test_parabola_minimum():
+    ps = [2.0, 2.5, 3.0, 3.5, 4.0]
+    assert parabola_minimum(ps, [(p - 2.8) ** 2 + 1 for p in ps]) == pytest.approx(2.8)
+    assert parabola_minimum(ps, [(p - 9.0) ** 2 for p in ps]) == 4.0  # clamped to the grid
+    assert parabola_minimum(ps, [-((p - 3.0) ** 2) for p in ps]) is None  # concave: no minimum
+    assert parabola_minimum([2.0, 3.0], [1.0, 0.5]) is None
+
+
+def test_minimize_keeps_best_point_and_respects_bounds():
+    target = np.array([0.3, -1.2, 0.1])
+    values = []
+
+    def fun(x):
+        values.append(float(np.sum((x - target) ** 2)))
+        return values[-1]
+
+    bounds = [(-3.0, 0.2)] * 3
+    res = minimize(fun, np.zeros(3), bounds, method="powell", max_evals=400)
+    assert res.fun == min(values) and res.nfev == len(values)
+    assert np.all(res.x <= 0.2 + 1e-9) and res.x[1] == pytest.approx(-1.2, abs=0.05)
+    res = minimize(fun, np.zeros(3), bounds, method="coordinate", max_evals=400, iterations=3)
+    assert res.x[1] == pytest.approx(-1.2, abs=0.05) and res.nfev <= 400
+
+
+def test_cross_entropy_with_labels(tmp_path):
+    model, (calib,) = digits()
+    labels = session(model).run(None, calib)[0].argmax(axis=1)  # the float model's own answers
+    config = lapq_config(loss="ce", label_key="label", max_evals=40)
+    result = onnx_lapq.quantize(model, [{**calib, "label": labels}], config=config)
+    assert result.report["loss"] == "ce" and result.report["final_loss"] <= result.report["init_loss"]
+    with pytest.raises(onnx_lapq.ConfigError):
+        onnx_lapq.QuantConfig(method="lapq", loss="ce")
+
+
+def test_cli_lapq_writes_report(tmp_path):
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    proc = run_cli(DIGITS_MODEL, out, "--calib", DIGITS_CALIB, "--method", "lapq", "--weight-bits", "3", "--act-bits", "3",
+                   "--max-evals", "40", "--search", "coordinate", "--report", report)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report.read_text())
+    assert data["nfev"] == 40 and "searched" in proc.stdout
+    onnx.checker.check_model(onnx.load(out))
