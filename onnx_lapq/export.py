@@ -44,7 +44,8 @@ def container(fmt: QFormat, wide: bool = False) -> int:
     return _CONTAINERS[(bits, fmt.signed)]
 
 
-def _proto(name: str, value: np.ndarray, dtype: int) -> TensorProto:
+def proto(name: str, value: np.ndarray, dtype: int) -> TensorProto:
+    """An initializer of ONNX type ``dtype`` holding ``value`` (4-bit values packed by onnx)."""
     if dtype in (TensorProto.INT4, TensorProto.UINT4):
         return helper.make_tensor(name, dtype, value.shape, np.asarray(value, np.int64).ravel().tolist())
     return numpy_helper.from_array(value, name)
@@ -152,7 +153,7 @@ def export_qdq(model: onnx.ModelProto, plan: QuantPlan, params: dict[str, QParam
     if fed:
         graph.input.extend(helper.make_tensor_value_info(n, dtype, value.shape) for n, (value, dtype) in tensors.items())
     else:
-        graph.initializer.extend(_proto(n, value, dtype) for n, (value, dtype) in tensors.items())
+        graph.initializer.extend(proto(n, value, dtype) for n, (value, dtype) in tensors.items())
     ordered = _order(list(graph.node), new_nodes, {i.name for i in graph.input} | {t.name for t in graph.initializer})
     del graph.node[:]
     graph.node.extend(ordered)

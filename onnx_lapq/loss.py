@@ -7,14 +7,18 @@ probabilities directly when the graph ends in Softmax) for classifiers, ``mse``
 (relative: ||out - ref||^2 / ||ref||^2) for other outputs, ``cosine`` (1 - cos) for
 embeddings, ``ce`` (cross-entropy against labels).  The FP32 reference is computed once.
 
-Speed: the quantized graph is the "fed" export (export.py), whose Q/DQ numbers are
-graph inputs, so one ONNX Runtime session serves every candidate; its numerics are
-those of the exported model (fused integer kernels aside).  The graph is also cut
-before the first node of each tunable site: a cut's live tensors are cached with the
-parameter values they were computed under, and an evaluation runs only the part of
-the graph after the deepest cut whose upstream parameters have not changed (a
-coordinate search changes one site at a time, so most evaluations run a short
-suffix).  Cuts are chosen within a memory budget.
+Two ways to run the quantized graph, chosen by measurement (DESIGN.md, README):
+  * fed (any sub-8-bit site, which no CPU kernel fuses): the Q/DQ numbers are
+    graph inputs (export.py's fed export), so one session per graph suffix serves
+    every candidate;
+  * fused (8-bit weights and activations): the numbers are constants, as in the exported model, so
+    ONNX Runtime runs its integer kernels; each evaluation builds and opens a session
+    for the suffix it runs (tens of ms, still cheaper than float fake-quant).
+Either way the graph is cut before the first node of tunable sites: a cut's live
+tensors are cached with the parameter versions they were computed under, and an
+evaluation runs only the graph after the deepest cut whose upstream parameters have
+not changed (a coordinate search changes one site at a time).  Cuts are chosen within
+a memory budget.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from onnx import helper, numpy_helper
 from .calibrate import session
 from .config import LOSSES
 from .errors import ConfigError
-from .export import export_qdq, qdq_tensors
+from .export import export_qdq, proto, qdq_tensors
 from .params import QParams
 from .plan import QuantPlan
 
@@ -80,7 +84,7 @@ class _Cut:
 
     position: int
     live: list[str]
-    upstream: list[str]  # fed inputs read before the cut
+    upstream: list[str]  # Q/DQ tensors read before the cut
     versions: tuple | None = None
     values: list[list[np.ndarray]] | None = None  # per batch, per live tensor
 
@@ -98,6 +102,7 @@ class LossEvaluator:
         loss: str = "auto",
         labels: np.ndarray | None = None,
         memory_budget: int = 1 << 30,
+        fused: bool | None = None,
     ):
         if loss not in LOSSES:
             raise ConfigError(f"loss={loss!r} is unknown: use one of {', '.join(LOSSES)}")
@@ -113,33 +118,35 @@ class LossEvaluator:
         reference = session(model)
         self.reference = [reference.run([self.output], b)[0] for b in batches]
         self.samples = sum(len(r) for r in self.reference)
-        self.fed = export_qdq(model, plan, init_params, fed=True)
-        self._raw: dict[str, np.ndarray] = {}
-        self._current: dict[str, np.ndarray | ort.OrtValue] = {}
+        fusable = all(a.bits == 8 for a in plan.activations) and all(w.bits == 8 for w in plan.weights)
+        self.fused = fusable if fused is None else fused
+        self.template = export_qdq(model, plan, init_params, fed=not self.fused)
+        self._raw: dict[str, tuple[np.ndarray, int]] = {}
+        self._feeds: dict[str, np.ndarray | ort.OrtValue] = {}
         self._version: dict[str, int] = {}
         self._site_params: dict[str, tuple] = {}
-        self._update_feeds(init_params)
+        self._update(init_params)
         self.cuts = self._choose_cuts(memory_budget)
-        self._sessions = [session(self._suffix(c)) for c in self.cuts]
+        self._fed_sessions = [] if self.fused else [session(self._suffix(c, self._refreshed_after(i))) for i, c in enumerate(self.cuts)]
         self.evaluations = 0
         self.suffix_nodes = 0
 
     # ----------------------------------------------------------------- public
     def __call__(self, params: dict[str, QParams]) -> float:
-        self._update_feeds(params)
+        self._update(params)
         start = self._deepest_valid_cut()
-        cut, sess = self.cuts[start], self._sessions[start]
-        later = self.cuts[start + 1:]
+        cut = self.cuts[start]
+        later = self._refreshed_after(start)
+        sess = session(self._suffix(cut, later)) if self.fused else self._fed_sessions[start]
         names = [self.output] + [t for c in later for t in c.live]
-        fed_inputs = [i.name for i in sess.get_inputs() if i.name in self._current]
+        fed_inputs = [i.name for i in sess.get_inputs() if i.name in self._feeds]
         total = 0.0
-        fresh = [[] for _ in later]
+        fresh: list[list] = [[] for _ in later]
         for b, batch in enumerate(self.batches):
-            feeds = {name: self._current[name] for name in fed_inputs}
+            feeds = {name: self._feeds[name] for name in fed_inputs}
             feeds.update(zip(cut.live, cut.values[b]) if cut.values is not None else batch.items())
             outputs = sess.run(names, feeds)
-            labels = self.labels[b] if self.labels is not None else None
-            total += float(distance(self.kind, self.reference[b], outputs[0], labels, self.probabilities).sum())
+            total += float(self._distance(b, outputs[0]).sum())
             k = 1
             for i, c in enumerate(later):
                 fresh[i].append(outputs[k:k + len(c.live)])
@@ -147,25 +154,26 @@ class LossEvaluator:
         for c, values in zip(later, fresh):
             c.values, c.versions = values, self._versions(c)
         self.evaluations += 1
-        self.suffix_nodes += len(self.fed.graph.node) - cut.position
+        self.suffix_nodes += len(self.template.graph.node) - cut.position
         return total / self.samples
 
-    def measure(self, quantized: "ort.InferenceSession") -> float:
+    def measure(self, quantized: ort.InferenceSession) -> float:
         """The loss of a quantized model's own session (e.g. the exported model) on the same samples."""
-        total = 0.0
-        for b, batch in enumerate(self.batches):
-            out = quantized.run([self.output], batch)[0]
-            labels = self.labels[b] if self.labels is not None else None
-            total += float(distance(self.kind, self.reference[b], out, labels, self.probabilities).sum())
+        total = sum(float(self._distance(b, quantized.run([self.output], batch)[0]).sum()) for b, batch in enumerate(self.batches))
         return total / self.samples
 
     @property
     def mean_suffix_fraction(self) -> float:
         """Average share of the graph's nodes that an evaluation ran."""
-        return self.suffix_nodes / max(self.evaluations, 1) / max(len(self.fed.graph.node), 1)
+        return self.suffix_nodes / max(self.evaluations, 1) / max(len(self.template.graph.node), 1)
 
-    # ----------------------------------------------------------------- feeds
-    def _update_feeds(self, params: dict[str, QParams]) -> None:
+    def _distance(self, b: int, out: np.ndarray) -> np.ndarray:
+        labels = self.labels[b] if self.labels is not None else None
+        return distance(self.kind, self.reference[b], out, labels, self.probabilities)
+
+    # ----------------------------------------------------------------- Q/DQ numbers
+    def _update(self, params: dict[str, QParams]) -> None:
+        """Recompute the Q/DQ tensors of sites whose parameters changed; bump their versions."""
         changed = set()
         for name, qp in params.items():
             key = (qp.scale.tobytes(), qp.zero_point.tobytes())
@@ -176,10 +184,17 @@ class LossEvaluator:
             return
         for name, (value, dtype) in qdq_tensors(self.weights, self.plan, params, fed=True, sites=changed).items():
             old = self._raw.get(name)
-            if old is None or old.shape != value.shape or not np.array_equal(old, value):
-                self._raw[name] = value
-                self._current[name] = _feed(value, dtype)
+            if old is None or old[0].shape != value.shape or not np.array_equal(old[0], value):
+                self._raw[name] = (value, dtype)
+                if not self.fused:
+                    self._feeds[name] = _feed(value, dtype)
                 self._version[name] = self._version.get(name, 0) + 1
+
+    def _refreshed_after(self, start: int) -> list[_Cut]:
+        """The cuts whose tensors an evaluation from cut ``start`` also returns: all later ones
+        when fed; only the next one when fused, since each returned tensor stops ONNX Runtime
+        from fusing the layer that makes it."""
+        return self.cuts[start + 1:start + 2] if self.fused else self.cuts[start + 1:]
 
     def _versions(self, cut: _Cut) -> tuple:
         return tuple(self._version.get(n, 0) for n in cut.upstream)
@@ -193,76 +208,91 @@ class LossEvaluator:
 
     # ----------------------------------------------------------------- cuts
     def _choose_cuts(self, budget: int) -> list[_Cut]:
-        nodes = list(self.fed.graph.node)
-        fed_names = set(self._current)
-        data_inputs = [i.name for i in self.fed.graph.input if i.name not in fed_names]
+        nodes = list(self.template.graph.node)
+        qdq_names = set(self._raw)
+        data_inputs = list(self.batches[0])
         first_use: dict[str, int] = {}
         for pos, node in enumerate(nodes):
             for name in node.input:
-                if name in fed_names:
+                if name in qdq_names:
                     first_use.setdefault(name, pos)
-        candidates = sorted(set(first_use.values()) - {0})
         sizes = self._tensor_bytes()
+        constants = {t.name for t in self.template.graph.initializer} | qdq_names
         cuts = [_Cut(0, data_inputs, [])]
         spent = 0
-        for pos in candidates:
-            live = _live_tensors(nodes, pos, {t.name for t in self.fed.graph.initializer} | fed_names, self.fed.graph.output)
+        for pos in sorted(set(first_use.values()) - {0}):
+            live = _live_tensors(nodes, pos, constants, self.output)
             cost = sum(sizes.get(t, budget + 1) for t in live)
             if not live or spent + cost > budget:
                 continue
-            upstream = sorted(n for n, p in first_use.items() if p < pos)
-            cuts.append(_Cut(pos, live, upstream))
+            cuts.append(_Cut(pos, live, sorted(n for n, p in first_use.items() if p < pos)))
             spent += cost
         log.debug("loss evaluator: %d cuts, %.1f MB of cached activations", len(cuts) - 1, spent / 1e6)
         return cuts
 
     def _tensor_bytes(self) -> dict[str, int]:
         """Bytes of every float tensor over all calibration samples, from a probe run of one batch."""
-        graph = self.fed.graph
-        float_names = [v.name for v in graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
-        probe = onnx.ModelProto()
-        probe.CopyFrom(self.fed)
-        known = {o.name for o in probe.graph.output}
+        probe = self._with_numbers(self.template)
+        graph = probe.graph
+        known = {o.name for o in graph.output}
         produced = {o for n in graph.node for o in n.output}
-        for name in float_names:
-            if name not in known and name in produced:
-                probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-        names = [o.name for o in probe.graph.output]
-        feeds = {**self._current, **self.batches[0]}
-        values = session(probe, optimize=False).run(names, feeds)
+        for v in self.template.graph.value_info:
+            if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and v.name in produced and v.name not in known:
+                graph.output.append(helper.make_tensor_value_info(v.name, onnx.TensorProto.FLOAT, None))
+        names = [o.name for o in graph.output]
+        values = session(probe, optimize=False).run(names, {**self._feeds, **self.batches[0]})
         rows = len(next(iter(self.batches[0].values())))
         return {n: v.nbytes * self.samples // max(rows, 1) for n, v in zip(names, values)}
 
-    def _suffix(self, cut: _Cut) -> onnx.ModelProto:
-        """The fed model from ``cut`` on, returning the output and every later cut's live tensors."""
-        model = onnx.ModelProto()
-        model.CopyFrom(self.fed)
+    def _with_numbers(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """``model`` itself when fed; else a copy with the current Q/DQ numbers as initializers."""
+        if not self.fused:
+            return _copy(model)
+        out = _copy(model)
+        used = {n for node in out.graph.node for n in node.input}
+        kept = [t for t in out.graph.initializer if t.name not in self._raw]
+        del out.graph.initializer[:]
+        out.graph.initializer.extend(kept)
+        out.graph.initializer.extend(proto(n, v, d) for n, (v, d) in self._raw.items() if n in used)
+        return out
+
+    def _suffix(self, cut: _Cut, later_cuts: list[_Cut]) -> onnx.ModelProto:
+        """The quantized graph from ``cut`` on, returning the output and ``later_cuts``' live tensors."""
+        model = _copy(self.template)
         graph = model.graph
         types = {v.name: v for v in list(graph.value_info) + list(graph.input)}
         keep = list(graph.node)[cut.position:]
         del graph.node[:]
         graph.node.extend(keep)
         used = {n for node in keep for n in node.input}
-        inputs = [types[t] if t in types else helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in cut.live]
-        inputs += [i for i in self.fed.graph.input if i.name in used and i.name not in cut.live]
+
+        def info(name: str) -> onnx.ValueInfoProto:
+            return types[name] if name in types else helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+
+        inputs = [info(t) for t in cut.live] + [i for i in self.template.graph.input if i.name in used and i.name not in cut.live]
         del graph.input[:]
         graph.input.extend(inputs)
-        later = [t for c in self.cuts if c.position > cut.position for t in c.live]
-        outputs = [o for o in graph.output if o.name == self.output]
-        outputs += [types[t] if t in types else helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in dict.fromkeys(later) if t != self.output]
+        later = dict.fromkeys(t for c in later_cuts for t in c.live)
+        outputs = [o for o in graph.output if o.name == self.output] + [info(t) for t in later if t != self.output]
         del graph.output[:]
         graph.output.extend(outputs)
-        kept_inits = [t for t in graph.initializer if t.name in used]
+        kept = [t for t in graph.initializer if t.name in used]
         del graph.initializer[:]
-        graph.initializer.extend(kept_inits)
-        return model
+        graph.initializer.extend(kept)
+        return self._with_numbers(model)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
 
 
 def _feed(value: np.ndarray, dtype: int):
     """A feed for a fed Q/DQ tensor: numpy arrays as they are, 4-bit scalars as typed OrtValues."""
     if dtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
         if value.ndim:
-            raise ValueError("only scalar 4-bit tensors are fed")  # weights are fed in 8-bit containers
+            raise ValueError("only scalar 4-bit tensors are fed")  # weight codes are fed in 8-bit containers
         return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(value.astype(np.uint8 if dtype == onnx.TensorProto.UINT4 else np.int8), dtype)
     return value
 
@@ -275,11 +305,13 @@ def _offsets(batches: list[dict[str, np.ndarray]]) -> list[int]:
     return out
 
 
-def _live_tensors(nodes: list[onnx.NodeProto], position: int, constants: set[str], outputs) -> list[str]:
-    """Tensors made before ``position`` (or graph inputs) and read at or after it."""
+def _live_tensors(nodes: list[onnx.NodeProto], position: int, constants: set[str], output: str) -> list[str]:
+    """Non-constant tensors made before ``position`` (or graph inputs) and read at or after it,
+    plus the graph output when it is already made."""
     made_before = {o for n in nodes[:position] for o in n.output}
-    read_after = {i for n in nodes[position:] for i in n.input}
-    graph_outputs = {o.name for o in outputs}
-    live = [t for t in dict.fromkeys(i for n in nodes[position:] for i in n.input) if t and t not in constants and (t in made_before or t not in {o for n in nodes for o in n.output})]
-    live += [t for t in graph_outputs if t in made_before and t not in live]
-    return [t for t in live if t in read_after or t in graph_outputs]
+    made_anywhere = {o for n in nodes for o in n.output}
+    read_after = dict.fromkeys(i for n in nodes[position:] for i in n.input)
+    live = [t for t in read_after if t and t not in constants and (t in made_before or t not in made_anywhere)]
+    if output in made_before and output not in live:
+        live.append(output)
+    return live
