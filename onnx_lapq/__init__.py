@@ -4,6 +4,8 @@
     result = onnx_lapq.quantize(onnx.load("model.onnx"), calibration, config=onnx_lapq.QuantConfig(weight_bits=4))
     onnx.save(result.model, "model.qdq.onnx")
 """
+__version__ = "0.1.0"
+
 from .config import QuantConfig
 from .errors import CalibrationError, ConfigError, ExportError, LapqError, ModelError
 from .modelio import load_model, save_model_atomic

@@ -54,6 +54,8 @@ class QuantConfig:
         cosine, or ce (cross-entropy against the calibration labels).
     label_key: name of the labels array in the calibration data (for loss="ce").
     memory_budget_mb: cached activations the loss evaluator may keep.
+    search_samples: LAPQ evaluates its loss on a seeded random subset of this many
+        calibration samples (None: all); statistics always use every sample.
     """
 
     weight_bits: int = 8
@@ -80,6 +82,7 @@ class QuantConfig:
     loss: str = "auto"
     label_key: str | None = None
     memory_budget_mb: int = 1024
+    search_samples: int | None = None
 
     def __post_init__(self) -> None:
         _check_bits("weight_bits", self.weight_bits)
@@ -117,6 +120,8 @@ class QuantConfig:
             raise ConfigError(f"time_limit={self.time_limit} must be positive seconds (or None for no limit)")
         if len(self.lp_grid) < 1 or any(not 0.5 <= p <= 8.0 for p in self.lp_grid):
             raise ConfigError("lp_grid must hold p values in [0.5, 8], e.g. (2, 2.5, 3, 3.5, 4)")
+        if self.search_samples is not None and self.search_samples < 1:
+            raise ConfigError(f"search_samples={self.search_samples} must be at least 1 (or None for all)")
         if self.memory_budget_mb < 0:
             raise ConfigError("memory_budget_mb must be >= 0")
         if self.histogram_bins not in tuple(2**k for k in range(8, 17)):

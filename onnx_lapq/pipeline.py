@@ -113,8 +113,30 @@ def _without(batches, label_key: str | None):
         yield {k: v for k, v in batch.items() if k != label_key}
 
 
+def _subset(batches: list[dict[str, np.ndarray]], size: int | None, batch_size: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+    """A seeded random subset of ``size`` samples, in order and re-batched (all when None or too few).
+
+    Batches of different shapes (e.g. sequence lengths) are sampled whole."""
+    rows = [len(next(iter(b.values()))) for b in batches]
+    if size is None or size >= sum(rows):
+        return batches
+    if len({tuple(v.shape[1:] for v in b.values()) for b in batches}) > 1:
+        order = rng.permutation(len(batches))
+        keep, count = [], 0
+        for i in order:
+            if count >= size:
+                break
+            keep.append(i)
+            count += rows[i]
+        return [batches[i] for i in sorted(keep)]
+    joined = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    chosen = np.sort(rng.choice(sum(rows), size, replace=False))
+    return [{k: v[chosen[i:i + batch_size]] for k, v in joined.items()} for i in range(0, size, batch_size)]
+
+
 def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify):
     """LAPQ's ranges, the initial (Lp at p*) parameters, the evaluator, and the report entries."""
+    batches = _subset(batches, config.search_samples, config.batch_size, np.random.default_rng(config.seed))
     labels = np.concatenate([b[config.label_key] for b in batches]) if config.label_key else None
     inputs = list(_without(batches, config.label_key))
 

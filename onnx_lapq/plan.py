@@ -30,9 +30,10 @@ from .errors import ModelError
 
 PASS_THROUGH_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout")
 # ONNX Runtime's QDQ propagation moves Q/DQ across these ops and then runs them on the
-# integers, for which it has no 4-bit kernels: a sub-8-bit site next to one stores its
-# codes in an 8-bit container (same grid, same numbers) so the model loads at ENABLE_ALL.
-WIDE_CONTAINER_OPS = PASS_THROUGH_OPS + ("Slice", "Gather", "Resize", "Expand", "Split", "Tile", "DepthToSpace", "SpaceToDepth")
+# integers, for which it has no 4-bit kernels, and its Clip+QuantizeLinear fusion rejects
+# a 4-bit zero point: a sub-8-bit site next to one stores its codes in an 8-bit container
+# (same grid, same numbers) so the model loads at ENABLE_ALL.
+WIDE_CONTAINER_OPS = PASS_THROUGH_OPS + ("Slice", "Gather", "Resize", "Expand", "Split", "Tile", "DepthToSpace", "SpaceToDepth", "Clip")
 FUSABLE_ACTIVATIONS = ("Relu", "Clip")
 
 

@@ -1,0 +1,1 @@
+"""Helpers of tools/bench.py: kit data and splits, quantization runners, measurement, report."""
