@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="node names (regular expressions) or op types to keep float")
     p.add_argument("--keep-first-last-8bit", action="store_true", help="first and last quantized layers at 8 bits")
     p.add_argument("--num-samples", type=int, default=None, help="use at most N calibration samples")
+    p.add_argument("--quantize-attention", action="store_true", help="also quantize MatMuls of two activations (attention)")
+    p.add_argument("--weight-only", action="store_true", help="quantize only MatMul weights, blockwise (4 bits: ONNX Runtime's MatMulNBits)")
+    p.add_argument("--block-size", type=int, default=32, help="rows per weight block with --weight-only (default 32)")
+    p.add_argument("--mask-input", default="auto", metavar="NAME",
+                   help="input marking real (1) vs padded (0) positions; 'auto' finds a 2-D integer input named *mask*, 'none' disables")
     p.add_argument("--batch-size", type=int, default=32, help="samples per ONNX Runtime call (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     lapq = p.add_argument_group("lapq search")
@@ -63,6 +68,8 @@ def _config(args: argparse.Namespace) -> QuantConfig:
         exclude=patterns, exclude_op_types=op_types, keep_first_last_8bit=args.keep_first_last_8bit,
         num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
         search=args.search, max_evals=args.max_evals, time_limit=args.time_limit, loss=args.loss, label_key=args.labels,
+        quantize_attention=args.quantize_attention, weight_only=args.weight_only, block_size=args.block_size,
+        mask_input=None if args.mask_input.lower() == "none" else args.mask_input,
     )
 
 

@@ -43,21 +43,28 @@ def collect_stats(
     batches: Iterable[dict[str, np.ndarray]],
     *,
     half_bins: int,
+    mask_input: str | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, TensorStats], int]:
     """Statistics of ``tensors`` over all batches, and the number of samples seen.
 
-    ``on_batch(samples_so_far)`` is called after each batch.
+    With ``mask_input`` (a [batch, sequence] input, nonzero at real positions), a
+    tensor whose leading dimensions are [batch, sequence] is observed at real positions
+    only, so padding does not widen its range.  ``on_batch(samples_so_far)`` is called
+    after each batch.
     """
-    sess = session(with_outputs(model, tensors))
+    sess = session(with_outputs(model, tensors)) if tensors else None
     stats = {name: TensorStats(half_bins) for name in tensors}
     done = 0
     for batch in batches:
         try:
-            outputs = sess.run(tensors, batch)
+            outputs = sess.run(tensors, batch) if sess is not None else []
         except Exception as exc:  # ORT raises its own exception types
             raise CalibrationError(f"ONNX Runtime could not run the model on the calibration data: {exc}".splitlines()[0]) from None
+        mask = np.asarray(batch[mask_input]).astype(bool) if mask_input else None
         for name, value in zip(tensors, outputs):
+            if mask is not None and value.ndim >= 2 and value.shape[:2] == mask.shape:
+                value = value[mask]
             stats[name].update(value)
         done += next(iter(batch.values())).shape[0]
         if on_batch is not None:

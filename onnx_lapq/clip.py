@@ -106,14 +106,39 @@ def _kl_at(hist: np.ndarray, tail: np.ndarray, i: int, levels: int) -> float:
     return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
 
 
-def weight_range(weight: np.ndarray, axis: int | None, fmt: QFormat, method: str, p: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (axis) or per-tensor clipping range (lo, hi) of a weight tensor.
+def weight_range(
+    weight: np.ndarray, axis: int | None, fmt: QFormat, method: str, p: float, block_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Clipping range (lo, hi) of a weight: per channel (``axis``), per tensor (None), or
+    per block of ``block_size`` elements along ``axis`` (arrays shaped like the weight with
+    that dimension divided into blocks).
 
     Symmetric formats clip at +-absmax, asymmetric ones at [min, max]; mse and lp
-    shrink that range by the alpha minimizing the mean |Q(w) - w|^p of each channel.
+    shrink that range by the alpha minimizing the mean |Q(w) - w|^p of each group.
     """
     w = np.asarray(weight, np.float32)
+    if block_size is not None:
+        blocks = _blocks(w, axis, block_size)  # [n_blocks, block, rest...]
+        moved = np.moveaxis(blocks, 1, -1)
+        lo, hi = _group_ranges(moved.reshape(-1, block_size), fmt, method, p)
+        shape = moved.shape[:-1]
+        return np.moveaxis(lo.reshape(shape), 0, axis), np.moveaxis(hi.reshape(shape), 0, axis)
     rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) if axis is not None else w.reshape(1, -1)
+    lo, hi = _group_ranges(rows, fmt, method, p)
+    return (lo, hi) if axis is not None else (lo[0], hi[0])
+
+
+def _blocks(w: np.ndarray, axis: int, block_size: int) -> np.ndarray:
+    """``w`` split along ``axis`` into zero-padded blocks: [n_blocks, block_size, other dims...]."""
+    moved = np.moveaxis(w, axis, 0)
+    n = moved.shape[0]
+    padded = np.zeros((-(-n // block_size) * block_size,) + moved.shape[1:], np.float32)
+    padded[:n] = moved
+    return padded.reshape((-1, block_size) + moved.shape[1:])
+
+
+def _group_ranges(rows: np.ndarray, fmt: QFormat, method: str, p: float) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) per row of ``rows``: its +-absmax or [min, max], shrunk for mse/lp."""
     if fmt.symmetric:
         hi = np.abs(rows).max(axis=1).astype(np.float64)
         lo = -hi
@@ -128,4 +153,4 @@ def weight_range(weight: np.ndarray, axis: int | None, fmt: QFormat, method: str
             better = err < best_err
             best[better], best_err[better] = a, err[better]
         lo, hi = best * lo, best * hi
-    return (lo, hi) if axis is not None else (lo[0], hi[0])
+    return lo, hi

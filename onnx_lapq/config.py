@@ -56,6 +56,14 @@ class QuantConfig:
     memory_budget_mb: cached activations the loss evaluator may keep.
     search_samples: LAPQ evaluates its loss on a seeded random subset of this many
         calibration samples (None: all); statistics always use every sample.
+    mask_input: the graph input that marks real (1) and padded (0) positions of
+        [batch, sequence] inputs; activations shaped [batch, sequence, ...] are observed
+        at real positions only.  "auto": a 2-D integer input whose name contains
+        "mask"; None: observe every position.
+    quantize_attention: also quantize MatMuls of two activations (attention scores and
+        context), at their inputs.
+    weight_only: quantize only the weights of MatMuls (activations stay float), in
+        blocks of ``block_size`` rows: the form ONNX Runtime runs as MatMulNBits at 4 bits.
     """
 
     weight_bits: int = 8
@@ -83,6 +91,10 @@ class QuantConfig:
     label_key: str | None = None
     memory_budget_mb: int = 1024
     search_samples: int | None = None
+    mask_input: str | None = "auto"
+    quantize_attention: bool = False
+    weight_only: bool = False
+    block_size: int = 32
 
     def __post_init__(self) -> None:
         _check_bits("weight_bits", self.weight_bits)
@@ -122,6 +134,10 @@ class QuantConfig:
             raise ConfigError("lp_grid must hold p values in [0.5, 8], e.g. (2, 2.5, 3, 3.5, 4)")
         if self.search_samples is not None and self.search_samples < 1:
             raise ConfigError(f"search_samples={self.search_samples} must be at least 1 (or None for all)")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size={self.block_size} must be a power of two, at least 16 (ONNX Runtime's MatMulNBits)")
+        if self.weight_only and self.method not in ("minmax", "mse", "lp"):
+            raise ConfigError(f"weight_only quantizes weights alone: use method minmax, mse or lp, not {self.method!r}")
         if self.memory_budget_mb < 0:
             raise ConfigError("memory_budget_mb must be >= 0")
         if self.histogram_bins not in tuple(2**k for k in range(8, 17)):
@@ -133,5 +149,5 @@ class QuantConfig:
 
     @property
     def needs_opset21(self) -> bool:
-        """4-bit and 16-bit Q/DQ types exist only from opset 21."""
-        return any(b in (4, 16) for b in (self.weight_bits, self.act_bits))
+        """4-bit and 16-bit Q/DQ types and blockwise DequantizeLinear exist only from opset 21."""
+        return self.weight_only or any(b in (4, 16) for b in (self.weight_bits, self.act_bits))

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .params import QParams
 from .plan import QuantPlan
-from .qmath import QFormat, quantize
+from .qmath import QFormat, broadcast, quantize
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ def _entry(value, fmt: QFormat | None, wide: bool = False) -> tuple[np.ndarray, 
 
 
 def _dq_node(prefix: str, source: str, qp: QParams) -> onnx.NodeProto:
-    axis = {"axis": qp.axis} if qp.axis is not None and np.ndim(qp.scale) == 1 else {}
+    axis = {"axis": qp.axis} if qp.axis is not None and np.ndim(qp.scale) >= 1 else {}
+    if qp.block_size is not None:
+        axis["block_size"] = qp.block_size
     return helper.make_node(
         "DequantizeLinear", [source, f"{prefix}_scale", f"{prefix}_zero_point"],
         [f"{prefix}_DequantizeLinear_Output"], name=f"{prefix}_DequantizeLinear", **axis,
@@ -95,10 +97,10 @@ def qdq_tensors(
             continue
         qp = params[name]
         values = weights[name]
-        if qp.fmt.bits == 32 and not fed and np.any(np.abs(np.rint(values / _axis_view(qp.scale, values.ndim, qp.axis))) > 2**31 - 1):
+        if qp.fmt.bits == 32 and not fed and np.any(np.abs(np.rint(values / broadcast(qp.scale, values.shape, qp.axis, None))) > 2**31 - 1):
             log.warning("bias %s overflows int32 at scale s_in*s_w; it stays float", name)
             continue
-        codes = quantize(values, qp.scale, qp.zero_point, qp.fmt, qp.axis)
+        codes = quantize(values, qp.scale, qp.zero_point, qp.fmt, qp.axis, qp.block_size)
         out[f"{name}_quantized"] = _entry(codes, qp.fmt, fed)
         out[f"{name}_scale"] = _entry(qp.scale, None)
         out[f"{name}_zero_point"] = _entry(qp.zero_point, qp.fmt, fed)
@@ -173,14 +175,6 @@ def _order(original: list[onnx.NodeProto], added: list[onnx.NodeProto], availabl
         rank[id(node)] = min(users) - 1 if users else 2 * len(original) + 1
     nodes = original + added
     return toposort(nodes, available, [rank[id(n)] for n in nodes])
-
-
-def _axis_view(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
-    if axis is None or np.ndim(scale) == 0:
-        return np.asarray(scale, np.float64)
-    shape = [1] * ndim
-    shape[axis] = -1
-    return np.asarray(scale, np.float64).reshape(shape)
 
 
 def toposort(nodes: list[onnx.NodeProto], available: set[str], priority: list[float] | None = None) -> list[onnx.NodeProto]:

@@ -41,19 +41,26 @@ log = logging.getLogger(__name__)
 
 
 def auto_loss(model: onnx.ModelProto) -> str:
-    """``kl`` for a classifier (one output of shape [N, C] or [N, C, 1, 1], C > 1), else ``mse``."""
+    """``kl`` for a classifier (output [N, C] or [N, C, 1, 1] with C > 1, or a Softmax),
+    ``cosine`` for a normalized embedding (output made by Div or LpNormalization), else ``mse``."""
     out = model.graph.output[0].type.tensor_type.shape.dim
     dims = [d.dim_value if d.HasField("dim_value") else None for d in out]
+    last = _last_op(model)
+    if last == "Softmax":
+        return "kl"
+    if last in ("Div", "LpNormalization"):
+        return "cosine"
     classifier = len(dims) >= 2 and (dims[1] or 0) > 1 and all(d == 1 for d in dims[2:])
     return "kl" if classifier and len(model.graph.output) == 1 else "mse"
 
 
-def _ends_in_softmax(model: onnx.ModelProto) -> bool:
+def _last_op(model: onnx.ModelProto) -> str | None:
+    """The op that makes the first output, looking through reshapes."""
     producer = {o: n for n in model.graph.node for o in n.output}
     node = producer.get(model.graph.output[0].name)
     while node is not None and node.op_type in ("Reshape", "Flatten", "Squeeze", "Identity"):
         node = producer.get(node.input[0])
-    return node is not None and node.op_type == "Softmax"
+    return None if node is None else node.op_type
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -109,7 +116,7 @@ class LossEvaluator:
         if loss == "ce" and labels is None:
             raise ConfigError("loss='ce' needs labels: add a 'label' array to the calibration data or choose kl/mse/cosine")
         self.kind = auto_loss(model) if loss == "auto" else loss
-        self.probabilities = _ends_in_softmax(model)
+        self.probabilities = _last_op(model) == "Softmax"
         self.plan = plan
         self.batches = batches
         self.labels = [labels[i:i + len(b[next(iter(b))])] for i, b in zip(_offsets(batches), batches)] if labels is not None else None

@@ -27,6 +27,7 @@ class QParams:
     zero_point: np.ndarray
     fmt: QFormat
     axis: int | None = None
+    block_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def qparams(plan: QuantPlan, ranges: SiteRanges, *, weight_symmetric: bool, act_
         fmt = QFormat(site.bits, signed=True, symmetric=weight_symmetric)
         lo, hi = ranges.weights[site.tensor]
         scale, zp = scale_zero_point(lo, hi, fmt)
-        out[site.tensor] = QParams(scale, zp, fmt, site.axis)
+        out[site.tensor] = QParams(scale, zp, fmt, site.axis, site.block_size)
     for bias in plan.biases:
         s_in, s_w = out[bias.input_tensor].scale, out[bias.weight_tensor].scale
         scale = (np.float32(s_in) * s_w.astype(np.float32)).astype(np.float32)

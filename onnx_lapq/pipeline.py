@@ -77,7 +77,7 @@ def quantize(
         batches = list(batches)
     stats, samples = collect_stats(
         normalized, [a.tensor for a in plan.activations], _without(batches, config.label_key), half_bins=config.histogram_bins // 2,
-        on_batch=lambda done: notify(Progress("calibrate", done, config.num_samples)),
+        mask_input=padding_mask(normalized, config.mask_input), on_batch=lambda done: notify(Progress("calibrate", done, config.num_samples)),
     )
     times["calibrate"] = time.perf_counter() - clock
 
@@ -101,6 +101,19 @@ def quantize(
     report = _report(model, quantized, plan, params, ranges, config, times, samples, initial_params)
     report.update(search_report)
     return QuantResult(model=quantized, plan=plan, params=params, report=report)
+
+
+def padding_mask(model: onnx.ModelProto, mask_input: str | None) -> str | None:
+    """The graph input that marks padding (see QuantConfig.mask_input), or None."""
+    specs = {s.name: s for s in input_specs(model)}
+    if mask_input is None:
+        return None
+    if mask_input != "auto":
+        if mask_input not in specs:
+            raise ConfigError(f"mask_input {mask_input!r} is not a graph input: choose one of {sorted(specs)}")
+        return mask_input
+    found = [s.name for s in specs.values() if "mask" in s.name.lower() and len(s.shape) == 2 and s.dtype.kind in "iub"]
+    return found[0] if len(found) == 1 else None
 
 
 def _qparams(plan: QuantPlan, ranges: SiteRanges, config: QuantConfig) -> dict[str, QParams]:
@@ -181,7 +194,8 @@ def choose_ranges(model: onnx.ModelProto, plan: QuantPlan, stats: dict[str, Tens
         )
     weight_ranges = {
         site.tensor: clip.weight_range(
-            weights[site.tensor], site.axis, QFormat(site.bits, signed=True, symmetric=config.weight_symmetric), config.method, config.lp_norm,
+            weights[site.tensor], site.axis, QFormat(site.bits, signed=True, symmetric=config.weight_symmetric), config.method,
+            config.lp_norm, site.block_size,
         )
         for site in plan.weights
     }

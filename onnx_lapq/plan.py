@@ -12,6 +12,8 @@ Sites:
                 fuse into, so they get only the input sites.
   * bias:       the float bias of Conv/Gemm with a quantized input, exported as int32 with
                 scale s_in * s_w and zero point 0.
+With quantize_attention, MatMuls of two activations get input sites on both sides.
+With weight_only, the plan is the blockwise weights of 2-D MatMuls alone.
 Activation sites share one parameter group when ONNX Runtime needs equal scales: the
 output of a value-preserving op (MaxPool, Reshape, Flatten, Transpose, ...) with its
 input, and Concat with its inputs.  At sub-8 bits such an output site is dropped
@@ -44,6 +46,7 @@ class WeightSite:
     op_type: str
     axis: int | None
     bits: int
+    block_size: int | None = None  # blockwise along ``axis`` (weight-only MatMul)
 
 
 @dataclass(frozen=True)
@@ -153,16 +156,39 @@ def _fused_output(index: _GraphIndex, node: onnx.NodeProto) -> str | None:
     return None if out in index.graph_outputs else out
 
 
+def _attention_nodes(index: _GraphIndex, config: QuantConfig) -> list[onnx.NodeProto]:
+    """MatMuls of two float activations (attention scores and context)."""
+    return [
+        n for n in index.graph.node
+        if n.op_type == "MatMul" and "MatMul" in config.op_types and not config.excludes_node(n.name, n.op_type)
+        and all(index.is_float_activation(i) for i in n.input)
+    ]
+
+
+def _weight_only_plan(index: _GraphIndex, nodes: list[onnx.NodeProto], config: QuantConfig) -> QuantPlan:
+    """Blockwise weights of 2-D MatMuls alone, blocks along K (axis 0): ONNX Runtime's MatMulNBits form."""
+    weights: dict[str, WeightSite] = {}
+    for node in nodes:
+        if node.op_type == "MatMul" and len(index.initializers[node.input[1]].dims) == 2 and node.input[1] not in weights:
+            weights[node.input[1]] = WeightSite(node.input[1], node.name, node.op_type, 0, config.weight_bits, config.block_size)
+    if not weights:
+        raise ModelError("weight-only quantization found no MatMul with a constant 2-D weight: drop --weight-only or check the model")
+    return QuantPlan(weights=tuple(weights.values()), activations=(), biases=())
+
+
 def build_plan(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
     """The sites of a normalized model; ModelError when nothing can be quantized."""
     index = _GraphIndex(model.graph)
     nodes = _compute_nodes(index, config)
-    if not nodes:
+    if config.weight_only:
+        return _weight_only_plan(index, nodes, config)
+    attention = _attention_nodes(index, config) if config.quantize_attention else []
+    if not nodes and not attention:
         raise ModelError(
             f"nothing to quantize: no {'/'.join(config.op_types)} node with a constant float weight "
             "outside the excluded ones; check --exclude or the model"
         )
-    edge = {nodes[0].name, nodes[-1].name} if config.keep_first_last_8bit else set()
+    edge = {nodes[0].name, nodes[-1].name} if config.keep_first_last_8bit and nodes else set()
     weights: dict[str, WeightSite] = {}
     acts: dict[str, ActivationSite] = {}
     biases: list[BiasSite] = []
@@ -180,6 +206,9 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
         bias = node.input[2] if len(node.input) > 2 and node.op_type in ("Conv", "Gemm") else ""
         if bias and index.constant(bias) is not None and len(index.consumers[bias]) == 1 and index.constant(bias).ndim == 1:
             biases.append(BiasSite(bias, node.name, node.input[0], wname))
+    for node in attention:
+        for name in node.input:
+            _add_activation(acts, name, config.act_bits, "input")
     consumer_weight_bits: dict[str, list[int]] = {}
     for node in nodes:
         consumer_weight_bits.setdefault(node.input[0], []).append(weights[node.input[1]].bits)

@@ -3,6 +3,9 @@
     q     = clamp(rint(x / s) + z, qmin, qmax)     (round half to even, saturate)
     x_hat = (q - z) * s                            (computed in float32)
 
+s and z are scalars (per tensor), 1-D along an axis (per channel), or blockwise: same
+rank as x, with the axis divided into blocks of ``block_size`` (opset 21).
+
 A :class:`QFormat` is the integer grid of one site: its bit-width, signedness and
 the clamp range.  Symmetric grids drop the most negative code so that the range is
 -(2**(b-1)-1)..2**(b-1)-1 and zero is exact; asymmetric grids use every code.
@@ -60,32 +63,36 @@ def scale_zero_point(lo, hi, fmt: QFormat) -> tuple[np.ndarray, np.ndarray]:
     return scale, zero_point
 
 
-def _broadcast(param, ndim: int, axis: int | None) -> np.ndarray:
+def broadcast(param, shape: tuple[int, ...], axis: int | None, block_size: int | None) -> np.ndarray:
+    """Per-tensor, per-axis (1-D) or blockwise (same rank, blocks along ``axis``) parameters,
+    shaped to broadcast against a tensor of ``shape``."""
     param = np.asarray(param)
     if axis is None or param.ndim == 0:
         return param
-    shape = [1] * ndim
-    shape[axis] = -1
-    return param.reshape(shape)
+    if block_size is not None:
+        return np.repeat(param, block_size, axis=axis).take(np.arange(shape[axis]), axis=axis)
+    view = [1] * len(shape)
+    view[axis] = -1
+    return param.reshape(view)
 
 
-def quantize(x, scale, zero_point, fmt: QFormat, axis: int | None = None) -> np.ndarray:
+def quantize(x, scale, zero_point, fmt: QFormat, axis: int | None = None, block_size: int | None = None) -> np.ndarray:
     """Integer codes of ``x`` (int64), as ONNX QuantizeLinear computes them in float32."""
     x = np.asarray(x, np.float32)
-    s = _broadcast(np.asarray(scale, np.float32), x.ndim, axis)
-    z = _broadcast(np.asarray(zero_point, np.int64), x.ndim, axis)
+    s = broadcast(np.asarray(scale, np.float32), x.shape, axis, block_size)
+    z = broadcast(np.asarray(zero_point, np.int64), x.shape, axis, block_size)
     q = np.rint(x / s).astype(np.float64) + z
     return np.clip(q, fmt.qmin, fmt.qmax).astype(np.int64)
 
 
-def dequantize(q, scale, zero_point, axis: int | None = None) -> np.ndarray:
+def dequantize(q, scale, zero_point, axis: int | None = None, block_size: int | None = None) -> np.ndarray:
     """Real values of integer codes (float32), as ONNX DequantizeLinear computes them."""
     q = np.asarray(q)
-    s = _broadcast(np.asarray(scale, np.float32), q.ndim, axis)
-    z = _broadcast(np.asarray(zero_point, np.int64), q.ndim, axis)
+    s = broadcast(np.asarray(scale, np.float32), q.shape, axis, block_size)
+    z = broadcast(np.asarray(zero_point, np.int64), q.shape, axis, block_size)
     return ((q - z).astype(np.float32) * s).astype(np.float32)
 
 
-def fake_quantize(x, scale, zero_point, fmt: QFormat, axis: int | None = None) -> np.ndarray:
+def fake_quantize(x, scale, zero_point, fmt: QFormat, axis: int | None = None, block_size: int | None = None) -> np.ndarray:
     """dequantize(quantize(x)): what a Q -> DQ pair does to ``x``."""
-    return dequantize(quantize(x, scale, zero_point, fmt, axis), scale, zero_point, axis)
+    return dequantize(quantize(x, scale, zero_point, fmt, axis, block_size), scale, zero_point, axis, block_size)
