@@ -154,7 +154,8 @@ def test_weight_only_int4_runs_as_matmulnbits(block, tmp_path):
     assert collections.Counter(n.op_type for n in onnx.load(optimized).graph.node)["MatMulNBits"] == 6
     feeds = padded_batch(3, 7, seed=5)
     unfused = ort_session(result.model, optimize=False).run(None, feeds)[0]  # DequantizeLinear then float MatMul
-    np.testing.assert_allclose(sess.run(None, feeds)[0], unfused, atol=1e-4)
+    # MatMulNBits computes with int8-quantized activations by default (its accuracy level 4): close, not equal
+    assert np.abs(sess.run(None, feeds)[0] - unfused).mean() < 0.05 * np.abs(unfused).mean()
     ref = ort_session(block).run(None, feeds)[0]
     assert np.abs(unfused - ref).mean() < 0.25 * np.abs(ref).mean()
 
