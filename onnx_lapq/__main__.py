@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=None, help="use at most N calibration samples")
     p.add_argument("--quantize-attention", action="store_true", help="also quantize MatMuls of two activations (attention)")
     p.add_argument("--weight-only", action="store_true", help="quantize only MatMul weights, blockwise (4 bits: ONNX Runtime's MatMulNBits)")
+    p.add_argument("--quantize-embeddings", action="store_true", help="also store Gather embedding tables as integers (weights only)")
     p.add_argument("--block-size", type=int, default=32, help="rows per weight block with --weight-only (default 32)")
     p.add_argument("--mask-input", default="auto", metavar="NAME",
                    help="input marking real (1) vs padded (0) positions; 'auto' finds a 2-D integer input named *mask*, 'none' disables")
@@ -61,11 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> QuantConfig:
-    op_types = tuple(x for x in args.exclude if x in ("Conv", "ConvTranspose", "Gemm", "MatMul"))
-    patterns = tuple(x for x in args.exclude if x not in op_types)
+    exclude_types = tuple(x for x in args.exclude if x in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"))
+    patterns = tuple(x for x in args.exclude if x not in exclude_types)
+    op_types = ("Conv", "ConvTranspose", "Gemm", "MatMul") + (("Gather",) if args.quantize_embeddings else ())
     return QuantConfig(
+        op_types=op_types,
         weight_bits=args.weight_bits, act_bits=args.act_bits, per_channel=not args.per_tensor, method=args.method,
-        exclude=patterns, exclude_op_types=op_types, keep_first_last_8bit=args.keep_first_last_8bit,
+        exclude=patterns, exclude_op_types=exclude_types, keep_first_last_8bit=args.keep_first_last_8bit,
         num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
         search=args.search, max_evals=args.max_evals, time_limit=args.time_limit, loss=args.loss, label_key=args.labels,
         quantize_attention=args.quantize_attention, weight_only=args.weight_only, block_size=args.block_size,

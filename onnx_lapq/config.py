@@ -15,6 +15,7 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse", "lp", "lapq")
 SEARCHES = ("powell", "coordinate")
 LOSSES = ("auto", "kl", "mse", "cosine", "ce")
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+QUANTIZABLE_OP_TYPES = DEFAULT_OP_TYPES + ("Gather",)  # Gather: embedding tables, weight-only
 
 
 def _check_bits(name: str, value: int) -> None:
@@ -40,7 +41,8 @@ class QuantConfig:
         jointly against the end-to-end ``loss`` (LAPQ, Nahshan et al. 2019).
     exclude: regular expressions; nodes whose name matches one fully stay float.
     exclude_op_types: op types that stay float.
-    op_types: op types whose weights and inputs are quantized.
+    op_types: op types whose weights and inputs are quantized; add "Gather" to store
+        embedding tables (constant 2-D Gather data) as integers too (weights only).
     keep_first_last_8bit: the first and last quantized layers use 8 bits.
     num_samples: calibration samples to use (None: all given).
     batch_size: rows per ONNX Runtime call when calibration arrays are split.
@@ -113,9 +115,9 @@ class QuantConfig:
                 re.compile(pattern)
             except re.error as exc:
                 raise ConfigError(f"exclude pattern {pattern!r} is not a valid regular expression ({exc}): fix or quote it") from None
-        unknown = set(self.op_types) - set(DEFAULT_OP_TYPES)
+        unknown = set(self.op_types) - set(QUANTIZABLE_OP_TYPES)
         if unknown:
-            raise ConfigError(f"op_types {sorted(unknown)} cannot be quantized: choose from {', '.join(DEFAULT_OP_TYPES)}")
+            raise ConfigError(f"op_types {sorted(unknown)} cannot be quantized: choose from {', '.join(QUANTIZABLE_OP_TYPES)}")
         if self.num_samples is not None and self.num_samples < 1:
             raise ConfigError(f"num_samples={self.num_samples} must be at least 1 (or None for all)")
         if self.batch_size < 1:

@@ -165,9 +165,25 @@ def _attention_nodes(index: _GraphIndex, config: QuantConfig) -> list[onnx.NodeP
     ]
 
 
+def _embedding_sites(index: _GraphIndex, config: QuantConfig) -> list[WeightSite]:
+    """Constant 2-D float tables read by Gather (embeddings), when "Gather" is in op_types:
+    per row, or in blocks along the row (axis 1) when weight-only."""
+    sites = {}
+    for node in index.graph.node:
+        table = node.input[0] if node.op_type == "Gather" and node.input else ""
+        init = index.initializers.get(table)
+        if init is None or "Gather" not in config.op_types or config.excludes_node(node.name, node.op_type):
+            continue
+        if len(init.dims) != 2 or init.data_type != onnx.TensorProto.FLOAT or table in sites:
+            continue
+        axis, block = (1, config.block_size) if config.weight_only else (0, None)
+        sites[table] = WeightSite(table, node.name, node.op_type, axis if config.per_channel or block else None, config.weight_bits, block)
+    return list(sites.values())
+
+
 def _weight_only_plan(index: _GraphIndex, nodes: list[onnx.NodeProto], config: QuantConfig) -> QuantPlan:
     """Blockwise weights of 2-D MatMuls alone, blocks along K (axis 0): ONNX Runtime's MatMulNBits form."""
-    weights: dict[str, WeightSite] = {}
+    weights: dict[str, WeightSite] = {w.tensor: w for w in _embedding_sites(index, config)}
     for node in nodes:
         if node.op_type == "MatMul" and len(index.initializers[node.input[1]].dims) == 2 and node.input[1] not in weights:
             weights[node.input[1]] = WeightSite(node.input[1], node.name, node.op_type, 0, config.weight_bits, config.block_size)
@@ -183,7 +199,7 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
     if config.weight_only:
         return _weight_only_plan(index, nodes, config)
     attention = _attention_nodes(index, config) if config.quantize_attention else []
-    if not nodes and not attention:
+    if not nodes and not attention and not _embedding_sites(index, config):
         raise ModelError(
             f"nothing to quantize: no {'/'.join(config.op_types)} node with a constant float weight "
             "outside the excluded ones; check --exclude or the model"
@@ -214,6 +230,8 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
         consumer_weight_bits.setdefault(node.input[0], []).append(weights[node.input[1]].bits)
     acts = _mark_wide(index, _group_sites(index, acts), consumer_weight_bits)
     order = {name: i for i, name in enumerate(_tensor_order(index))}
+    for site in _embedding_sites(index, config):
+        weights.setdefault(site.tensor, site)
     return QuantPlan(
         weights=tuple(weights.values()),
         activations=tuple(sorted(acts.values(), key=lambda a: order.get(a.tensor, -1))),

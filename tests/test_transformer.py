@@ -160,6 +160,32 @@ def test_weight_only_int4_runs_as_matmulnbits(block, tmp_path):
     assert np.abs(unfused - ref).mean() < 0.25 * np.abs(ref).mean()
 
 
+@pytest.mark.parametrize("weight_only", [False, True])
+def test_embedding_tables_are_stored_as_integers(weight_only):
+    vocab, dim = 50, 32
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((vocab, dim)).astype(np.float32)
+    w = (rng.standard_normal((dim, 8)) / np.sqrt(dim)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"), helper.make_node("MatMul", ["emb", "w"], ["y"], name="proj")],
+        "emb", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "T"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "T", 8])],
+        initializer=[numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    ids = rng.integers(0, vocab, (4, 6)).astype(np.int64)
+    config = onnx_lapq.QuantConfig(weight_bits=4, act_bits=8, weight_only=weight_only, op_types=("MatMul", "Gather"), block_size=16)
+    result = onnx_lapq.quantize(model, [{"ids": ids}], config=config)
+    site = next(s for s in result.plan.weights if s.op_type == "Gather")
+    assert (site.axis, site.block_size) == ((1, 16) if weight_only else (0, None))
+    codes = next(t for t in result.model.graph.initializer if t.name == "table_quantized")
+    assert codes.data_type == TensorProto.INT4
+    out = ort_session(result.model).run(None, {"ids": ids})[0]
+    ref = ort_session(model).run(None, {"ids": ids})[0]
+    assert np.abs(out - ref).mean() < 0.2 * np.abs(ref).mean()
+
+
 def test_weight_only_blocks_match_numpy():
     from onnx_lapq import clip, qmath
 
