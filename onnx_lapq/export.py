@@ -45,9 +45,14 @@ def container(fmt: QFormat, wide: bool = False) -> int:
 
 
 def proto(name: str, value: np.ndarray, dtype: int) -> TensorProto:
-    """An initializer of ONNX type ``dtype`` holding ``value`` (4-bit values packed by onnx)."""
+    """An initializer of ONNX type ``dtype`` holding ``value``; 4-bit values are packed two
+    to a byte, low nibble first, in raw_data (ONNX's layout)."""
     if dtype in (TensorProto.INT4, TensorProto.UINT4):
-        return helper.make_tensor(name, dtype, value.shape, np.asarray(value, np.int64).ravel().tolist())
+        nibbles = np.asarray(value, np.int64).ravel() & 0xF
+        if nibbles.size % 2:
+            nibbles = np.append(nibbles, 0)
+        packed = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
+        return helper.make_tensor(name, dtype, value.shape, packed.tobytes(), raw=True)
     return numpy_helper.from_array(value, name)
 
 
