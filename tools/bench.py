@@ -86,13 +86,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             ap.error(f"unknown model {m!r}; the kit has: {', '.join(known)}")
     for c in a.configs:
         if not report.CONFIG_RE.match(c):
-            ap.error(f"config {c!r} is not w<bits>a<bits>[-pt], e.g. w8a8, w4a8-pt")
+            ap.error(f"config {c!r} is not w<bits>a<bits>[-pt|-wo], e.g. w8a8, w4a8-pt, w4a8-wo")
     return a
 
 
-def parse_config(config: str) -> tuple[int, int, bool]:
+def parse_config(config: str) -> tuple[int, int, bool, bool]:
+    """(weight bits, activation bits, per-channel, weight-only) of a config name."""
     m = report.CONFIG_RE.match(config)
-    return int(m[1]), int(m[2]), not m[3]
+    return int(m[1]), int(m[2]), m[3] != "-pt", m[3] == "-wo"
 
 
 def row_key(r: dict) -> tuple:
@@ -134,11 +135,11 @@ def fp32_reference(a: argparse.Namespace, task: kitdata.Task, fp32_sess) -> dict
 
 def quantize_row(a: argparse.Namespace, task: kitdata.Task, config: str, method: str) -> dict:
     """Quantize in a worker subprocess; the row's quantization fields."""
-    w, act, per_channel = parse_config(config)
+    w, act, per_channel, weight_only = parse_config(config)
     stem = f"{task.model}__{config}__{method}{file_tag(a)}"
     job = {"tool": runners.tool_of(method), "method": method, "model": task.model,
            "model_path": str(task.model_path), "calib_npz": str(task.calib_npz),
-           "weight_bits": w, "act_bits": act, "per_channel": per_channel, "seed": a.seed,
+           "weight_bits": w, "act_bits": act, "per_channel": per_channel, "weight_only": weight_only, "seed": a.seed,
            "batch_size": CALIB_BATCH, "out_model": str(a.out / "models" / f"{stem}.onnx"),
            "report_path": str(a.out / "reports" / f"{stem}.json"),
            "search": {k: v for k, v in (("time_limit", a.lapq_time_limit), ("max_evals", a.lapq_max_evals),

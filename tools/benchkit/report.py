@@ -15,13 +15,14 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-CONFIG_RE = re.compile(r"^w(\d+)a(\d+)(-pt)?$")
+# w<W>a<A> (per-channel weights), w<W>a<A>-pt (per-tensor), w<W>a<A>-wo (weight-only: activations stay float)
+CONFIG_RE = re.compile(r"^w(\d+)a(\d+)(-pt|-wo)?$")
 MARKERS = "os^Dv<>p*h"
 
 
 def config_order(config: str) -> tuple:
     m = CONFIG_RE.match(config)
-    return (-int(m[1]), -int(m[2]), bool(m[3])) if m else (0, 0, config)
+    return (-int(m[1]), -int(m[2]), m[3] or "") if m else (0, 0, config)
 
 
 def _fmt(v, digits=2) -> str:

@@ -118,6 +118,8 @@ def _ort_quantizer(job: dict, result: dict):
     name = job["method"][len(ORT_PREFIX):]
 
     def run(batches):
+        if job.get("weight_only"):
+            raise ValueError("quantize_static has no weight-only mode (ORT's MatMulNBitsQuantizer needs the onnx_ir package)")
         if name not in calib:
             raise ValueError(f"unknown ORT calibration method {name!r} (minmax, entropy, percentile)")
         w_type = _ort_types(job["weight_bits"], signed=True)
@@ -165,7 +167,8 @@ def _lapq_quantizer(job: dict, result: dict):
     result["tool_version"] = f"onnx_lapq {_lapq_version(onnx_lapq)}"
 
     def run(batches):
-        cfg = QuantConfig(weight_bits=job["weight_bits"], act_bits=job["act_bits"],
+        weight_only = {"weight_only": True, "op_types": ("MatMul", "Gather")} if job.get("weight_only") else {}
+        cfg = QuantConfig(weight_bits=job["weight_bits"], act_bits=job["act_bits"], **weight_only,
                           per_channel=job["per_channel"], method=job["method"],
                           seed=job["seed"], batch_size=job["batch_size"], **job.get("search", {}))
         res = quantize(onnx.load(job["model_path"]), batches, config=cfg)
