@@ -32,11 +32,13 @@ from .verify import check_exported
 
 @dataclass(frozen=True)
 class Progress:
-    """What ``on_step`` receives: a stage name, work done, and the total when known."""
+    """What ``on_step`` receives: a stage name, work done, the total when known, and the
+    best loss so far during the search."""
 
     stage: str
     done: int
     total: int | None
+    loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,7 @@ def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify):
         ranges_at_p, lambda r: evaluator(_qparams(plan, r, config)), lambda r: ParamSpace(plan, r),
         lp_grid=config.lp_grid, search=config.search, max_evals=config.max_evals, time_limit=config.time_limit,
         iterations=config.search_iterations,
-        on_eval=lambda n, best: notify(Progress("search", n, config.max_evals)),
+        on_eval=lambda n, best: notify(Progress("search", n, config.max_evals, best)),
     )
     report = {
         "loss": evaluator.kind,

@@ -8,7 +8,7 @@ from .pipeline import Progress
 
 
 class ProgressBar:
-    """Renders :class:`Progress` events as ``stage [#####.....] done/total ETA 12s``."""
+    """Renders :class:`Progress` events as ``stage [#####.....] done/total ETA 12s loss 0.0123``."""
 
     def __init__(self, stream: TextIO, width: int = 30):
         self.stream = stream
@@ -30,6 +30,8 @@ class ProgressBar:
             line = f"{progress.stage:<10} [{bar:<{self.width}}] {progress.done}/{progress.total} ETA {eta:4.0f}s"
         else:
             line = f"{progress.stage:<10} {progress.done} done, {elapsed:.0f}s"
+        if progress.loss is not None:
+            line += f" loss {progress.loss:.4g}"
         if self.interactive:
             self.stream.write("\r" + line)
             self.stream.flush()

@@ -180,3 +180,18 @@ def test_cli_lapq_writes_report(tmp_path):
     data = json.loads(report.read_text())
     assert data["nfev"] == 40 and "searched" in proc.stdout
     onnx.checker.check_model(onnx.load(out))
+
+
+def test_progress_bar_shows_count_eta_and_loss():
+    import io
+
+    from onnx_lapq.pipeline import Progress
+    from onnx_lapq.progress import ProgressBar
+
+    stream = io.StringIO()
+    bar = ProgressBar(stream)
+    for n in range(1, 11):
+        bar(Progress("search", n, 10, 1.0 / n))
+    bar.close()
+    line = stream.getvalue().strip()
+    assert line.startswith("search") and "10/10" in line and "ETA" in line and "loss 0.1" in line
