@@ -77,8 +77,10 @@ def quantize(
     )
     if config.method == "lapq":  # the search evaluates the loss on the same samples many times
         batches = list(batches)
+    first: list[dict[str, np.ndarray]] = []  # one batch kept for the exported model's numeric check
     stats, samples = collect_stats(
-        normalized, [a.tensor for a in plan.activations], _without(batches, config.label_key), half_bins=config.histogram_bins // 2,
+        normalized, [a.tensor for a in plan.activations], _keep_first(_without(batches, config.label_key), first),
+        half_bins=config.histogram_bins // 2,
         mask_input=padding_mask(normalized, config.mask_input), on_batch=lambda done: notify(Progress("calibrate", done, config.num_samples)),
     )
     times["calibrate"] = time.perf_counter() - clock
@@ -95,7 +97,7 @@ def quantize(
 
     clock = time.perf_counter()
     quantized = export_qdq(normalized, plan, params)
-    exported = check_exported(quantized)
+    exported = check_exported(quantized, normalized, first[0])
     if config.method == "lapq":
         search_report["exported_loss"] = evaluator.measure(exported)
     times["export"] = time.perf_counter() - clock
@@ -120,6 +122,14 @@ def padding_mask(model: onnx.ModelProto, mask_input: str | None) -> str | None:
 
 def _qparams(plan: QuantPlan, ranges: SiteRanges, config: QuantConfig) -> dict[str, QParams]:
     return qparams(plan, ranges, weight_symmetric=config.weight_symmetric, act_symmetric=config.act_symmetric)
+
+
+def _keep_first(batches, kept: list):
+    """The batches, unchanged; the first one is also appended to ``kept``."""
+    for batch in batches:
+        if not kept:
+            kept.append(batch)
+        yield batch
 
 
 def _without(batches, label_key: str | None):
