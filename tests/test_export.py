@@ -16,7 +16,7 @@ from onnx import TensorProto
 from conftest import (
     Net, block_model, conv_chain_model, init_array, initializer, numpy_forward, ort_run, random_inputs, run_cli, with_outputs,
 )
-from onnx_lapq import ModelError, QuantConfig, quantize, save_model_atomic
+from onnx_lapq import ExportError, ModelError, QuantConfig, quantize, save_model_atomic
 from onnx_lapq import modelio
 from onnx_lapq.graph import normalize
 from onnx_lapq.qmath import fake_quantize
@@ -313,6 +313,6 @@ def test_optimizer_drift_is_refused_not_exported():
     from conftest import DIGITS_CALIB, DIGITS_MODEL
 
     model, calib = onnx.load(DIGITS_MODEL), [dict(np.load(DIGITS_CALIB))]
-    with pytest.raises(onnx_lapq.ExportError, match="--act-bits 8"):
-        onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(weight_bits=16, act_bits=16))
-    onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(weight_bits=8, act_bits=16))  # the same check passes here
+    with pytest.raises(ExportError, match="--act-bits 8"):
+        quantize(model, calib, config=QuantConfig(weight_bits=16, act_bits=16))
+    quantize(model, calib, config=QuantConfig(weight_bits=8, act_bits=16))  # the same check passes here
