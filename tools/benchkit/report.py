@@ -64,6 +64,30 @@ def _table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _summary(rows: list[dict]) -> list[str]:
+    """One line per model and config: FP32, the best ORT method, the best per-tensor
+    onnx_lapq calibrator, and lapq (metric and quantization seconds)."""
+    lines = ["| model | config | FP32 | best ORT | best onnx_lapq calibrator | lapq | lapq s |", "|" + "---|" * 7]
+
+    def best(candidates: list[dict]) -> str:
+        scored = [r for r in candidates if r.get("metric") is not None]
+        if not scored:
+            return "fails" if candidates else ""
+        top = max(scored, key=lambda r: r["metric"])
+        return f"{top['metric']:.2f} ({top['method']})"
+
+    for model, mrows in _by_model(rows).items():
+        for config in sorted({r["config"] for r in mrows}, key=config_order):
+            crows = [r for r in mrows if r["config"] == config]
+            ort = [r for r in crows if r["method"].startswith("ort-")]
+            ours = [r for r in crows if not r["method"].startswith("ort-") and r["method"] != "lapq"]
+            lapq = next((r for r in crows if r["method"] == "lapq"), None)
+            lapq_metric = "" if lapq is None else ("fails" if lapq.get("metric") is None else f"{lapq['metric']:.2f}")
+            seconds = _fmt(lapq.get("quant_seconds"), 0) if lapq is not None and lapq.get("metric") is not None else ""
+            lines.append(f"| {model} | {config} | {crows[0]['fp32_metric']:.2f} | {best(ort)} | {best(ours)} | {lapq_metric} | {seconds} |")
+    return lines
+
+
 def _short(text, limit=160) -> str:
     if not text:
         return ""
@@ -78,6 +102,7 @@ def write_markdown(path: Path, rows: list[dict], meta: dict, splits: list[str]) 
     lines += ["", "drop = metric - FP32; gap = metric - best ort-* metric at the same config (points); "
               "speed-up = FP32 ms/item / quantized ms/item, timed interleaved in this run "
               "(batch 32, same threads). Errors are the tool's own message.", ""]
+    lines += ["## Summary", ""] + _summary(rows) + [""]
     for model, mrows in _by_model(rows).items():
         r0 = mrows[0]
         lines += [f"## {model}", "",
