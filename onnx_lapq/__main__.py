@@ -88,10 +88,14 @@ def _summary(report: dict, seconds: float, output: str) -> str:
     )
     if "final_loss" in report:
         line += (
-            f"\n{report['loss']} loss: Lp init (p*={report['p_star']:.2f}) {report['init_loss']:.4g} -> "
+            f"\n{report['loss']} loss: {_start(report)} {report['init_loss']:.4g} -> "
             f"searched {report['final_loss']:.4g} in {report['nfev']} evaluations; exported model {report['exported_loss']:.4g}"
         )
     return line
+
+
+def _start(report: dict) -> str:
+    return "min/max start" if report["p_star"] is None else f"Lp start (p*={report['p_star']:.2f})"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -173,7 +173,7 @@ def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify):
         normalized, plan, inputs, first, loss=config.loss, labels=labels, memory_budget=config.memory_budget_mb << 20,
     )
     outcome = run_lapq(
-        ranges_at_p, lambda r: evaluator(_qparams(plan, r, config)), lambda r: ParamSpace(plan, r),
+        ranges_at_p, choose_ranges(normalized, plan, stats, replace(config, method="minmax")), lambda r: evaluator(_qparams(plan, r, config)), lambda r: ParamSpace(plan, r),
         lp_grid=config.lp_grid, search=config.search, max_evals=config.max_evals, time_limit=config.time_limit,
         iterations=config.search_iterations,
         on_eval=lambda n, best: notify(Progress("search", n, config.max_evals, best)),
