@@ -23,6 +23,7 @@ a memory budget.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,6 +125,10 @@ class LossEvaluator:
         self.output = model.graph.output[0].name
         reference = session(model)
         self.reference = [reference.run([self.output], b)[0] for b in batches]
+        started = time.perf_counter()  # a second, warm pass: the FP32 cost that evaluations are compared with
+        for b in batches:
+            reference.run([self.output], b)
+        self.fp32_seconds = time.perf_counter() - started
         self.samples = sum(len(r) for r in self.reference)
         fusable = all(a.bits == 8 for a in plan.activations) and all(w.bits == 8 for w in plan.weights)
         self.fused = fusable if fused is None else fused
@@ -137,9 +142,11 @@ class LossEvaluator:
         self._fed_sessions = [] if self.fused else [session(self._suffix(c, self._refreshed_after(i))) for i, c in enumerate(self.cuts)]
         self.evaluations = 0
         self.suffix_nodes = 0
+        self.eval_seconds = 0.0
 
     # ----------------------------------------------------------------- public
     def __call__(self, params: dict[str, QParams]) -> float:
+        started = time.perf_counter()
         self._update(params)
         start = self._deepest_valid_cut()
         cut = self.cuts[start]
@@ -162,6 +169,7 @@ class LossEvaluator:
             c.values, c.versions = values, self._versions(c)
         self.evaluations += 1
         self.suffix_nodes += len(self.template.graph.node) - cut.position
+        self.eval_seconds += time.perf_counter() - started
         return total / self.samples
 
     def measure(self, quantized: ort.InferenceSession) -> float:
@@ -173,6 +181,11 @@ class LossEvaluator:
     def mean_suffix_fraction(self) -> float:
         """Average share of the graph's nodes that an evaluation ran."""
         return self.suffix_nodes / max(self.evaluations, 1) / max(len(self.template.graph.node), 1)
+
+    @property
+    def cost_ratio(self) -> float:
+        """Mean seconds of one evaluation over the seconds of one FP32 pass over the same samples."""
+        return self.eval_seconds / max(self.evaluations, 1) / max(self.fp32_seconds, 1e-9)
 
     def _distance(self, b: int, out: np.ndarray) -> np.ndarray:
         labels = self.labels[b] if self.labels is not None else None

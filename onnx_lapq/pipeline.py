@@ -189,7 +189,13 @@ def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify):
         "search_message": outcome.search.message,
         "search_seconds": round(outcome.search.seconds, 3),
         "loss_trace": [[n, v] for n, v in outcome.search.trace],
-        "evaluator": {"cuts": len(evaluator.cuts) - 1, "mean_suffix_fraction": round(evaluator.mean_suffix_fraction, 3)},
+        "evaluator": {
+            "mode": "fused" if evaluator.fused else "fed",
+            "cuts": len(evaluator.cuts) - 1,
+            "mean_suffix_fraction": round(evaluator.mean_suffix_fraction, 3),
+            "fp32_pass_seconds": round(evaluator.fp32_seconds, 4),
+            "cost_ratio": round(evaluator.cost_ratio, 3),
+        },
     }
     return outcome.ranges, _qparams(plan, outcome.initial_ranges, config), evaluator, report
 

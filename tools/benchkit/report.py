@@ -10,6 +10,7 @@ model, log scale; runs the tool refused are left out).
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import defaultdict
@@ -67,7 +68,8 @@ def _table(rows: list[dict]) -> list[str]:
 def _summary(rows: list[dict]) -> list[str]:
     """One line per model and config: FP32, the best ORT method, the best per-tensor
     onnx_lapq calibrator, and lapq (metric and quantization seconds)."""
-    lines = ["| model | config | FP32 | best ORT | best onnx_lapq calibrator | lapq | lapq s |", "|" + "---|" * 7]
+    lines = ["| model | config | FP32 | best ORT | best onnx_lapq calibrator | lapq | lapq s | evaluations | eval cost (x FP32 pass) | exported/final loss |",
+             "|" + "---|" * 10]
 
     def best(candidates: list[dict]) -> str:
         scored = [r for r in candidates if r.get("metric") is not None]
@@ -83,9 +85,24 @@ def _summary(rows: list[dict]) -> list[str]:
             ours = [r for r in crows if not r["method"].startswith("ort-") and r["method"] != "lapq"]
             lapq = next((r for r in crows if r["method"] == "lapq"), None)
             lapq_metric = "" if lapq is None else ("fails" if lapq.get("metric") is None else f"{lapq['metric']:.2f}")
-            seconds = _fmt(lapq.get("quant_seconds"), 0) if lapq is not None and lapq.get("metric") is not None else ""
-            lines.append(f"| {model} | {config} | {crows[0]['fp32_metric']:.2f} | {best(ort)} | {best(ours)} | {lapq_metric} | {seconds} |")
+            ok = lapq is not None and lapq.get("metric") is not None
+            seconds = _fmt(lapq.get("quant_seconds"), 0) if ok else ""
+            found = _search_report(lapq) if ok else {}
+            evals = str(found.get("nfev", ""))
+            cost = _fmt(found.get("evaluator", {}).get("cost_ratio"))
+            agree = _fmt(found["exported_loss"] / found["final_loss"], 4) if found.get("final_loss") else ""
+            lines.append(f"| {model} | {config} | {crows[0]['fp32_metric']:.2f} | {best(ort)} | {best(ours)} | {lapq_metric} | {seconds} "
+                         f"| {evals} | {cost} | {agree} |")
     return lines
+
+
+def _search_report(row: dict) -> dict:
+    """LAPQ's search figures of a row: inline, or from the report it points to."""
+    if "report" in row:
+        return row["report"]
+    if row.get("report_path") and Path(row["report_path"]).exists():
+        return json.loads(Path(row["report_path"]).read_text())
+    return {}
 
 
 def _short(text, limit=160) -> str:
