@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="node names (regular expressions) or op types to keep float")
     p.add_argument("--keep-first-last-8bit", action="store_true", help="first and last quantized layers at 8 bits")
     p.add_argument("--num-samples", type=int, default=None, help="use at most N calibration samples")
+    p.add_argument("--no-bias-correction", action="store_true", help="keep the float biases (default: correct them for the mean output shift of weight quantization)")
     p.add_argument("--quantize-attention", action="store_true", help="also quantize MatMuls of two activations (attention)")
     p.add_argument("--weight-only", action="store_true", help="quantize only MatMul weights, blockwise (4 bits: ONNX Runtime's MatMulNBits)")
     p.add_argument("--quantize-embeddings", action="store_true", help="also store Gather embedding tables as integers (weights only)")
@@ -71,7 +72,7 @@ def _config(args: argparse.Namespace) -> QuantConfig:
         exclude=patterns, exclude_op_types=exclude_types, keep_first_last_8bit=args.keep_first_last_8bit,
         num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
         search=args.search, max_evals=args.max_evals, time_limit=args.time_limit, loss=args.loss, label_key=args.labels,
-        quantize_attention=args.quantize_attention, weight_only=args.weight_only, block_size=args.block_size,
+        bias_correction=not args.no_bias_correction, quantize_attention=args.quantize_attention, weight_only=args.weight_only, block_size=args.block_size,
         mask_input=None if args.mask_input.lower() == "none" else args.mask_input,
     )
 

@@ -43,18 +43,20 @@ def collect_stats(
     batches: Iterable[dict[str, np.ndarray]],
     *,
     half_bins: int,
+    channel_means: frozenset[str] = frozenset(),
     mask_input: str | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, TensorStats], int]:
     """Statistics of ``tensors`` over all batches, and the number of samples seen.
 
+    Tensors in ``channel_means`` also get the mean of each channel (axis 1).
     With ``mask_input`` (a [batch, sequence] input, nonzero at real positions), a
     tensor whose leading dimensions are [batch, sequence] is observed at real positions
     only, so padding does not widen its range.  ``on_batch(samples_so_far)`` is called
     after each batch.
     """
     sess = session(with_outputs(model, tensors)) if tensors else None
-    stats = {name: TensorStats(half_bins) for name in tensors}
+    stats = {name: TensorStats(half_bins, 1 if name in channel_means else None) for name in tensors}
     done = 0
     for batch in batches:
         try:

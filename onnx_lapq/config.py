@@ -64,6 +64,8 @@ class QuantConfig:
         "mask"; None: observe every position.
     quantize_attention: also quantize MatMuls of two activations (attention scores and
         context), at their inputs.
+    bias_correction: correct Conv/Gemm biases for the mean output shift that weight
+        quantization causes (per-channel input means from calibration; Nagel et al. 2019).
     weight_only: quantize only the weights of MatMuls (activations stay float), in
         blocks of ``block_size`` rows: the form ONNX Runtime runs as MatMulNBits at 4 bits.
     """
@@ -95,6 +97,7 @@ class QuantConfig:
     search_samples: int | None = None
     mask_input: str | None = "auto"
     quantize_attention: bool = False
+    bias_correction: bool = True
     weight_only: bool = False
     block_size: int = 32
 

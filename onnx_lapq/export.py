@@ -25,7 +25,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .params import QParams
 from .plan import QuantPlan
-from .qmath import QFormat, broadcast, quantize
+from .biascorr import output_shift
+from .qmath import QFormat, broadcast, fake_quantize, quantize
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,13 @@ def _clipped(site, qp: QParams) -> bool:
 
 
 def qdq_tensors(
-    weights: dict[str, np.ndarray], plan: QuantPlan, params: dict[str, QParams], *, fed: bool = False, sites: set[str] | None = None,
+    weights: dict[str, np.ndarray],
+    plan: QuantPlan,
+    params: dict[str, QParams],
+    *,
+    fed: bool = False,
+    sites: set[str] | None = None,
+    input_means: dict[str, np.ndarray] | None = None,
 ) -> dict[str, tuple[np.ndarray, int]]:
     """The numbers of a QDQ model by tensor name: (array, ONNX type).
 
@@ -94,14 +101,17 @@ def qdq_tensors(
     takes them, and saturates biases instead of leaving an overflowing one float;
     activation zero points keep their type (4-bit ones are fed as OrtValues), so the
     fed graph has the exported graph's structure.
-    ``sites`` limits the result to the tensors of those sites.
+    ``sites`` limits the result to the tensors of those sites.  With ``input_means``
+    (per-channel means of layer inputs), biases are corrected for the mean output shift
+    of their layer's weight quantization (biascorr.py).
     """
+    corrected = _corrected_biases(weights, plan, params, input_means or {}, sites)
     out: dict[str, tuple[np.ndarray, int]] = {}
     for name in [w.tensor for w in plan.weights] + [b.tensor for b in plan.biases]:
         if sites is not None and name not in sites:
             continue
         qp = params[name]
-        values = weights[name]
+        values = corrected.get(name, weights[name])
         if qp.fmt.bits == 32 and not fed and np.any(np.abs(np.rint(values / broadcast(qp.scale, values.shape, qp.axis, None))) > 2**31 - 1):
             log.warning("bias %s overflows int32 at scale s_in*s_w; it stays float", name)
             continue
@@ -121,7 +131,22 @@ def qdq_tensors(
     return out
 
 
-def export_qdq(model: onnx.ModelProto, plan: QuantPlan, params: dict[str, QParams], *, fed: bool = False) -> onnx.ModelProto:
+def _corrected_biases(weights, plan: QuantPlan, params, input_means, sites) -> dict[str, np.ndarray]:
+    out = {}
+    for bias in plan.biases:
+        mean = input_means.get(bias.input_tensor)
+        if mean is None or (sites is not None and bias.tensor not in sites):
+            continue
+        w, qp = weights[bias.weight_tensor], params[bias.weight_tensor]
+        delta = fake_quantize(w, qp.scale, qp.zero_point, qp.fmt, qp.axis, qp.block_size) - w
+        shift = output_shift(bias.op_type, delta, mean, group=bias.group, trans_b=bias.trans_b)
+        out[bias.tensor] = (weights[bias.tensor] - shift).astype(np.float32)
+    return out
+
+
+def export_qdq(
+    model: onnx.ModelProto, plan: QuantPlan, params: dict[str, QParams], *, fed: bool = False, input_means: dict[str, np.ndarray] | None = None,
+) -> onnx.ModelProto:
     """A new QDQ ModelProto: ``model`` with ``params`` baked in (``model`` is untouched).
 
     With ``fed`` the Q/DQ numbers (see :func:`qdq_tensors`) become graph inputs
@@ -131,7 +156,7 @@ def export_qdq(model: onnx.ModelProto, plan: QuantPlan, params: dict[str, QParam
     out.CopyFrom(model)
     graph = out.graph
     weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    tensors = qdq_tensors(weights, plan, params, fed=fed)
+    tensors = qdq_tensors(weights, plan, params, fed=fed, input_means=input_means)
     new_nodes: list[onnx.NodeProto] = []
     rename: dict[str, str] = {}
     for name in [w.tensor for w in plan.weights] + [b.tensor for b in plan.biases]:

@@ -111,6 +111,7 @@ class LossEvaluator:
         labels: np.ndarray | None = None,
         memory_budget: int = 1 << 30,
         fused: bool | None = None,
+        input_means: dict[str, np.ndarray] | None = None,
     ):
         if loss not in LOSSES:
             raise ConfigError(f"loss={loss!r} is unknown: use one of {', '.join(LOSSES)}")
@@ -132,7 +133,8 @@ class LossEvaluator:
         self.samples = sum(len(r) for r in self.reference)
         fusable = all(a.bits == 8 for a in plan.activations) and all(w.bits == 8 for w in plan.weights)
         self.fused = fusable if fused is None else fused
-        self.template = export_qdq(model, plan, init_params, fed=not self.fused)
+        self.input_means = input_means
+        self.template = export_qdq(model, plan, init_params, fed=not self.fused, input_means=input_means)
         self._raw: dict[str, tuple[np.ndarray, int]] = {}
         self._feeds: dict[str, np.ndarray | ort.OrtValue] = {}
         self._version: dict[str, int] = {}
@@ -202,7 +204,7 @@ class LossEvaluator:
                 changed.add(name)
         if not changed:
             return
-        for name, (value, dtype) in qdq_tensors(self.weights, self.plan, params, fed=True, sites=changed).items():
+        for name, (value, dtype) in qdq_tensors(self.weights, self.plan, params, fed=True, sites=changed, input_means=self.input_means).items():
             old = self._raw.get(name)
             if old is None or old[0].shape != value.shape or not np.array_equal(old[0], value):
                 self._raw[name] = (value, dtype)

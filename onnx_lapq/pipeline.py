@@ -80,23 +80,24 @@ def quantize(
     first: list[dict[str, np.ndarray]] = []  # one batch kept for the exported model's numeric check
     stats, samples = collect_stats(
         normalized, [a.tensor for a in plan.activations], _keep_first(_without(batches, config.label_key), first),
-        half_bins=config.histogram_bins // 2,
+        half_bins=config.histogram_bins // 2, channel_means=frozenset(b.input_tensor for b in plan.biases) if config.bias_correction else frozenset(),
         mask_input=padding_mask(normalized, config.mask_input), on_batch=lambda done: notify(Progress("calibrate", done, config.num_samples)),
     )
     times["calibrate"] = time.perf_counter() - clock
 
+    means = {b.input_tensor: stats[b.input_tensor].channel_mean for b in plan.biases} if config.bias_correction else None
     clock = time.perf_counter()
     search_report: dict[str, Any] = {}
     initial_params = None
     if config.method == "lapq":
-        ranges, initial_params, evaluator, search_report = _lapq(normalized, plan, stats, batches, config, notify)
+        ranges, initial_params, evaluator, search_report = _lapq(normalized, plan, stats, batches, config, notify, means)
     else:
         ranges = choose_ranges(normalized, plan, stats, config)
     params = _qparams(plan, ranges, config)
     times["search" if config.method == "lapq" else "clip"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    quantized = export_qdq(normalized, plan, params)
+    quantized = export_qdq(normalized, plan, params, input_means=means)
     exported = check_exported(quantized, normalized, first[0])
     if config.method == "lapq":
         search_report["exported_loss"] = evaluator.measure(exported)
@@ -159,7 +160,7 @@ def _subset(batches: list[dict[str, np.ndarray]], size: int | None, batch_size: 
     return [{k: v[chosen[i:i + batch_size]] for k, v in joined.items()} for i in range(0, size, batch_size)]
 
 
-def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify):
+def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify, input_means):
     """LAPQ's ranges, the initial (Lp at p*) parameters, the evaluator, and the report entries."""
     batches = _subset(batches, config.search_samples, config.batch_size, np.random.default_rng(config.seed))
     labels = np.concatenate([b[config.label_key] for b in batches]) if config.label_key else None
@@ -171,6 +172,7 @@ def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify):
     first = _qparams(plan, ranges_at_p(config.lp_grid[0]), config)
     evaluator = LossEvaluator(
         normalized, plan, inputs, first, loss=config.loss, labels=labels, memory_budget=config.memory_budget_mb << 20,
+        input_means=input_means,
     )
     outcome = run_lapq(
         ranges_at_p, choose_ranges(normalized, plan, stats, replace(config, method="minmax")), lambda r: evaluator(_qparams(plan, r, config)), lambda r: ParamSpace(plan, r),

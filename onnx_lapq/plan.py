@@ -64,7 +64,9 @@ class BiasSite:
     node: str
     input_tensor: str
     weight_tensor: str
-
+    op_type: str = "Conv"
+    group: int = 1  # Conv groups
+    trans_b: bool = True  # Gemm's transB
 
 @dataclass(frozen=True)
 class QuantPlan:
@@ -221,7 +223,8 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
                 _add_activation(acts, fused, 8, "output")
         bias = node.input[2] if len(node.input) > 2 and node.op_type in ("Conv", "Gemm") else ""
         if bias and index.constant(bias) is not None and len(index.consumers[bias]) == 1 and index.constant(bias).ndim == 1:
-            biases.append(BiasSite(bias, node.name, node.input[0], wname))
+            attrs = {a.name: a.i for a in node.attribute if a.name in ("group", "transB")}
+            biases.append(BiasSite(bias, node.name, node.input[0], wname, node.op_type, attrs.get("group", 1), bool(attrs.get("transB", 0))))
     for node in attention:
         for name in node.input:
             _add_activation(acts, name, config.act_bits, "input")

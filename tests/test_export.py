@@ -31,12 +31,14 @@ CONFIGS = {
     "w3a3": dict(weight_bits=3, act_bits=3),
     "w2a2": dict(weight_bits=2, act_bits=2),
     "w4a8": dict(weight_bits=4, act_bits=8),
+    "w2a8": dict(weight_bits=2, act_bits=8),
     "w16a16": dict(weight_bits=16, act_bits=16),
 }
 
 
 def quantized(model_fn, name, **extra):
-    config = QuantConfig(**CONFIGS[name], **extra)
+    """The model and its quantization; bias correction off, so biases are the float ones on their int32 grid."""
+    config = QuantConfig(**{"bias_correction": False, **CONFIGS[name], **extra})
     model = model_fn(opset=21 if config.needs_opset21 else 13)
     return model, quantize(model, random_inputs(model, 64, batch=16), config=config)
 
@@ -316,3 +318,25 @@ def test_optimizer_drift_is_refused_not_exported():
     with pytest.raises(ExportError, match="--act-bits 8"):
         quantize(model, calib, config=QuantConfig(weight_bits=16, act_bits=16))
     quantize(model, calib, config=QuantConfig(weight_bits=8, act_bits=16))  # the same check passes here
+
+
+@pytest.mark.parametrize("name", ["w4a8", "w2a8"])
+def test_bias_correction_removes_mean_output_shift(name):
+    """With corrected biases, each output channel's mean over the calibration data is the
+    float layer's mean (a pad-free Conv and a Gemm, so no border terms)."""
+    net = Net(np.random.default_rng(3))
+    h = net.op("Relu", "r1", [net.conv("c1", "x", 3, 6, pad=0)])
+    net.gemm("fc", net.op("Flatten", "flat", [h], axis=1), 6 * 6 * 6, 5)
+    model = net.model([("x", TensorProto.FLOAT, ["N", 3, 8, 8])], [("fc", TensorProto.FLOAT, ["N", 5])], opset=21)
+    calib = random_inputs(model, 64)
+    x = calib[0]["x"] + 0.5  # inputs with a non-zero mean, so a weight error shifts the outputs
+    calib = [{"x": x}]
+    result = quantize(model, calib, config=QuantConfig(**CONFIGS[name]))
+    corrected = {b.tensor: init_array(result.model, f"{b.tensor}_quantized") * init_array(result.model, f"{b.tensor}_scale") for b in result.plan.biases}
+    w = fake_quantize(init_array(model, "c1_W"), *(lambda p: (p.scale, p.zero_point, p.fmt, p.axis))(result.params["c1_W"]))
+    float_out = numpy_forward(model, {"x": x})["c1"]
+    quant_out = numpy_forward(model, {"x": x}, constants={"c1_W": w, "c1_B": corrected["c1_B"]})["c1"]
+    uncorrected = numpy_forward(model, {"x": x}, constants={"c1_W": w})["c1"]
+    shift = lambda y: np.abs((y - float_out).mean(axis=(0, 2, 3))).max()
+    assert shift(uncorrected) > 20 * shift(quant_out)
+    assert shift(quant_out) < 1e-3 * np.abs(float_out).mean() + float(np.max(result.params["c1_B"].scale))

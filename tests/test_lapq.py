@@ -95,7 +95,7 @@ def test_cached_evaluation_equals_full_evaluation(bits):
     """The prefix cache never changes a loss: compare with a fresh evaluator (no cache) on the same params."""
     model = block_model(opset=21)
     calib = random_inputs(model, 48, batch=16)
-    config = onnx_lapq.QuantConfig(weight_bits=bits[0], act_bits=bits[1])
+    config = onnx_lapq.QuantConfig(weight_bits=bits[0], act_bits=bits[1], bias_correction=False)
     result = onnx_lapq.quantize(model, calib, config=config)
     normalized = normalize(model, min_opset=21)
     cached = LossEvaluator(normalized, result.plan, calib, result.params, loss="mse")
@@ -119,7 +119,7 @@ def test_cached_evaluation_equals_full_evaluation(bits):
 def test_evaluator_loss_matches_exported_model(bits, fused):
     model = block_model(opset=21)
     calib = random_inputs(model, 32, batch=16)
-    result = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(weight_bits=bits, act_bits=bits))
+    result = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(weight_bits=bits, act_bits=bits, bias_correction=False))
     evaluator = LossEvaluator(normalize(model, min_opset=21), result.plan, calib, result.params, loss="kl")
     assert evaluator.fused is fused
     exported = evaluator.measure(session(result.model))
