@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 
-from .config import CALIBRATION_METHODS, LOSSES, SEARCHES, QuantConfig
+from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, LOSSES, QUANTIZABLE_OP_TYPES, SEARCHES, QuantConfig
 from .data import npz_batches
 from .errors import LapqError, ModelError
 from .modelio import load_model, same_file, save_model_atomic
@@ -63,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> QuantConfig:
-    exclude_types = tuple(x for x in args.exclude if x in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"))
+    exclude_types = tuple(x for x in args.exclude if x in QUANTIZABLE_OP_TYPES)
     patterns = tuple(x for x in args.exclude if x not in exclude_types)
-    op_types = ("Conv", "ConvTranspose", "Gemm", "MatMul") + (("Gather",) if args.quantize_embeddings else ())
+    op_types = DEFAULT_OP_TYPES + (("Gather",) if args.quantize_embeddings else ())
     return QuantConfig(
         op_types=op_types,
         weight_bits=args.weight_bits, act_bits=args.act_bits, per_channel=not args.per_tensor, method=args.method,
@@ -113,9 +113,13 @@ def run(args: argparse.Namespace) -> int:
     save_model_atomic(result.model, args.output)
     if args.report:
         tmp = args.report + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(result.report, fh, indent=1)
-        os.replace(tmp, args.report)
+        try:
+            with open(tmp, "w") as fh:
+                json.dump(result.report, fh, indent=1)
+            os.replace(tmp, args.report)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     print(_summary(result.report, time.perf_counter() - started, args.output))
     return 0
 
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnx_lapq: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("onnx_lapq: interrupted; no output written", file=sys.stderr)
+        print("onnx_lapq: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug: still one line, the traceback with -v
         if args.verbose:

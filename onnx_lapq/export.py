@@ -57,13 +57,25 @@ def proto(name: str, value: np.ndarray, dtype: int) -> TensorProto:
     return numpy_helper.from_array(value, name)
 
 
+def _numpy_type(dtype: int) -> type:
+    """The numpy type that holds codes of an ONNX integer type (4-bit ones in 8-bit integers)."""
+    return {TensorProto.INT4: np.int8, TensorProto.UINT4: np.uint8}.get(dtype) or helper.tensor_dtype_to_np_dtype(dtype)
+
+
+def _code_range(dtype: int) -> tuple[int, int]:
+    """Smallest and largest code of an ONNX integer type."""
+    if dtype in (TensorProto.INT4, TensorProto.UINT4):
+        return (-8, 7) if dtype == TensorProto.INT4 else (0, 15)
+    info = np.iinfo(_numpy_type(dtype))
+    return int(info.min), int(info.max)
+
+
 def _entry(value, fmt: QFormat | None, wide: bool = False) -> tuple[np.ndarray, int]:
     """(array, ONNX type): float32 when ``fmt`` is None, else codes in ``fmt``'s container."""
     if fmt is None:
         return np.asarray(value, np.float32), TensorProto.FLOAT
     dtype = container(fmt, wide)
-    np_type = np.int8 if dtype == TensorProto.INT4 else np.uint8 if dtype == TensorProto.UINT4 else helper.tensor_dtype_to_np_dtype(dtype)
-    return np.asarray(value, np.int64).astype(np_type), dtype
+    return np.asarray(value, np.int64).astype(_numpy_type(dtype)), dtype
 
 
 def _dq_node(prefix: str, source: str, qp: QParams) -> onnx.NodeProto:
@@ -79,10 +91,7 @@ def _dq_node(prefix: str, source: str, qp: QParams) -> onnx.NodeProto:
 def _clipped(site, qp: QParams) -> bool:
     """Whether the site's QuantizeLinear gets a Clip: grids narrower than their container,
     such as 3-bit codes in int8 or symmetric -127..127 in int8."""
-    dtype = container(qp.fmt, site.wide)
-    info = np.iinfo(np.int8 if dtype == TensorProto.INT4 else np.uint8 if dtype == TensorProto.UINT4 else helper.tensor_dtype_to_np_dtype(dtype))
-    natural = (-8, 7) if dtype == TensorProto.INT4 else (0, 15) if dtype == TensorProto.UINT4 else (int(info.min), int(info.max))
-    return (qp.fmt.qmin, qp.fmt.qmax) != natural
+    return (qp.fmt.qmin, qp.fmt.qmax) != _code_range(container(qp.fmt, site.wide))
 
 
 def qdq_tensors(

@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx import version_converter
 
 from .errors import ModelError
+from .plan import output_channel_axis
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +97,6 @@ def _sole_consumer(tensor: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
     return tensor.outputs[0]
 
 
-def _output_channel_axis(node: gs.Node) -> int:
-    if node.op == "Conv":
-        return 0
-    if node.op == "ConvTranspose":
-        return 1
-    return 0 if node.attrs.get("transB", 0) else 1
-
-
 def _fold_batchnorm(graph: gs.Graph) -> None:
     for node in list(graph.nodes):
         if node.op not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 2:
@@ -119,11 +112,13 @@ def _fold_batchnorm(graph: gs.Graph) -> None:
             continue
         gamma, beta, mean, var = (p.values.astype(np.float64) for p in params)
         factor = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
-        axis = _output_channel_axis(node)
+        axis = output_channel_axis(node.op, weight.values.ndim, bool(node.attrs.get("transB", 0)))
         shape = [1] * weight.values.ndim
         shape[axis] = -1
         new_w = (weight.values.astype(np.float64) * factor.reshape(shape)).astype(np.float32)
-        old_b = node.inputs[2].values.astype(np.float64) if len(node.inputs) > 2 else np.zeros_like(mean)
+        if len(node.inputs) > 2 and not isinstance(node.inputs[2], gs.Constant):
+            continue
+        old_b = node.inputs[2].values.astype(np.float64) * node.attrs.get("beta", 1.0) if len(node.inputs) > 2 else np.zeros_like(mean)
         new_b = ((old_b - mean) * factor + beta).astype(np.float32)
         node.inputs[1] = gs.Constant(f"{weight.name}_bnfolded", new_w)
         bias = gs.Constant(f"{node.name}_bias_bnfolded", new_b)
@@ -139,7 +134,8 @@ def _fold_batchnorm(graph: gs.Graph) -> None:
 
 
 def _fold_conv_bias_add(graph: gs.Graph) -> None:
-    """Conv(x, W) -> Add(., c) with c of shape [C,1,...] or [1,C,1,...] becomes Conv(x, W, c)."""
+    """Conv(x, W) -> Add(., c) with c of shape [C, 1, ...] or [1, C, 1, ...] (one value per
+    output channel, broadcast over the spatial dimensions) becomes Conv(x, W, c)."""
     for node in list(graph.nodes):
         if node.op != "Conv" or len(node.inputs) != 2 or not isinstance(node.inputs[1], gs.Constant):
             continue
@@ -149,20 +145,11 @@ def _fold_conv_bias_add(graph: gs.Graph) -> None:
         const = next((t for t in add.inputs if isinstance(t, gs.Constant)), None)
         if const is None:
             continue
-        channels = node.inputs[1].values.shape[0]
+        weight = node.inputs[1].values
+        spatial = (1,) * (weight.ndim - 2)
         values = np.asarray(const.values)
-        squeezed = values.reshape(-1) if values.size == channels else None
-        spatial_ok = values.ndim <= node.inputs[1].values.ndim and all(
-            d == 1 for i, d in enumerate(values.shape[::-1]) if i != values.ndim - 1 - _channel_dim(values, channels)
-        ) if squeezed is not None else False
-        if not spatial_ok:
+        if values.shape not in ((weight.shape[0],) + spatial, (1, weight.shape[0]) + spatial):
             continue
-        node.inputs.append(gs.Constant(f"{node.name}_bias_folded", squeezed.astype(np.float32)))
+        node.inputs.append(gs.Constant(f"{node.name}_bias_folded", values.reshape(-1).astype(np.float32)))
         node.outputs[0] = add.outputs[0]
         add.outputs.clear()
-
-
-def _channel_dim(values: np.ndarray, channels: int) -> int:
-    """Index of the dimension of a broadcast bias that holds the channels (counted from the left)."""
-    dims = [i for i, d in enumerate(values.shape) if d == channels]
-    return dims[0] if dims else -1

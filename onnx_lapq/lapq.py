@@ -60,12 +60,12 @@ def run_lapq(
     losses = {float(p): loss_of(ranges_at_p(p)) for p in lp_grid}
     best_p = min(losses, key=losses.get)
     p_star = parabola_minimum(list(losses), list(losses.values()))
-    if p_star is None or p_star in losses:
-        p_star = best_p if p_star is None else p_star
-    else:
+    if p_star is None:
+        p_star = best_p
+    elif p_star not in losses:
         losses[p_star] = loss_of(ranges_at_p(p_star))
-        if losses[p_star] > losses[best_p]:
-            p_star = best_p
+    if losses[p_star] > losses[best_p]:  # a vertex (or a clamped grid end) that does worse than the best grid point
+        p_star = best_p
     initial, init_loss = ranges_at_p(p_star), losses[p_star]
     minmax_loss = loss_of(minmax_ranges)
     if minmax_loss < init_loss:

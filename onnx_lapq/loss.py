@@ -116,7 +116,7 @@ class LossEvaluator:
         if loss not in LOSSES:
             raise ConfigError(f"loss={loss!r} is unknown: use one of {', '.join(LOSSES)}")
         if loss == "ce" and labels is None:
-            raise ConfigError("loss='ce' needs labels: add a 'label' array to the calibration data or choose kl/mse/cosine")
+            raise ConfigError("loss='ce' needs labels: name the labels array of the calibration data with label_key (CLI: --labels KEY) or choose kl/mse/cosine")
         self.kind = auto_loss(model) if loss == "auto" else loss
         self.probabilities = _last_op(model) == "Softmax"
         self.plan = plan
@@ -140,6 +140,9 @@ class LossEvaluator:
         self._version: dict[str, int] = {}
         self._site_params: dict[str, tuple] = {}
         self._update(init_params)
+        typed = onnx.shape_inference.infer_shapes(self._with_numbers(self.template))
+        self._types = {v.name: v for v in list(typed.graph.value_info) + list(typed.graph.input) + list(typed.graph.output)
+                       if v.type.tensor_type.elem_type}
         self.cuts = self._choose_cuts(memory_budget)
         self._fed_sessions = [] if self.fused else [session(self._suffix(c, self._refreshed_after(i))) for i, c in enumerate(self.cuts)]
         self.evaluations = 0
@@ -230,6 +233,12 @@ class LossEvaluator:
 
     # ----------------------------------------------------------------- cuts
     def _choose_cuts(self, budget: int) -> list[_Cut]:
+        """Cuts before the first node that reads each tunable tensor, within ``budget`` bytes.
+
+        Fused, a cut's tensors must be ones whose values do not depend on whether ONNX
+        Runtime fuses the layers around them (integer codes, their dequantized values, data
+        inputs), so cuts also go right after each QuantizeLinear and only such cuts are kept.
+        """
         nodes = list(self.template.graph.node)
         qdq_names = set(self._raw)
         data_inputs = list(self.batches[0])
@@ -238,12 +247,18 @@ class LossEvaluator:
             for name in node.input:
                 if name in qdq_names:
                     first_use.setdefault(name, pos)
+        candidates = set(first_use.values())
+        if self.fused:
+            candidates |= {pos + 1 for pos, node in enumerate(nodes) if node.op_type == "QuantizeLinear"}
+        producer = {o: n.op_type for n in nodes for o in n.output}
         sizes = self._tensor_bytes()
         constants = {t.name for t in self.template.graph.initializer} | qdq_names
         cuts = [_Cut(0, data_inputs, [])]
         spent = 0
-        for pos in sorted(set(first_use.values()) - {0}):
+        for pos in sorted(candidates - {0, len(nodes)}):
             live = _live_tensors(nodes, pos, constants, self.output)
+            if self.fused and any(producer.get(t, "input") not in ("QuantizeLinear", "DequantizeLinear", "input") for t in live):
+                continue
             cost = sum(sizes.get(t, budget + 1) for t in live)
             if not live or spent + cost > budget:
                 continue
@@ -253,18 +268,21 @@ class LossEvaluator:
         return cuts
 
     def _tensor_bytes(self) -> dict[str, int]:
-        """Bytes of every float tensor over all calibration samples, from a probe run of one batch."""
+        """Bytes of every tensor over all calibration samples, from a probe run of one batch."""
         probe = self._with_numbers(self.template)
-        graph = probe.graph
-        known = {o.name for o in graph.output}
-        produced = {o for n in graph.node for o in n.output}
-        for v in self.template.graph.value_info:
-            if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and v.name in produced and v.name not in known:
-                graph.output.append(helper.make_tensor_value_info(v.name, onnx.TensorProto.FLOAT, None))
-        names = [o.name for o in graph.output]
+        known = {o.name for o in probe.graph.output}
+        for node in probe.graph.node:
+            for name in node.output:
+                elem = self._types[name].type.tensor_type.elem_type if name in self._types else None
+                if name not in known and elem not in (None, onnx.TensorProto.INT4, onnx.TensorProto.UINT4):  # numpy has no 4-bit type
+                    probe.graph.output.append(helper.make_tensor_value_info(name, elem, None))
+                    known.add(name)
+        names = [o.name for o in probe.graph.output]
         values = session(probe, optimize=False).run(names, {**self._feeds, **self.batches[0]})
         rows = len(next(iter(self.batches[0].values())))
-        return {n: v.nbytes * self.samples // max(rows, 1) for n, v in zip(names, values)}
+        sizes = {n: v.nbytes for n, v in zip(names, values)}
+        sizes.update({n: v.nbytes for n, v in self.batches[0].items()})
+        return {n: b * self.samples // max(rows, 1) for n, b in sizes.items()}
 
     def _with_numbers(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """``model`` itself when fed; else a copy with the current Q/DQ numbers as initializers."""
@@ -282,14 +300,15 @@ class LossEvaluator:
         """The quantized graph from ``cut`` on, returning the output and ``later_cuts``' live tensors."""
         model = _copy(self.template)
         graph = model.graph
-        types = {v.name: v for v in list(graph.value_info) + list(graph.input)}
+        types = self._types
         keep = list(graph.node)[cut.position:]
         del graph.node[:]
         graph.node.extend(keep)
         used = {n for node in keep for n in node.input}
 
         def info(name: str) -> onnx.ValueInfoProto:
-            return types[name] if name in types else helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+            elem = types[name].type.tensor_type.elem_type if name in types else onnx.TensorProto.FLOAT
+            return helper.make_tensor_value_info(name, elem, None)
 
         inputs = [info(t) for t in cut.live] + [i for i in self.template.graph.input if i.name in used and i.name not in cut.live]
         del graph.input[:]

@@ -1,7 +1,7 @@
 """Numbers for the sites of a plan: clipping ranges -> scales and zero points.
 
 ``SiteRanges`` holds what calibration chose: a real range [lo, hi] per activation
-group and a symmetric clip per weight (one value per channel or per tensor).
+group and per weight (arrays per channel or block, scalars per tensor).
 ``qparams`` turns them into a :class:`QParams` per quantized tensor, and biases get
 s_b = s_in * s_w with zero point 0.  This is the only module that knows how ranges
 map to integer grids.
@@ -54,7 +54,7 @@ def qparams(plan: QuantPlan, ranges: SiteRanges, *, weight_symmetric: bool, act_
         scale, zp = scale_zero_point(lo, hi, fmt)
         out[site.tensor] = QParams(scale, zp, fmt, site.axis, site.block_size)
     for bias in plan.biases:
-        s_in, s_w = out[bias.input_tensor].scale, out[bias.weight_tensor].scale
+        s_in, s_w = out[bias.scale_site].scale, out[bias.weight_tensor].scale
         scale = (np.float32(s_in) * s_w.astype(np.float32)).astype(np.float32)
         out[bias.tensor] = QParams(scale, np.zeros(scale.shape, np.int64), INT32, 0 if scale.ndim else None)
     return out

@@ -78,9 +78,11 @@ def quantize(
     if config.method == "lapq":  # the search evaluates the loss on the same samples many times
         batches = list(batches)
     first: list[dict[str, np.ndarray]] = []  # one batch kept for the exported model's numeric check
+    layer_inputs = [b.input_tensor for b in plan.biases] if config.bias_correction else []  # for their channel means
     stats, samples = collect_stats(
-        normalized, [a.tensor for a in plan.activations], _keep_first(_without(batches, config.label_key), first),
-        half_bins=config.histogram_bins // 2, channel_means=frozenset(b.input_tensor for b in plan.biases) if config.bias_correction else frozenset(),
+        normalized, list(dict.fromkeys([a.tensor for a in plan.activations] + layer_inputs)),
+        _keep_first(_without(batches, config.label_key), first),
+        half_bins=config.histogram_bins // 2, channel_means=frozenset(layer_inputs),
         mask_input=padding_mask(normalized, config.mask_input), on_batch=lambda done: notify(Progress("calibrate", done, config.num_samples)),
     )
     times["calibrate"] = time.perf_counter() - clock

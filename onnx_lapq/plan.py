@@ -22,7 +22,7 @@ rewriting a 4-bit DQ -> MaxPool -> Q pair into a MaxPool on 4-bit integers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx
 from onnx import numpy_helper
@@ -67,6 +67,12 @@ class BiasSite:
     op_type: str = "Conv"
     group: int = 1  # Conv groups
     trans_b: bool = True  # Gemm's transB
+    scale_tensor: str | None = None  # the activation site whose scale s_in applies, when not input_tensor
+
+    @property
+    def scale_site(self) -> str:
+        """The activation site whose scale is s_in (the layer input, or the site it is on the grid of)."""
+        return self.scale_tensor or self.input_tensor
 
 @dataclass(frozen=True)
 class QuantPlan:
@@ -120,17 +126,20 @@ class _GraphIndex:
         return numpy_helper.to_array(self.initializers[name]) if name in self.initializers else None
 
 
-def _weight_axis(node: onnx.NodeProto, weight_ndim: int, per_channel: bool) -> int | None:
-    if not per_channel:
-        return None
-    if node.op_type == "Conv":
+def output_channel_axis(op_type: str, weight_ndim: int, trans_b: bool = False) -> int | None:
+    """The axis of a layer's weight that indexes its output channels (None: no single one)."""
+    if op_type == "Conv":
         return 0
-    if node.op_type == "ConvTranspose":
+    if op_type == "ConvTranspose":
         return 1
-    if node.op_type == "Gemm":
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+    if op_type == "Gemm":
         return 0 if trans_b else 1
     return 1 if weight_ndim == 2 else None
+
+
+def _weight_axis(node: onnx.NodeProto, weight_ndim: int, per_channel: bool) -> int | None:
+    trans_b = bool(next((a.i for a in node.attribute if a.name == "transB"), 0))
+    return output_channel_axis(node.op_type, weight_ndim, trans_b) if per_channel else None
 
 
 def _compute_nodes(index: _GraphIndex, config: QuantConfig) -> list[onnx.NodeProto]:
@@ -231,7 +240,9 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
     consumer_weight_bits: dict[str, list[int]] = {}
     for node in nodes:
         consumer_weight_bits.setdefault(node.input[0], []).append(weights[node.input[1]].bits)
-    acts = _mark_wide(index, _group_sites(index, acts), consumer_weight_bits)
+    grouped, aliases = _group_sites(index, acts)
+    acts = _mark_wide(index, grouped, consumer_weight_bits)
+    biases = [replace(b, scale_tensor=aliases[b.input_tensor]) if b.input_tensor in aliases else b for b in biases]
     order = {name: i for i, name in enumerate(_tensor_order(index))}
     for site in _embedding_sites(index, config):
         weights.setdefault(site.tensor, site)
@@ -260,9 +271,11 @@ def _tensor_order(index: _GraphIndex) -> list[str]:
     return names
 
 
-def _group_sites(index: _GraphIndex, acts: dict[str, ActivationSite]) -> dict[str, ActivationSite]:
-    """Tie sites that ONNX Runtime wants on one scale; drop sub-8-bit pass-through outputs."""
+def _group_sites(index: _GraphIndex, acts: dict[str, ActivationSite]) -> tuple[dict[str, ActivationSite], dict[str, str]]:
+    """Tie sites that ONNX Runtime wants on one scale; drop pass-through outputs at other
+    than 8 bits.  Also returns the dropped tensors -> the site whose grid they are on."""
     parent = {name: name for name in acts}
+    aliases: dict[str, str] = {}
 
     def find(name: str) -> str:
         while parent[name] != name:
@@ -278,12 +291,13 @@ def _group_sites(index: _GraphIndex, acts: dict[str, ActivationSite]) -> dict[st
             elif src.bits == dst.bits:
                 del acts[dst.tensor], parent[dst.tensor]
                 _redirect(parent, dst.tensor, src.tensor)
+                aliases[dst.tensor] = aliases.get(src.tensor, src.tensor)
         elif node.op_type == "Concat" and node.output[0] in acts:
             inputs = [i for i in node.input if i not in index.initializers]
             if all(i in acts and acts[i].bits == acts[node.output[0]].bits for i in inputs):
                 for name in inputs:
                     parent[find(name)] = find(node.output[0])
-    return {name: ActivationSite(s.tensor, s.bits, s.role, find(name)) for name, s in acts.items()}
+    return {name: ActivationSite(s.tensor, s.bits, s.role, find(name)) for name, s in acts.items()}, aliases
 
 
 def _mark_wide(index: _GraphIndex, acts: dict[str, ActivationSite], consumer_weight_bits: dict[str, list[int]]) -> dict[str, ActivationSite]:

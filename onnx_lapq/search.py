@@ -91,7 +91,7 @@ def minimize(
     except _BudgetSpent:
         success, message = False, f"stopped by budget after {tracked.nfev} evaluations"
     return SearchResult(
-        x=tracked.best_x, fun=tracked.best_f, nfev=tracked.nfev, nit=nit, success=success,
+        x=np.array(x0, np.float64) if tracked.best_x is None else tracked.best_x, fun=tracked.best_f, nfev=tracked.nfev, nit=nit, success=success,
         message=message, trace=tracked.trace, seconds=time.perf_counter() - started,
     )
 

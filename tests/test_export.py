@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto
 
 from conftest import (
-    Net, block_model, conv_chain_model, init_array, initializer, numpy_forward, ort_run, random_inputs, run_cli, with_outputs,
+    Net, block_model, make_model, conv_chain_model, init_array, initializer, numpy_forward, ort_run, random_inputs, run_cli, with_outputs,
 )
 from onnx_lapq import ExportError, ModelError, QuantConfig, quantize, save_model_atomic
 from onnx_lapq import modelio
@@ -340,3 +340,18 @@ def test_bias_correction_removes_mean_output_shift(name):
     shift = lambda y: np.abs((y - float_out).mean(axis=(0, 2, 3))).max()
     assert shift(uncorrected) > 20 * shift(quant_out)
     assert shift(quant_out) < 1e-3 * np.abs(float_out).mean() + float(np.max(result.params["c1_B"].scale))
+
+
+@pytest.mark.parametrize("shape, folds", [((6,), False), ((6, 1), False), ((6, 1, 1), True), ((1, 6, 1, 1), True)])
+def test_conv_bias_add_folds_only_per_channel_constants(shape, folds):
+    """Add(Conv(x), c) becomes the Conv's bias only when c broadcasts along the channels."""
+    rng = np.random.default_rng(0)
+    w, c = rng.standard_normal((6, 3, 3, 3)).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+    model = make_model(
+        [onnx.helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]), onnx.helper.make_node("Add", ["y", "c"], ["z"])],
+        [("x", TensorProto.FLOAT, ["N", 3, 6, 6])], [("z", TensorProto.FLOAT, ["N", 6, 6, 6])], {"w": w, "c": c},
+    )
+    normalized = normalize(model)
+    assert (len(normalized.graph.node) == 1) is folds
+    x = {"x": rng.standard_normal((2, 3, 6, 6)).astype(np.float32)}
+    np.testing.assert_allclose(ort_run(normalized, x)[0], ort_run(model, x)[0], atol=1e-5)

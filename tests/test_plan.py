@@ -188,3 +188,22 @@ def test_w8a8_axes_model_fuses(tmp_path):
     ort_session(result.model, optimize=True, optimized_path=optimized)
     ops = collections.Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
     assert ops["Gemm"] == 0 and ops["MatMul"] == 0
+
+
+@pytest.mark.parametrize("bits", [4, 16])
+def test_dropped_pass_through_site_keeps_its_layers_bias(bits):
+    """x -> conv1 -> relu -> {maxpool -> conv2, conv3}: at other than 8 bits the MaxPool output is
+    not a site of its own (it is on relu's grid), and conv2's int32 bias uses relu's scale."""
+    net = Net(np.random.default_rng(0))
+    r = net.op("Relu", "relu", [net.conv("conv1", "x", 2, 4)])
+    pooled = net.op("MaxPool", "pool", [r], kernel_shape=[2, 2], strides=[2, 2])
+    a = net.op("GlobalAveragePool", "ga", [net.conv("conv2", pooled, 4, 3)])
+    b = net.op("GlobalAveragePool", "gb", [net.conv("conv3", r, 4, 3)])
+    net.op("Add", "y", [a, b])
+    model = net.model([("x", TensorProto.FLOAT, ["N", 2, 8, 8])], [("y", TensorProto.FLOAT, ["N", 3, 1, 1])], opset=21)
+    result = quantize(model, random_inputs(model, 16), config=QuantConfig(weight_bits=bits, act_bits=bits))
+    assert "pool" not in {s.tensor for s in result.plan.activations}
+    bias = next(b for b in result.plan.biases if b.node == "conv2")
+    assert bias.input_tensor == "pool" and bias.scale_site == "relu"
+    expected = result.params["relu"].scale * result.params["conv2_W"].scale
+    np.testing.assert_allclose(result.params["conv2_B"].scale, expected.astype(np.float32))
