@@ -16,6 +16,8 @@ import onnxruntime as ort
 from .errors import CalibrationError
 from .stats import TensorStats
 
+OUTPUT_BUDGET = 128 << 20  # bytes of observed tensors one ONNX Runtime run may return
+
 
 def session(model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True) -> ort.InferenceSession:
     """A CPU ONNX Runtime session for an in-memory model."""
@@ -35,6 +37,15 @@ def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelPr
         if name not in present:
             out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     return out
+
+
+def _run(sess: ort.InferenceSession | None, tensors: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    if sess is None:
+        return []
+    try:
+        return sess.run(tensors, feeds)
+    except Exception as exc:  # ORT raises its own exception types
+        raise CalibrationError(f"ONNX Runtime could not run the model on the calibration data: {exc}".splitlines()[0]) from None
 
 
 def collect_stats(
@@ -57,18 +68,23 @@ def collect_stats(
     """
     sess = session(with_outputs(model, tensors)) if tensors else None
     stats = {name: TensorStats(half_bins, 1 if name in channel_means else None) for name in tensors}
-    done = 0
+    done, rows_per_run = 0, 1  # the first run is one sample, to learn how much one returns
     for batch in batches:
-        try:
-            outputs = sess.run(tensors, batch) if sess is not None else []
-        except Exception as exc:  # ORT raises its own exception types
-            raise CalibrationError(f"ONNX Runtime could not run the model on the calibration data: {exc}".splitlines()[0]) from None
+        rows = next(iter(batch.values())).shape[0]
         mask = np.asarray(batch[mask_input]).astype(bool) if mask_input else None
-        for name, value in zip(tensors, outputs):
-            if mask is not None and value.ndim >= 2 and value.shape[:2] == mask.shape:
-                value = value[mask]
-            stats[name].update(value)
-        done += next(iter(batch.values())).shape[0]
+        start = 0
+        while start < rows:
+            step = rows_per_run
+            outputs = _run(sess, tensors, {k: v[start:start + step] for k, v in batch.items()})
+            if done == 0 and start == 0 and outputs:
+                rows_per_run = max(1, int(OUTPUT_BUDGET // max(sum(o.nbytes for o in outputs), 1)))
+            chunk_mask = None if mask is None else mask[start:start + step]
+            for name, value in zip(tensors, outputs):
+                if chunk_mask is not None and value.ndim >= 2 and value.shape[:2] == chunk_mask.shape:
+                    value = value[chunk_mask]
+                stats[name].update(value)
+            start += step
+        done += rows
         if on_batch is not None:
             on_batch(done)
     return stats, done
