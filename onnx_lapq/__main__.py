@@ -96,7 +96,7 @@ def _summary(report: dict, seconds: float, output: str) -> str:
 
 
 def _start(report: dict) -> str:
-    return "min/max start" if report["p_star"] is None else f"Lp start (p*={report['p_star']:.2f})"
+    return f"{report['start']} start" if report["p_star"] is None else f"Lp start (p*={report['p_star']:.2f})"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,8 +4,9 @@
    from their histograms, weights exactly) and the end-to-end loss is measured.
 2. A parabola fitted to loss(p) gives p* (clamped to the grid); when the fit is not
    convex, or p* does worse than the best grid point, the best grid point is used.
-   Min/max clipping (the p -> infinity limit) is a candidate too: at 8 bits, where
-   clipping rarely pays, it often has the lowest loss.
+   The per-tensor calibrators (min/max, the p -> infinity limit; percentile; entropy)
+   are start candidates too, judged by the same loss: at 8 bits, where clipping rarely
+   pays, min/max often wins, and on deep networks entropy can beat every Lp start.
 3. From the ranges at p*, ``search.minimize`` tunes the vector of log clip factors
    (one per activation group, one per weight layer) against the same loss.
 """
@@ -27,8 +28,10 @@ class LapqOutcome:
 
     ranges: SiteRanges
     initial_ranges: SiteRanges
-    p_star: float | None  # None: the min/max start won
+    p_star: float | None  # None: a calibrator's start won (see ``start``)
+    start: str  # "lp" or the name of the calibrator the search started from
     p_losses: dict[float, float]
+    start_losses: dict[str, float]
     init_loss: float
     search: SearchResult
 
@@ -45,7 +48,7 @@ def parabola_minimum(ps: list[float], losses: list[float]) -> float | None:
 
 def run_lapq(
     ranges_at_p: Callable[[float], SiteRanges],
-    minmax_ranges: SiteRanges,
+    calibrated: dict[str, SiteRanges],
     loss_of: Callable[[SiteRanges], float],
     space_for: Callable[[SiteRanges], ParamSpace],
     *,
@@ -66,10 +69,11 @@ def run_lapq(
         losses[p_star] = loss_of(ranges_at_p(p_star))
     if losses[p_star] > losses[best_p]:  # a vertex (or a clamped grid end) that does worse than the best grid point
         p_star = best_p
-    initial, init_loss = ranges_at_p(p_star), losses[p_star]
-    minmax_loss = loss_of(minmax_ranges)
-    if minmax_loss < init_loss:
-        initial, init_loss, p_star = minmax_ranges, minmax_loss, None
+    initial, init_loss, start = ranges_at_p(p_star), losses[p_star], "lp"
+    start_losses = {name: loss_of(ranges) for name, ranges in calibrated.items()}
+    for name, loss in start_losses.items():
+        if loss < init_loss:
+            initial, init_loss, p_star, start = calibrated[name], loss, None, name
     space = space_for(initial)
     result = minimize(
         lambda x: loss_of(space.ranges(x)), np.zeros(space.size), space.bounds,
@@ -78,6 +82,6 @@ def run_lapq(
     if result.fun > init_loss:  # cannot happen (x0 is evaluated first) unless the loss is noisy
         result = dataclasses.replace(result, x=np.zeros(space.size), fun=init_loss)
     return LapqOutcome(
-        ranges=space.ranges(result.x), initial_ranges=initial, p_star=p_star,
-        p_losses={**dict(sorted(losses.items())), float("inf"): minmax_loss}, init_loss=init_loss, search=result,
+        ranges=space.ranges(result.x), initial_ranges=initial, p_star=p_star, start=start,
+        p_losses=dict(sorted(losses.items())), start_losses=start_losses, init_loss=init_loss, search=result,
     )

@@ -39,6 +39,7 @@ from .params import QParams
 from .plan import QuantPlan
 
 log = logging.getLogger(__name__)
+MAX_CUTS = 16
 
 
 def auto_loss(model: onnx.ModelProto) -> str:
@@ -233,7 +234,8 @@ class LossEvaluator:
 
     # ----------------------------------------------------------------- cuts
     def _choose_cuts(self, budget: int) -> list[_Cut]:
-        """Cuts before the first node that reads each tunable tensor, within ``budget`` bytes.
+        """Cuts before the first node that reads each tunable tensor: at most MAX_CUTS, evenly
+        spread, within ``budget`` bytes.
 
         Fused, a cut's tensors must be ones whose values do not depend on whether ONNX
         Runtime fuses the layers around them (integer codes, their dequantized values, data
@@ -253,14 +255,20 @@ class LossEvaluator:
         producer = {o: n.op_type for n in nodes for o in n.output}
         sizes = self._tensor_bytes()
         constants = {t.name for t in self.template.graph.initializer} | qdq_names
-        cuts = [_Cut(0, data_inputs, [])]
-        spent = 0
+        valid = []
         for pos in sorted(candidates - {0, len(nodes)}):
             live = _live_tensors(nodes, pos, constants, self.output)
             if self.fused and any(producer.get(t, "input") not in ("QuantizeLinear", "DequantizeLinear", "input") for t in live):
                 continue
-            cost = sum(sizes.get(t, budget + 1) for t in live)
-            if not live or spent + cost > budget:
+            if live and all(t in sizes for t in live):
+                valid.append((pos, live))
+        if len(valid) > MAX_CUTS:  # each cut holds a session (fed) and cached tensors: keep an even spread
+            valid = [valid[round(i * (len(valid) - 1) / (MAX_CUTS - 1))] for i in range(MAX_CUTS)]
+        cuts = [_Cut(0, data_inputs, [])]
+        spent = 0
+        for pos, live in valid:
+            cost = sum(sizes[t] for t in live)
+            if spent + cost > budget:
                 continue
             cuts.append(_Cut(pos, live, sorted(n for n, p in first_use.items() if p < pos)))
             spent += cost

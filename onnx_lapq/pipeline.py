@@ -30,6 +30,9 @@ from .stats import TensorStats
 from .verify import check_exported
 
 
+START_CALIBRATORS = ("minmax", "percentile", "entropy")  # LAPQ start candidates besides the Lp sweep
+
+
 @dataclass(frozen=True)
 class Progress:
     """What ``on_step`` receives: a stage name, work done, the total when known, and the
@@ -177,15 +180,19 @@ def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify, input_m
         input_means=input_means,
     )
     outcome = run_lapq(
-        ranges_at_p, choose_ranges(normalized, plan, stats, replace(config, method="minmax")), lambda r: evaluator(_qparams(plan, r, config)), lambda r: ParamSpace(plan, r),
+        ranges_at_p,
+        {m: choose_ranges(normalized, plan, stats, replace(config, method=m)) for m in START_CALIBRATORS},
+        lambda r: evaluator(_qparams(plan, r, config)), lambda r: ParamSpace(plan, r),
         lp_grid=config.lp_grid, search=config.search, max_evals=config.max_evals, time_limit=config.time_limit,
         iterations=config.search_iterations,
         on_eval=lambda n, best: notify(Progress("search", n, config.max_evals, best)),
     )
     report = {
         "loss": evaluator.kind,
+        "start": outcome.start,
         "p_star": outcome.p_star,
         "p_losses": {str(p): v for p, v in outcome.p_losses.items()},
+        "start_losses": outcome.start_losses,
         "init_loss": outcome.init_loss,
         "final_loss": outcome.search.fun,
         "nfev": outcome.search.nfev,

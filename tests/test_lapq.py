@@ -37,7 +37,7 @@ def digits_lapq():
 def test_search_lowers_loss_below_lp_init(digits_lapq):
     report = digits_lapq.report
     assert report["final_loss"] < 0.8 * report["init_loss"]
-    assert report["init_loss"] == min(report["p_losses"].values())  # the start is the best of the p sweep and min/max
+    assert report["init_loss"] == min([*report["p_losses"].values(), *report["start_losses"].values()])  # the best start
 
 
 def test_exported_loss_matches_search(digits_lapq):
@@ -51,7 +51,7 @@ def test_report_fields(digits_lapq):
         assert key in report, key
     grid = onnx_lapq.QuantConfig().lp_grid
     assert report["p_star"] is None or min(grid) <= report["p_star"] <= max(grid)
-    assert "inf" in report["p_losses"]  # the min/max candidate
+    assert set(report["start_losses"]) == {"minmax", "percentile", "entropy"}
     trace_losses = [v for _, v in report["loss_trace"]]
     assert trace_losses == sorted(trace_losses, reverse=True) and trace_losses[-1] == report["final_loss"]
     assert any(a["scale"] != a["initial_scale"] for a in report["activations"])
@@ -147,7 +147,7 @@ def test_lp_start_never_worse_than_best_grid_point():
 
     table = {2.0: 5.2, 2.5: 1.2, 3.0: 6.2, 3.5: 7.8, 4.0: 6.1}
     ranges = {p: SiteRanges(activations={"p": (0.0, p)}) for p in table}
-    minmax = SiteRanges(activations={"p": (0.0, 99.0)})
+    calibrated = {"minmax": SiteRanges(activations={"p": (0.0, 99.0)})}
 
     class Space:
         size, bounds = 0, []
@@ -156,7 +156,7 @@ def test_lp_start_never_worse_than_best_grid_point():
             return ranges[2.5]
 
     outcome = run_lapq(
-        lambda p: ranges[p], minmax, lambda r: table.get(r.activations["p"][1], 50.0), lambda r: Space(),
+        lambda p: ranges[p], calibrated, lambda r: table.get(r.activations["p"][1], 50.0), lambda r: Space(),
         lp_grid=tuple(table), search="coordinate", max_evals=5, time_limit=None, iterations=1,
     )
     assert outcome.p_star == 2.5 and outcome.init_loss == 1.2
