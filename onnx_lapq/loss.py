@@ -11,9 +11,10 @@ Two ways to run the quantized graph, chosen by measurement (DESIGN.md, README):
   * fed (any sub-8-bit site, which no CPU kernel fuses): the Q/DQ numbers are
     graph inputs (export.py's fed export), so one session per graph suffix serves
     every candidate;
-  * fused (8-bit weights and activations): the numbers are constants, as in the exported model, so
-    ONNX Runtime runs its integer kernels; each evaluation builds and opens a session
-    for the suffix it runs (tens of ms, still cheaper than float fake-quant).
+  * fused (8-bit weights and activations, when opening a session of the model takes under
+    half an FP32 pass over the samples): the numbers are constants, as in the exported
+    model, so ONNX Runtime runs its integer kernels; each evaluation builds and opens a
+    session for the suffix it runs (tens of ms, still cheaper than float fake-quant).
 Either way the graph is cut before the first node of tunable sites: a cut's live
 tensors are cached with the parameter versions they were computed under, and an
 evaluation runs only the graph after the deepest cut whose upstream parameters have
@@ -133,7 +134,7 @@ class LossEvaluator:
         self.fp32_seconds = time.perf_counter() - started
         self.samples = sum(len(r) for r in self.reference)
         fusable = all(a.bits == 8 for a in plan.activations) and all(w.bits == 8 for w in plan.weights)
-        self.fused = fusable if fused is None else fused
+        self.fused = fusable and self._sessions_are_cheap(model, plan, init_params) if fused is None else fused
         self.input_means = input_means
         self.template = export_qdq(model, plan, init_params, fed=not self.fused, input_means=input_means)
         self._raw: dict[str, tuple[np.ndarray, int]] = {}
@@ -149,6 +150,14 @@ class LossEvaluator:
         self.evaluations = 0
         self.suffix_nodes = 0
         self.eval_seconds = 0.0
+
+    def _sessions_are_cheap(self, model: onnx.ModelProto, plan: QuantPlan, params: dict[str, QParams]) -> bool:
+        """Fused evaluation opens a session per evaluation: worth it only when opening the
+        whole quantized model takes under half an FP32 pass over the samples."""
+        exported = export_qdq(model, plan, params).SerializeToString()
+        started = time.perf_counter()
+        ort.InferenceSession(exported, providers=["CPUExecutionProvider"])
+        return time.perf_counter() - started < 0.5 * self.fp32_seconds
 
     # ----------------------------------------------------------------- public
     def __call__(self, params: dict[str, QParams]) -> float:

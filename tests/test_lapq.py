@@ -98,7 +98,7 @@ def test_cached_evaluation_equals_full_evaluation(bits):
     config = onnx_lapq.QuantConfig(weight_bits=bits[0], act_bits=bits[1], bias_correction=False)
     result = onnx_lapq.quantize(model, calib, config=config)
     normalized = normalize(model, min_opset=21)
-    cached = LossEvaluator(normalized, result.plan, calib, result.params, loss="mse")
+    cached = LossEvaluator(normalized, result.plan, calib, result.params, loss="mse", fused=bits == (8, 8))
     assert len(cached.cuts) > 1
     rng = np.random.default_rng(0)
     from onnx_lapq.pipeline import choose_ranges  # the ranges the result was made from
@@ -109,7 +109,7 @@ def test_cached_evaluation_equals_full_evaluation(bits):
         x = np.zeros(space.size)
         x[rng.integers(space.size)] = rng.uniform(-1.0, 0.3)
         params = onnx_lapq.params.qparams(result.plan, space.ranges(x), weight_symmetric=True, act_symmetric=False)
-        fresh = LossEvaluator(normalized, result.plan, calib, params, loss="mse", memory_budget=0)
+        fresh = LossEvaluator(normalized, result.plan, calib, params, loss="mse", memory_budget=0, fused=bits == (8, 8))
         assert len(fresh.cuts) == 1
         assert cached(params) == pytest.approx(fresh(params), rel=1e-6, abs=1e-12)
     assert cached.mean_suffix_fraction < 1.0
@@ -120,8 +120,7 @@ def test_evaluator_loss_matches_exported_model(bits, fused):
     model = block_model(opset=21)
     calib = random_inputs(model, 32, batch=16)
     result = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(weight_bits=bits, act_bits=bits, bias_correction=False))
-    evaluator = LossEvaluator(normalize(model, min_opset=21), result.plan, calib, result.params, loss="kl")
-    assert evaluator.fused is fused
+    evaluator = LossEvaluator(normalize(model, min_opset=21), result.plan, calib, result.params, loss="kl", fused=fused)
     exported = evaluator.measure(session(result.model))
     assert evaluator(result.params) == pytest.approx(exported, rel=1e-5)
 
