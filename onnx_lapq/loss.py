@@ -206,6 +206,12 @@ class LossEvaluator:
         labels = self.labels[b] if self.labels is not None else None
         return distance(self.kind, self.reference[b], out, labels, self.probabilities)
 
+    def set_input_means(self, input_means: dict[str, np.ndarray] | None) -> None:
+        """Switch bias correction on (per-channel layer input means) or off (None); every
+        Q/DQ number is recomputed at the next evaluation."""
+        self.input_means = input_means
+        self._site_params = {}
+
     # ----------------------------------------------------------------- Q/DQ numbers
     def _update(self, params: dict[str, QParams]) -> None:
         """Recompute the Q/DQ tensors of sites whose parameters changed; bump their versions."""

@@ -3,8 +3,9 @@ optimizations, and agreement of that optimized session with the unoptimized grap
 
 The last check guards against ONNX Runtime rewrites that change numbers (seen with
 16-bit activations): on a calibration batch, the optimized model may differ from the
-same model run without graph optimizations by at most half the quantization error
-itself (mean |optimized - unoptimized| <= 0.5 mean |unoptimized - float| + 1e-3 mean |float|).
+same model run without graph optimizations by at most twice the quantization error
+itself (mean |optimized - unoptimized| <= 2 mean |unoptimized - float| + 1e-3 mean |float|);
+integer kernels legitimately round differently, by about the quantization error.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def check_exported(model: onnx.ModelProto, reference: onnx.ModelProto, batch: di
     plain = session(model, optimize=False).run([name], batch)[0].astype(np.float64)
     exact = session(reference).run([name], batch)[0].astype(np.float64)
     drift, error = np.abs(fast - plain).mean(), np.abs(plain - exact).mean()
-    if drift > 0.5 * error + 1e-3 * np.abs(exact).mean():
+    if drift > 2.0 * error + 1e-3 * np.abs(exact).mean():
         raise ExportError(
             f"ONNX Runtime's graph optimizations change this quantized model's outputs (mean drift {drift:.3g} against a "
             f"quantization error of {error:.3g}), a known ONNX Runtime issue with 16-bit activations: use --act-bits 8 or fewer"
