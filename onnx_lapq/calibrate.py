@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import CalibrationError
+from .modelio import copy_model
 from .stats import TensorStats
 
 OUTPUT_BUDGET = 128 << 20  # bytes of observed tensors one ONNX Runtime run may return
@@ -32,8 +33,7 @@ def session(model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True, 
 
 def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
     """A copy of ``model`` that also returns ``tensors`` (float32) as graph outputs."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copy_model(model)
     present = {o.name for o in out.graph.output}
     for name in tensors:
         if name not in present:

@@ -23,9 +23,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .biascorr import output_shift
+from .modelio import copy_model
 from .params import QParams
 from .plan import QuantPlan
-from .biascorr import output_shift
 from .qmath import QFormat, broadcast, fake_quantize, quantize
 
 log = logging.getLogger(__name__)
@@ -161,8 +162,7 @@ def export_qdq(
     With ``fed`` the Q/DQ numbers (see :func:`qdq_tensors`) become graph inputs
     instead of initializers, so one ONNX Runtime session evaluates any parameters.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copy_model(model)
     graph = out.graph
     weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     tensors = qdq_tensors(weights, plan, params, fed=fed, input_means=input_means)

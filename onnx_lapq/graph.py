@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx import version_converter
 
 from .errors import ModelError
+from .modelio import copy_model
 from .plan import output_channel_axis
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,7 @@ def _convert_opset(model: onnx.ModelProto, min_opset: int) -> onnx.ModelProto:
     if current > MAX_OPSET:
         raise ModelError(f"opset {current} is newer than onnx_lapq supports ({MAX_OPSET}): re-export the model at opset {MAX_OPSET} or lower")
     if current >= min_opset:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return copy
+        return copy_model(model)
     try:
         converted = version_converter.convert_version(model, min_opset)
     except Exception as exc:

@@ -36,6 +36,7 @@ from .calibrate import session
 from .config import LOSSES
 from .errors import ConfigError
 from .export import export_qdq, proto, qdq_tensors
+from .modelio import copy_model
 from .params import QParams
 from .plan import QuantPlan
 
@@ -310,8 +311,8 @@ class LossEvaluator:
     def _with_numbers(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """``model`` itself when fed; else a copy with the current Q/DQ numbers as initializers."""
         if not self.fused:
-            return _copy(model)
-        out = _copy(model)
+            return copy_model(model)
+        out = copy_model(model)
         used = {n for node in out.graph.node for n in node.input}
         kept = [t for t in out.graph.initializer if t.name not in self._raw]
         del out.graph.initializer[:]
@@ -321,7 +322,7 @@ class LossEvaluator:
 
     def _suffix(self, cut: _Cut, later_cuts: list[_Cut]) -> onnx.ModelProto:
         """The quantized graph from ``cut`` on, returning the output and ``later_cuts``' live tensors."""
-        model = _copy(self.template)
+        model = copy_model(self.template)
         graph = model.graph
         types = self._types
         keep = list(graph.node)[cut.position:]
@@ -344,12 +345,6 @@ class LossEvaluator:
         del graph.initializer[:]
         graph.initializer.extend(kept)
         return self._with_numbers(model)
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
 
 
 def _feed(value: np.ndarray, dtype: int):

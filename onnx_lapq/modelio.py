@@ -29,6 +29,13 @@ def load_model(path: str) -> onnx.ModelProto:
     return model
 
 
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy of ``model`` (edits and onnx.save never reach the original)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
 def same_file(a: str, b: str) -> bool:
     """True when two paths name the same file (existing or not)."""
     if os.path.exists(a) and os.path.exists(b):
@@ -47,9 +54,8 @@ def save_model_atomic(model: onnx.ModelProto, path: str) -> None:
     tmp_data = os.path.join(folder, os.path.basename(tmp) + ".data")
     try:
         if model.ByteSize() > PROTOBUF_LIMIT:
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)  # onnx.save moves tensors out of the proto it is given
-            onnx.save(copy, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=os.path.basename(tmp_data))
+            # a copy: onnx.save moves tensors out of the proto it is given
+            onnx.save(copy_model(model), tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=os.path.basename(tmp_data))
             _relocate_external_data(tmp, data_name)
             os.replace(tmp_data, os.path.join(folder, data_name))
         else:

@@ -169,12 +169,16 @@ def test_keep_first_last_8bit():
 # --------------------------------------------------------------------------- ONNX Runtime fusion
 
 
-def test_w8a8_fuses_into_integer_kernels(tmp_path):
-    model = block_model()
+def optimized_ops(model, tmp_path) -> collections.Counter:
+    """Op counts of ONNX Runtime's optimized graph of ``model`` quantized at W8A8."""
     result = quantize(model, random_inputs(model, 32), config=QuantConfig())
     optimized = tmp_path / "optimized.onnx"
     ort_session(result.model, optimize=True, optimized_path=optimized)
-    ops = collections.Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+    return collections.Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+
+
+def test_w8a8_fuses_into_integer_kernels(tmp_path):
+    ops = optimized_ops(block_model(), tmp_path)
     assert ops["QLinearConv"] + ops["ConvInteger"] == len(CONVS)
     assert ops["QGemm"] + ops["MatMulInteger"] + ops["QLinearMatMul"] == 1
     assert ops["Conv"] == 0 and ops["Gemm"] == 0  # nothing left in float
@@ -182,11 +186,7 @@ def test_w8a8_fuses_into_integer_kernels(tmp_path):
 
 
 def test_w8a8_axes_model_fuses(tmp_path):
-    model = axes_model()
-    result = quantize(model, random_inputs(model, 32), config=QuantConfig())
-    optimized = tmp_path / "optimized.onnx"
-    ort_session(result.model, optimize=True, optimized_path=optimized)
-    ops = collections.Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+    ops = optimized_ops(axes_model(), tmp_path)
     assert ops["Gemm"] == 0 and ops["MatMul"] == 0
 
 
