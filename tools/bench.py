@@ -30,7 +30,7 @@ and times it against FP32 on the same batch of 32, interleaved, in the same run.
 
 Outputs: DIR/results.json (list of rows: model, config, method, metric,
 fp32_metric, quant_seconds, peak_rss_mb, ms_per_item, fp32_ms_per_item,
-metric_name, drop, speedup, error, error_stage, notes, ...), DIR/results.md, DIR/accuracy_vs_bits.png,
+metric_name, drop, speedup, error, error_stage, notes, git (the commit), ...), DIR/results.md, DIR/accuracy_vs_bits.png,
 DIR/quant_time.png. Resumable: FP32 metrics are cached in DIR/cache/fp32.json
 and finished rows (key: model, config, method, quick, calib_size, seed) are
 reused unless --force; rows whose tool could not even be imported are redone.
@@ -202,6 +202,7 @@ def bench_model(a: argparse.Namespace, model: str, rows: dict) -> None:
         if not row.get("error"):
             score_row(a, task, row, fp32_sess)
         row["timestamp"] = datetime.datetime.now().isoformat(timespec="seconds")
+        row["git"] = a.git
         rows[row_key(row)] = row
         write_json(a.out / "results.json", list(rows.values()))
         print(f"  [{i}/{len(todo)}] {progress_line(row)}", flush=True)
@@ -216,7 +217,13 @@ def progress_line(r: dict) -> str:
             f"{r['ms_per_item']:.3f} vs FP32 {r['fp32_ms_per_item']:.3f} ms/item")
 
 
-def run_meta(a: argparse.Namespace) -> dict:
+def git_describe() -> str:
+    """The checkout's commit (with -dirty when it has uncommitted changes): recorded in every row."""
+    return subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                          capture_output=True, text=True).stdout.strip() or "no commit"
+
+
+def run_meta(a: argparse.Namespace, rows: list[dict]) -> dict:
     import numpy
     import onnx
     import onnxruntime
@@ -227,11 +234,10 @@ def run_meta(a: argparse.Namespace) -> dict:
         lapq = f"{getattr(onnx_lapq, '__version__', '?')} ({Path(onnx_lapq.__file__).parent})"
     except ImportError as e:
         lapq = f"not importable ({e})"
-    git = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                         capture_output=True, text=True).stdout.strip() or "no commit"
+    commits = sorted({r.get("git", "not recorded") for r in rows})
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "command": " ".join(["python tools/bench.py", *sys.argv[1:]]),
-            "git": git, "onnx_lapq": lapq, "onnxruntime": onnxruntime.__version__,
+            "git": git_describe(), "rows made at commits": ", ".join(commits), "onnx_lapq": lapq, "onnxruntime": onnxruntime.__version__,
             "onnx": onnx.__version__, "numpy": numpy.__version__,
             "python": platform.python_version(), "host": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "threads": a.threads, "calib_size": a.calib_size, "quick": a.quick, "seed": a.seed,
@@ -242,7 +248,7 @@ def write_report(a: argparse.Namespace, rows: dict) -> None:
     mine = [r for r in rows.values()
             if (r["quick"], r["calib_size"], r["seed"]) == (a.quick, a.calib_size, a.seed)]
     splits = kitdata.describe_splits(a.calib_size, a.quick, a.seed)
-    report.write_markdown(a.out / "results.md", mine, run_meta(a), splits)
+    report.write_markdown(a.out / "results.md", mine, run_meta(a, mine), splits)
     report.write_plots(a.out, mine)
 
 
@@ -252,6 +258,7 @@ def main(argv: list[str]) -> int:
         write_json(Path(job["result_path"]), runners.run_job(job))
         return 0
     a = parse_args(argv)
+    a.git = git_describe()
     a.out.mkdir(parents=True, exist_ok=True)
     rows = {row_key(r): r for r in read_json(a.out / "results.json", [])}
     for model in a.models:
