@@ -76,7 +76,10 @@ def entropy_threshold(stats: TensorStats, bits: int) -> float:
     For each candidate threshold (a bin edge i), P is the histogram up to i with the
     clipped tail added to its last bin, Q merges P's bins into 2**bits levels
     (2**(bits-1) for signed data) spread back over P's non-empty bins; T minimizes KL(P||Q).
-    As in NVIDIA's calibrators, the first bin takes the count of the second.
+    As in NVIDIA's calibrators, the first bin takes the count of the second.  Thresholds
+    below which fewer than ``levels`` bins are non-empty are not tried: there Q copies P
+    bin for bin and KL misses the clipping (integer-valued data such as an image input,
+    one non-empty bin in eight, would otherwise be clipped to its first few values).
     """
     n = stats.half_bins
     hist = (stats.counts[n:] + stats.counts[:n][::-1]).astype(np.float64)
@@ -88,6 +91,9 @@ def entropy_threshold(stats: TensorStats, bits: int) -> float:
         return last * width
     tail = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])  # tail[i] = sum(hist[i:])
     candidates = np.unique(np.linspace(levels, last, min(last - levels + 1, 512)).astype(int))
+    candidates = candidates[np.cumsum(hist > 0)[candidates - 1] >= levels]
+    if not len(candidates):
+        return last * width
     divergences = [_kl_at(hist, tail, i, levels) for i in candidates]
     return float(candidates[int(np.argmin(divergences))] * width)
 

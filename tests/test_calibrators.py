@@ -141,7 +141,8 @@ def reference_kl_threshold(counts, half_bins, radius, nonnegative, bits) -> floa
 
     hist[j] counts |x| in bin j (the first bin takes the count of the second, dropping the
     spike of exact zeros).  For every threshold i from the number of levels to the last
-    non-empty bin: P = hist[:i] with the clipped tail added to its last bin; Q merges
+    non-empty bin with at least `levels` non-empty bins below it: P = hist[:i] with the
+    clipped tail added to its last bin; Q merges
     hist[:i] into `levels` chunks (bin j in chunk j*levels//i) and spreads each chunk's sum
     evenly over that chunk's non-empty bins; the threshold minimizes KL(P || Q).
     """
@@ -152,8 +153,10 @@ def reference_kl_threshold(counts, half_bins, radius, nonnegative, bits) -> floa
     last = max(j for j in range(n) if hist[j] > 0) + 1
     if last <= levels:
         return last * radius / n
-    best_i, best_kl = None, math.inf
+    best_i, best_kl = last, math.inf
     for i in range(levels, last + 1):
+        if sum(h > 0 for h in hist[:i]) < levels:
+            continue
         p = hist[:i]
         p[i - 1] += sum(hist[i:])
         chunk_sum = [0.0] * levels
@@ -191,6 +194,14 @@ def test_entropy_clips_outliers_and_keeps_short_histograms_whole():
     assert 0 < t < 0.7 * max(-x.min(), x.max())
     # fewer non-empty bins than levels: nothing to clip, the threshold covers all data
     assert clip.entropy_threshold(stats, 8) >= max(-x.min(), x.max())
+
+
+def test_entropy_keeps_integer_valued_inputs_unclipped_at_4_bits():
+    """Mean-subtracted pixels (integers in [-123, 151]) fill one bin in eight: the
+    threshold must not collapse to the first bins, where a lone bin makes KL zero."""
+    x = np.random.default_rng(0).integers(-123, 152, size=(64, 3, 16, 16)).astype(np.float32)
+    stats = observe(x, half_bins=2048)
+    assert clip.entropy_threshold(stats, 4) > 0.5 * 151
 
 
 # --------------------------------------------------------------------------- weights
