@@ -30,7 +30,7 @@ from .stats import TensorStats
 from .verify import check_exported
 
 
-START_CALIBRATORS = ("minmax",)  # LAPQ start candidates besides the Lp sweep (min/max: the p -> infinity limit)
+START_CALIBRATORS = ("minmax", "entropy")  # LAPQ start candidates besides the Lp sweep (min/max: the p -> infinity limit)
 BIAS_CORRECTION_ESSENTIAL = 2.0
 
 

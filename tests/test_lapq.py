@@ -51,7 +51,7 @@ def test_report_fields(digits_lapq):
         assert key in report, key
     grid = onnx_lapq.QuantConfig().lp_grid
     assert report["p_star"] is None or min(grid) <= report["p_star"] <= max(grid)
-    assert set(report["start_losses"]) == {"minmax"}
+    assert set(report["start_losses"]) == {"minmax", "entropy"}
     trace_losses = [v for _, v in report["loss_trace"]]
     assert trace_losses == sorted(trace_losses, reverse=True) and trace_losses[-1] == report["final_loss"]
     assert any(a["scale"] != a["initial_scale"] for a in report["activations"])
