@@ -1,4 +1,5 @@
-"""Smoke test of tools/bench.py: a --quick run on mnist8 (w8a8, ort-minmax + minmax).
+"""Smoke test of tools/bench.py: a --quick run on mnist8 (w8a8, ort-minmax + minmax), and a
+second run (mse) merged with it (--merge).
 
 Needs the benchmark kit (../shared/kit next to the repo, or $ONNX_LAPQ_KIT) and
 the `bench` extra (matplotlib, pillow); skips cleanly without them. Marked
@@ -50,3 +51,16 @@ def test_quick_bench_mnist8(kit, tmp_path):
     for name in ("results.md", "accuracy_vs_bits.png", "quant_time.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert "| w8a8 | minmax |" in (tmp_path / "results.md").read_text()
+    assert "rows made at commits" in (tmp_path / "results.md").read_text()
+    assert all(r["git"] for r in rows.values())
+
+    # a later run in another dir, merged: one table with both runs' rows
+    later, merged = tmp_path / "later", tmp_path / "merged"
+    proc = subprocess.run([*cmd[:cmd.index("--methods") + 1], "mse", "--quick", "--out", str(later)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench.py"), "--kit", str(kit), "--quick", "--out", str(merged),
+                           "--merge", str(tmp_path), str(later)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    merged_rows = json.loads((merged / "results.json").read_text())
+    assert sorted(r["method"] for r in merged_rows) == ["minmax", "mse", "ort-minmax"]
+    assert "| w8a8 | mse |" in (merged / "results.md").read_text()

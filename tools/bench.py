@@ -34,6 +34,8 @@ metric_name, drop, speedup, error, error_stage, notes, git (the commit), ...), D
 DIR/quant_time.png. Resumable: FP32 metrics are cached in DIR/cache/fp32.json
 and finished rows (key: model, config, method, quick, calib_size, seed) are
 reused unless --force; rows whose tool could not even be imported are redone.
+--merge DIR...: runs split over several output dirs (say, rows re-run at a later
+commit) become one results.json and report in --out; each row keeps its `git`.
 """
 from __future__ import annotations
 
@@ -73,6 +75,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lapq-time-limit", type=float, default=None, help="seconds for lapq's search (default: no limit)")
     ap.add_argument("--lapq-max-evals", type=int, default=None, help="loss evaluations for lapq's search (default: the library's)")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
+                    help="only merge the rows of these earlier --out dirs into --out (later dirs win) and write the report")
     ap.add_argument("--lapq-search-samples", type=int, default=None, help="calibration samples lapq's loss uses (default: all)")
     a = ap.parse_args(argv)
     a.calib_size = a.calib_size or (64 if a.quick else 256)
@@ -261,6 +265,13 @@ def main(argv: list[str]) -> int:
     a.git = git_describe()
     a.out.mkdir(parents=True, exist_ok=True)
     rows = {row_key(r): r for r in read_json(a.out / "results.json", [])}
+    if a.merge:
+        for src in a.merge:
+            rows.update({row_key(r): r for r in read_json(src / "results.json", [])})
+        write_json(a.out / "results.json", list(rows.values()))
+        write_report(a, rows)
+        print(f"merged {len(rows)} rows into {a.out / 'results.json'}; wrote results.md, plots", flush=True)
+        return 0
     for model in a.models:
         bench_model(a, model, rows)
     write_report(a, rows)
