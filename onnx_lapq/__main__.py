@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     lapq = p.add_argument_group("lapq search")
     lapq.add_argument("--search", default="powell", choices=SEARCHES, help="powell (default) or coordinate")
-    lapq.add_argument("--max-evals", type=int, default=2000, help="loss evaluations at most (default 2000)")
+    lapq.add_argument("--max-evals", type=int, default=QuantConfig.max_evals, help=f"loss evaluations at most (default {QuantConfig.max_evals})")
     lapq.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="stop the search after this long (best point kept)")
     lapq.add_argument("--loss", default="auto", choices=LOSSES, help="search objective: auto (kl for classifiers, else mse), kl, mse, cosine, ce")
     lapq.add_argument("--labels", default=None, metavar="KEY", help="name of the integer labels array in the calibration npz (for --loss ce)")

@@ -88,7 +88,7 @@ class QuantConfig:
     histogram_bins: int = 4096
     lp_grid: tuple[float, ...] = (2.0, 2.5, 3.0, 3.5, 4.0)
     search: str = "powell"
-    max_evals: int = 2000
+    max_evals: int = 1000
     time_limit: float | None = None
     search_iterations: int = 2
     loss: str = "auto"

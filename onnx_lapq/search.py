@@ -67,7 +67,7 @@ def minimize(
     bounds: list[tuple[float, float]],
     *,
     method: str = "powell",
-    max_evals: int = 2000,
+    max_evals: int,
     time_limit: float | None = None,
     iterations: int = 2,
     on_eval: Callable[[int, float], None] | None = None,
