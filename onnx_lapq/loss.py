@@ -6,6 +6,9 @@ with d chosen from the model's output: ``kl`` (KL(softmax(ref) || softmax(out)),
 probabilities directly when the graph ends in Softmax) for classifiers, ``mse``
 (relative: ||out - ref||^2 / ||ref||^2) for other outputs, ``cosine`` (1 - cos) for
 embeddings, ``ce`` (cross-entropy against labels).  The FP32 reference is computed once.
+``auto`` takes ``mse`` instead of ``kl`` when the reference softmax is saturated (top
+probability within SATURATED of 1 on most samples, as with mnist-8's logits in the
+thousands): there every KL is ~1e-49 and carries no signal for the search.
 
 Two ways to run the quantized graph, chosen by measurement (DESIGN.md, README):
   * fed (any sub-8-bit site, which no CPU kernel fuses): the Q/DQ numbers are
@@ -42,6 +45,7 @@ from .plan import QuantPlan
 
 log = logging.getLogger(__name__)
 MAX_CUTS = 16
+SATURATED = 1e-6
 
 
 def auto_loss(model: onnx.ModelProto) -> str:
@@ -65,6 +69,12 @@ def _last_op(model: onnx.ModelProto) -> str | None:
     while node is not None and node.op_type in ("Reshape", "Flatten", "Squeeze", "Identity"):
         node = producer.get(node.input[0])
     return None if node is None else node.op_type
+
+
+def _saturated(logits: list[np.ndarray]) -> bool:
+    """Whether the softmax of most samples puts all but SATURATED of its mass on one class."""
+    top = np.concatenate([np.exp(_log_softmax(z.reshape(len(z), -1).astype(np.float64)).max(axis=1)) for z in logits])
+    return float(np.mean(top > 1.0 - SATURATED)) > 0.5
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -134,6 +144,8 @@ class LossEvaluator:
             reference.run([self.output], b)
         self.fp32_seconds = time.perf_counter() - started
         self.samples = sum(len(r) for r in self.reference)
+        if loss == "auto" and self.kind == "kl" and not self.probabilities and _saturated(self.reference):
+            self.kind = "mse"
         fusable = all(a.bits == 8 for a in plan.activations) and all(w.bits == 8 for w in plan.weights)
         self.fused = fusable and self._sessions_are_cheap(model, plan, init_params) if fused is None else fused
         self.input_means = input_means

@@ -221,3 +221,21 @@ def test_progress_bar_shows_count_eta_and_loss():
     bar.close()
     line = stream.getvalue().strip()
     assert line.startswith("search") and "10/10" in line and "ETA" in line and "loss 0.1" in line
+
+
+def test_auto_loss_leaves_kl_when_the_softmax_is_saturated():
+    """Logits in the thousands (mnist-8 on raw pixels) make every KL ~1e-49: auto takes mse there."""
+    from onnx import numpy_helper
+
+    calib = None
+    kinds = {}
+    for scale in (1.0, 1e4):
+        model = block_model(opset=21)
+        for t in model.graph.initializer:
+            if t.name in ("fc_W", "fc_B"):
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(scale), t.name))
+        calib = calib or random_inputs(model, 32, batch=16)
+        result = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(bias_correction=False))
+        kinds[scale] = LossEvaluator(normalize(model, min_opset=21), result.plan, calib, result.params, loss="auto").kind
+        assert LossEvaluator(normalize(model, min_opset=21), result.plan, calib, result.params, loss="kl").kind == "kl"  # asked for
+    assert kinds == {1.0: "kl", 1e4: "mse"}
