@@ -13,7 +13,7 @@ thousands): there every KL is ~1e-49 and carries no signal for the search.
 Two ways to run the quantized graph, chosen by measurement (DESIGN.md, README):
   * fed (any sub-8-bit site, which no CPU kernel fuses): the Q/DQ numbers are
     graph inputs (export.py's fed export), so one session per graph suffix serves
-    every candidate;
+    every candidate (without a memory arena: one per suffix cost gigabytes);
   * fused (8-bit weights and activations, when opening a session of the model takes under
     half an FP32 pass over the samples): the numbers are constants, as in the exported
     model, so ONNX Runtime runs its integer kernels; each evaluation builds and opens a
@@ -159,7 +159,7 @@ class LossEvaluator:
         self._types = {v.name: v for v in list(typed.graph.value_info) + list(typed.graph.input) + list(typed.graph.output)
                        if v.type.tensor_type.elem_type}
         self.cuts = self._choose_cuts(memory_budget)
-        self._fed_sessions = [] if self.fused else [session(self._suffix(c, self._refreshed_after(i))) for i, c in enumerate(self.cuts)]
+        self._fed_sessions = [] if self.fused else [session(self._suffix(c, self._refreshed_after(i)), arena=False) for i, c in enumerate(self.cuts)]
         self.evaluations = 0
         self.suffix_nodes = 0
         self.eval_seconds = 0.0
