@@ -186,8 +186,9 @@ def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify, input_m
         normalized, plan, inputs, first, loss=config.loss, labels=labels, memory_budget=config.memory_budget_mb << 20,
         input_means=input_means,
     )
+    starts = {m: choose_ranges(normalized, plan, stats, replace(config, method=m)) for m in START_CALIBRATORS}
     if input_means:  # keep bias correction in the search only where the network needs it
-        start = _qparams(plan, choose_ranges(normalized, plan, stats, replace(config, method="minmax")), config)
+        start = _qparams(plan, starts["minmax"], config)
         corrected = evaluator(start)
         evaluator.set_input_means(None)
         if evaluator(start) > BIAS_CORRECTION_ESSENTIAL * corrected:
@@ -195,9 +196,7 @@ def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify, input_m
         else:
             input_means = None
     outcome = run_lapq(
-        ranges_at_p,
-        {m: choose_ranges(normalized, plan, stats, replace(config, method=m)) for m in START_CALIBRATORS},
-        lambda r: evaluator(_qparams(plan, r, config)), lambda r: ParamSpace(plan, r),
+        ranges_at_p, starts, lambda r: evaluator(_qparams(plan, r, config)), lambda r: ParamSpace(plan, r),
         lp_grid=config.lp_grid, search=config.search, max_evals=config.max_evals, time_limit=config.time_limit,
         iterations=config.search_iterations,
         on_eval=lambda n, best: notify(Progress("search", n, config.max_evals, best)),
