@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from conftest import DIGITS_CALIB, DIGITS_MODEL, block_model, conv_chain_model, random_inputs, run_cli
 
@@ -116,6 +117,30 @@ def test_cached_evaluation_equals_full_evaluation(bits):
         assert len(fresh.cuts) == 1
         assert cached(params) == pytest.approx(fresh(params), rel=1e-6, abs=1e-12)
     assert cached.mean_suffix_fraction < 1.0
+
+
+def _optimized_transposes(model: onnx.ModelProto, path) -> int:
+    """Transposes in ONNX Runtime's optimized graph of ``model`` (NHWC layout of the integer kernels)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path)
+    options.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return sum(n.op_type == "Transpose" for n in onnx.load(str(path)).graph.node)
+
+
+def test_fused_suffixes_run_in_the_exported_layout(tmp_path):
+    """Every suffix the fused evaluator runs is laid out like the exported model: no more
+    Transposes than the whole model has (a suffix whose NCHW input reaches a convolution and
+    a residual Add used to get a Transpose pair around each integer kernel after it)."""
+    model = block_model(opset=13)
+    calib = random_inputs(model, 32, batch=16)
+    result = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(bias_correction=False))
+    evaluator = LossEvaluator(normalize(model), result.plan, calib, result.params, loss="mse", fused=True)
+    whole = _optimized_transposes(result.model, tmp_path / "whole.onnx")
+    assert any("relu1" in t for c in evaluator.cuts for t in c.live), "no cut before the residual block"
+    for i, cut in enumerate(evaluator.cuts):
+        suffix = evaluator._suffix(cut, evaluator.cuts[i + 1:i + 2])
+        assert _optimized_transposes(suffix, tmp_path / f"suffix{i}.onnx") <= whole
 
 
 @pytest.mark.parametrize("bits, fused", [(4, False), (8, True)])
