@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 
-from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, LOSSES, QUANTIZABLE_OP_TYPES, SEARCHES, QuantConfig
+from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, LOSSES, QUANTIZABLE_OP_TYPES, SEARCH_BIAS_CORRECTION, SEARCHES, QuantConfig
 from .data import npz_batches
 from .errors import LapqError, ModelError
 from .modelio import load_model, same_file, save_model_atomic
@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     lapq.add_argument("--search", default="powell", choices=SEARCHES, help="powell (default) or coordinate")
     lapq.add_argument("--max-evals", type=int, default=QuantConfig.max_evals, help=f"loss evaluations at most (default {QuantConfig.max_evals})")
     lapq.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="stop the search after this long (best point kept)")
+    lapq.add_argument("--search-bias-correction", default="auto", choices=SEARCH_BIAS_CORRECTION,
+                      help="keep bias correction in the search: auto (where it at least halves the min/max start's loss), on, off")
     lapq.add_argument("--loss", default="auto", choices=LOSSES, help="search objective: auto (kl for classifiers, else mse), kl, mse, cosine, ce")
     lapq.add_argument("--labels", default=None, metavar="KEY", help="name of the integer labels array in the calibration npz (for --loss ce)")
     p.add_argument("--report", metavar="REPORT.json", help="write the run's report as JSON")
@@ -72,6 +74,7 @@ def _config(args: argparse.Namespace) -> QuantConfig:
         exclude=patterns, exclude_op_types=exclude_types, keep_first_last_8bit=args.keep_first_last_8bit,
         num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
         search=args.search, max_evals=args.max_evals, time_limit=args.time_limit, loss=args.loss, label_key=args.labels,
+        search_bias_correction=args.search_bias_correction,
         bias_correction=not args.no_bias_correction, quantize_attention=args.quantize_attention, weight_only=args.weight_only, block_size=args.block_size,
         mask_input=None if args.mask_input.lower() == "none" else args.mask_input,
     )

@@ -14,6 +14,7 @@ SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse", "lp", "lapq")
 SEARCHES = ("powell", "coordinate")
 LOSSES = ("auto", "kl", "mse", "cosine", "ce")
+SEARCH_BIAS_CORRECTION = ("auto", "on", "off")
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 QUANTIZABLE_OP_TYPES = DEFAULT_OP_TYPES + ("Gather",)  # Gather: embedding tables, weight-only
 
@@ -66,6 +67,9 @@ class QuantConfig:
         context), at their inputs.
     bias_correction: correct Conv/Gemm biases for the mean output shift that weight
         quantization causes (per-channel input means from calibration; Nagel et al. 2019).
+    search_bias_correction: whether LAPQ's search keeps bias correction (when it is on):
+        "auto" keeps it only where it at least halves the loss of the min/max start,
+        "on" and "off" decide for every network.
     weight_only: quantize only the weights of MatMuls (activations stay float), in
         blocks of ``block_size`` rows: the form ONNX Runtime runs as MatMulNBits at 4 bits.
     """
@@ -98,6 +102,7 @@ class QuantConfig:
     mask_input: str | None = "auto"
     quantize_attention: bool = False
     bias_correction: bool = True
+    search_bias_correction: str = "auto"
     weight_only: bool = False
     block_size: int = 32
 
@@ -131,6 +136,8 @@ class QuantConfig:
             raise ConfigError(f"loss={self.loss!r} is unknown: use one of {', '.join(LOSSES)}")
         if self.loss == "ce" and self.label_key is None:
             raise ConfigError("loss='ce' needs labels: set label_key to the name of the labels array in the calibration data")
+        if self.search_bias_correction not in SEARCH_BIAS_CORRECTION:
+            raise ConfigError(f"search_bias_correction={self.search_bias_correction!r} is unknown: use one of {', '.join(SEARCH_BIAS_CORRECTION)}")
         if self.max_evals < 1 or self.search_iterations < 1:
             raise ConfigError("max_evals and search_iterations must be at least 1")
         if self.time_limit is not None and self.time_limit <= 0:

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import DIGITS_CALIB, DIGITS_MODEL, block_model, conv_chain_model, random_inputs, run_cli
+from conftest import DIGITS_CALIB, DIGITS_MODEL, block_model, conv_chain_model, init_array, random_inputs, run_cli
 
 import onnx_lapq
 from onnx_lapq.calibrate import session
@@ -223,13 +223,26 @@ def test_cross_entropy_with_labels(tmp_path):
         onnx_lapq.QuantConfig(method="lapq", loss="ce")
 
 
+def test_search_bias_correction_forced_on_and_off():
+    """"on" and "off" decide whether the searched model's biases are corrected, whatever auto would."""
+    model, calib = digits()
+    results = {keep: onnx_lapq.quantize(model, calib, config=lapq_config(max_evals=20, search_bias_correction=keep)) for keep in ("on", "off")}
+    assert results["on"].report["bias_correction"] is True and results["off"].report["bias_correction"] is False
+    biases = {keep: [init_array(r.model, b.tensor + "_quantized") for b in r.plan.biases] for keep, r in results.items()}
+    assert any(not np.array_equal(a, b) for a, b in zip(biases["on"], biases["off"]))
+    plain = onnx_lapq.quantize(model, calib, config=lapq_config(max_evals=20, search_bias_correction="on", bias_correction=False))
+    assert plain.report["bias_correction"] is False  # nothing to keep when bias correction is off altogether
+    with pytest.raises(onnx_lapq.ConfigError, match="search_bias_correction"):
+        lapq_config(search_bias_correction="yes")
+
+
 def test_cli_lapq_writes_report(tmp_path):
     out, report = tmp_path / "q.onnx", tmp_path / "r.json"
     proc = run_cli(DIGITS_MODEL, out, "--calib", DIGITS_CALIB, "--method", "lapq", "--weight-bits", "3", "--act-bits", "3",
-                   "--max-evals", "40", "--search", "coordinate", "--report", report)
+                   "--max-evals", "40", "--search", "coordinate", "--search-bias-correction", "on", "--report", report)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(report.read_text())
-    assert data["nfev"] == 40 and "searched" in proc.stdout
+    assert data["nfev"] == 40 and "searched" in proc.stdout and data["bias_correction"] is True
     onnx.checker.check_model(onnx.load(out))
 
 

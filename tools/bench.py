@@ -78,6 +78,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
                     help="only merge the rows of these earlier --out dirs into --out (later dirs win) and write the report")
     ap.add_argument("--lapq-search-samples", type=int, default=None, help="calibration samples lapq's loss uses (default: all)")
+    ap.add_argument("--lapq-search-bias-correction", choices=("auto", "on", "off"), default=None,
+                    help="whether lapq's search keeps bias correction (default: the library's, auto)")
     a = ap.parse_args(argv)
     a.calib_size = a.calib_size or (64 if a.quick else 256)
     a.reps = a.reps or (3 if a.quick else 10)
@@ -147,7 +149,8 @@ def quantize_row(a: argparse.Namespace, task: kitdata.Task, config: str, method:
            "batch_size": CALIB_BATCH, "out_model": str(a.out / "models" / f"{stem}.onnx"),
            "report_path": str(a.out / "reports" / f"{stem}.json"),
            "search": {k: v for k, v in (("time_limit", a.lapq_time_limit), ("max_evals", a.lapq_max_evals),
-                                        ("search_samples", a.lapq_search_samples)) if v is not None and method == "lapq"}}
+                                        ("search_samples", a.lapq_search_samples),
+                                        ("search_bias_correction", a.lapq_search_bias_correction)) if v is not None and method == "lapq"}}
     for d in ("models", "reports"):
         (a.out / d).mkdir(parents=True, exist_ok=True)
     res = runners.quantize_in_subprocess(job, Path(__file__).resolve(), a.out / "jobs", a.timeout)
