@@ -17,7 +17,8 @@ Two ways to run the quantized graph, chosen by measurement (DESIGN.md, README):
   * fused (8-bit weights and activations, when opening a session of the model takes under
     half an FP32 pass over the samples): the numbers are constants, as in the exported
     model, so ONNX Runtime runs its integer kernels; each evaluation builds and opens a
-    session for the suffix it runs (tens of ms, still cheaper than float fake-quant).
+    session for the suffix it runs (tens of ms, still cheaper than float fake-quant), whose
+    4-D cut tensors cross in NHWC with declared shapes, the integer kernels' own layout.
 Either way the graph is cut before the first node of tunable sites: a cut's live
 tensors are cached with the parameter versions they were computed under, and an
 evaluation runs only the graph after the deepest cut whose upstream parameters have
