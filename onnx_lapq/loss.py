@@ -47,7 +47,8 @@ from .plan import QuantPlan
 log = logging.getLogger(__name__)
 MAX_CUTS = 16
 CHANNELS_LAST = "_nhwc"
-FP32_TIMINGS = 3  # warm FP32 passes timed; the fastest is the cost that evaluations are compared with
+FP32_TIMINGS = 3  # warm FP32 passes timed before the search ...
+FP32_EVERY = 50  # ... and one more after every 50th evaluation, so that both see the same machine load
 SATURATED = 1e-6
 
 
@@ -140,9 +141,9 @@ class LossEvaluator:
         self.labels = [labels[i:i + len(b[next(iter(b))])] for i, b in zip(_offsets(batches), batches)] if labels is not None else None
         self.weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         self.output = model.graph.output[0].name
-        reference = session(model)
-        self.reference = [reference.run([self.output], b)[0] for b in batches]
-        self.fp32_seconds = min(_timed_pass(reference, self.output, batches) for _ in range(FP32_TIMINGS))
+        self._fp32 = session(model)
+        self.reference = [self._fp32.run([self.output], b)[0] for b in batches]
+        self.fp32_passes = [_timed_pass(self._fp32, self.output, batches) for _ in range(FP32_TIMINGS)]
         self.samples = sum(len(r) for r in self.reference)
         if loss == "auto" and self.kind == "kl" and not self.probabilities and _saturated(self.reference):
             self.kind = "mse"
@@ -200,6 +201,8 @@ class LossEvaluator:
         self.evaluations += 1
         self.suffix_nodes += len(self.template.graph.node) - cut.position
         self.eval_seconds += time.perf_counter() - started
+        if self.evaluations % FP32_EVERY == 0:
+            self.fp32_passes.append(_timed_pass(self._fp32, self.output, self.batches))
         return total / self.samples
 
     def measure(self, quantized: ort.InferenceSession) -> float:
@@ -213,8 +216,15 @@ class LossEvaluator:
         return self.suffix_nodes / max(self.evaluations, 1) / max(len(self.template.graph.node), 1)
 
     @property
+    def fp32_seconds(self) -> float:
+        """Median seconds of the timed FP32 passes over the calibration samples."""
+        return float(np.median(self.fp32_passes))
+
+    @property
     def cost_ratio(self) -> float:
-        """Mean seconds of one evaluation over the seconds of one FP32 pass over the same samples."""
+        """Mean seconds of one evaluation over the median seconds of an FP32 pass over the same
+        samples; FP32 passes are timed through the search, so a shared machine's load weighs
+        on both alike."""
         return self.eval_seconds / max(self.evaluations, 1) / max(self.fp32_seconds, 1e-9)
 
     def _distance(self, b: int, out: np.ndarray) -> np.ndarray:

@@ -153,6 +153,22 @@ def test_evaluator_loss_matches_exported_model(bits, fused):
     assert evaluator(result.params) == pytest.approx(exported, rel=1e-5)
 
 
+def test_fp32_passes_are_timed_through_the_search():
+    """The cost ratio's FP32 baseline is sampled before and during the search, not once."""
+    from onnx_lapq.loss import FP32_EVERY, FP32_TIMINGS
+
+    model = conv_chain_model()
+    calib = random_inputs(model, 16, batch=8)
+    result = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(bias_correction=False))
+    evaluator = LossEvaluator(normalize(model), result.plan, calib, result.params, loss="mse")
+    assert len(evaluator.fp32_passes) == FP32_TIMINGS
+    for _ in range(2 * FP32_EVERY):
+        evaluator(result.params)
+    assert len(evaluator.fp32_passes) == FP32_TIMINGS + 2
+    assert evaluator.fp32_seconds == float(np.median(evaluator.fp32_passes)) > 0
+    assert evaluator.cost_ratio > 0
+
+
 def test_distances_against_numpy():
     rng = np.random.default_rng(0)
     ref, out = rng.normal(size=(5, 7)), rng.normal(size=(5, 7))
