@@ -373,13 +373,15 @@ class LossEvaluator:
             elem = types[name].type.tensor_type.elem_type if name in types else onnx.TensorProto.FLOAT
             return helper.make_tensor_value_info(name, elem, None)
 
-        def nhwc(name: str) -> onnx.ValueInfoProto:
+        def crossing(name: str) -> onnx.ValueInfoProto:
+            """``name`` as it crosses the boundary: under its _boundary name, NHWC-shaped if channels-last."""
             value = info(name)
-            value.name = self._boundary(name)
-            dims = value.type.tensor_type.shape.dim
-            permuted = [onnx.TensorShapeProto.Dimension.FromString(dims[i].SerializeToString()) for i in (0, 2, 3, 1)]
-            del dims[:]
-            dims.extend(permuted)
+            if name in self._channels_last:
+                value.name = self._boundary(name)
+                dims = value.type.tensor_type.shape.dim
+                permuted = [onnx.TensorShapeProto.Dimension.FromString(dims[i].SerializeToString()) for i in (0, 2, 3, 1)]
+                del dims[:]
+                dims.extend(permuted)
             return value
 
         entering = [t for t in cut.live if t in self._channels_last]
@@ -388,11 +390,11 @@ class LossEvaluator:
         layout_out = [helper.make_node("Transpose", [t], [self._boundary(t)], perm=[0, 2, 3, 1]) for t in leaving if t in self._channels_last]
         del graph.node[:]
         graph.node.extend(layout + keep + layout_out)
-        inputs = [nhwc(t) if t in self._channels_last else info(t) for t in cut.live]
+        inputs = [crossing(t) for t in cut.live]
         inputs += [i for i in self.template.graph.input if i.name in used and i.name not in cut.live]
         del graph.input[:]
         graph.input.extend(inputs)
-        outputs = [o for o in graph.output if o.name == self.output] + [nhwc(t) if t in self._channels_last else info(t) for t in leaving]
+        outputs = [o for o in graph.output if o.name == self.output] + [crossing(t) for t in leaving]
         del graph.output[:]
         graph.output.extend(outputs)
         kept = [t for t in graph.initializer if t.name in used]
