@@ -7,6 +7,7 @@ of samples.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterable
 
 import numpy as np
@@ -18,17 +19,36 @@ from .modelio import copy_model
 from .stats import TensorStats
 
 OUTPUT_BUDGET = 128 << 20  # bytes of observed tensors one ONNX Runtime run may return
+ARENAS = ("own", "none", "shared")
 
 
-def session(model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True, arena: bool = True) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session for an in-memory model (``arena=False``: memory goes back
-    after each run instead of staying in ONNX Runtime's arena)."""
+def session(model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True, arena: str = "own") -> ort.InferenceSession:
+    """A CPU ONNX Runtime session for an in-memory model.
+
+    ``arena``: ``"own"``, ONNX Runtime's default memory arena per session; ``"none"``, memory
+    goes back after each run; ``"shared"``, one arena for the whole process, which every
+    ``"shared"`` session draws from (many sessions run one at a time, such as the loss
+    evaluator's suffixes: memory of one session's peak, not their sum, without the cost of
+    fresh memory on every run)."""
+    if arena not in ARENAS:
+        raise ValueError(f"arena={arena!r}: use one of {ARENAS}")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.enable_cpu_mem_arena = arena
+    options.enable_cpu_mem_arena = arena == "own"
+    if arena == "shared":
+        _register_shared_arena()
+        options.add_session_config_entry("session.use_env_allocators", "1")
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@functools.cache
+def _register_shared_arena() -> None:
+    """Register the process-wide CPU arena with ONNX Runtime's environment, once: registering
+    again would replace the arena that live sessions draw from."""
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
 
 
 def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
@@ -68,7 +88,7 @@ def collect_stats(
     only, so padding does not widen its range.  ``on_batch(samples_so_far)`` is called
     after each batch.
     """
-    sess = session(with_outputs(model, tensors), arena=False) if tensors else None  # run sizes vary: no arena growth
+    sess = session(with_outputs(model, tensors), arena="none") if tensors else None  # run sizes vary: no arena growth
     stats = {name: TensorStats(half_bins, 1 if name in channel_means else None) for name in tensors}
     done, rows_per_run = 0, 1  # the first run is one sample, to learn how much one returns
     for batch in batches:

@@ -153,6 +153,41 @@ def test_evaluator_loss_matches_exported_model(bits, fused):
     assert evaluator(result.params) == pytest.approx(exported, rel=1e-5)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_evaluator_sessions_share_one_memory_arena(fused, monkeypatch):
+    """The sessions that evaluations run draw on the process's shared arena: an arena per fed
+    suffix cost gigabytes, none made each run fetch fresh memory, and a fused session's own
+    arena started empty at every evaluation."""
+    import onnx_lapq.loss as loss_module
+
+    opened = []
+
+    def spy(model, **kw):
+        sess = session(model, **kw)
+        opened.append(sess.get_session_options())
+        return sess
+
+    model = block_model(opset=21)
+    calib = random_inputs(model, 32, batch=16)
+    result = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(bias_correction=False))
+    evaluator = LossEvaluator(normalize(model, min_opset=21), result.plan, calib, result.params, loss="mse", fused=fused)
+    monkeypatch.setattr(loss_module, "session", spy)
+    evaluator(result.params)
+    suffixes = opened if fused else [s.get_session_options() for s in evaluator._fed_sessions]
+    assert len(suffixes) == (1 if fused else len(evaluator.cuts))
+    for options in suffixes:
+        assert options.get_session_config_entry("session.use_env_allocators") == "1"
+        assert not options.enable_cpu_mem_arena
+
+
+def test_session_arena_choices():
+    model = conv_chain_model()
+    assert session(model).get_session_options().enable_cpu_mem_arena
+    assert not session(model, arena="none").get_session_options().enable_cpu_mem_arena
+    with pytest.raises(ValueError, match="arena"):
+        session(model, arena="private")
+
+
 def test_fp32_passes_are_timed_through_the_search():
     """The cost ratio's FP32 baseline is sampled before and during the search, not once."""
     from onnx_lapq.loss import FP32_EVERY, FP32_TIMINGS
