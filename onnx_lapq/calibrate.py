@@ -43,6 +43,26 @@ def session(model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True, 
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def release_shared_arena() -> None:
+    """Give the shared arena's free memory back to the system (it otherwise keeps its peak for
+    the life of the process: squeezenet1.1 W4A4 LAPQ, 1.8 GB resident after quantize, 0.6 GB
+    after this).  Call it once the sessions that used it are gone."""
+    ro = ort.RunOptions()
+    ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    _arena_keeper().run(None, {"x": np.zeros(1, np.float32)}, ro)
+
+
+@functools.cache
+def _arena_keeper() -> ort.InferenceSession:
+    """A one-op session on the shared arena, whose runs can ask the arena to shrink."""
+    value = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "arena_keeper",
+        [value("x", onnx.TensorProto.FLOAT, [1])], [value("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    return session(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8), arena="shared")
+
+
 @functools.cache
 def _register_shared_arena() -> None:
     """Register the process-wide CPU arena with ONNX Runtime's environment, once: registering

@@ -15,7 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import clip
-from .calibrate import collect_stats
+from .calibrate import collect_stats, release_shared_arena
 from .config import QuantConfig
 from .data import input_specs, iter_batches
 from .errors import ConfigError, ModelError
@@ -107,6 +107,8 @@ def quantize(
     exported = check_exported(quantized, normalized, first[0])
     if config.method == "lapq":
         search_report["exported_loss"] = evaluator.measure(exported)
+        del evaluator  # its sessions give their memory back to the shared arena ...
+        release_shared_arena()  # ... which gives it back to the system
     times["export"] = time.perf_counter() - clock
 
     report = _report(model, quantized, plan, params, ranges, config, times, samples, initial_params)
