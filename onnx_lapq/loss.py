@@ -10,15 +10,17 @@ embeddings, ``ce`` (cross-entropy against labels).  The FP32 reference is comput
 probability within SATURATED of 1 on most samples, as with mnist-8's logits in the
 thousands): there every KL is ~1e-49 and carries no signal for the search.
 
-Two ways to run the quantized graph, chosen by measurement (DESIGN.md, README):
-  * fed (any sub-8-bit site, which no CPU kernel fuses): the Q/DQ numbers are
-    graph inputs (export.py's fed export), so one session per graph suffix serves
-    every candidate;
-  * fused (8-bit weights and activations, when opening a session of the model takes under
-    half an FP32 pass over the samples): the numbers are constants, as in the exported
-    model, so ONNX Runtime runs its integer kernels; each evaluation builds and opens a
-    session for the suffix it runs (tens of ms, still cheaper than float fake-quant), whose
-    4-D cut tensors cross in NHWC with declared shapes, the integer kernels' own layout.
+Two ways to run the quantized graph, measured (DESIGN.md, README) and chosen by structure,
+so that the machine's load never changes the mode or the model:
+  * fed (any sub-8-bit site, which no CPU kernel fuses, or a float stream through the
+    graph): the Q/DQ numbers are graph inputs (export.py's fed export), so one session
+    per graph suffix serves every candidate;
+  * fused (8-bit weights and activations, when cuts where only integer codes cross let
+    evaluations skip nearly as much of the graph as fed cuts: _fused_cuts_are_fine): the
+    numbers are constants, as in the exported model, so ONNX Runtime runs its integer
+    kernels; each evaluation builds and opens a session for the suffix it runs (tens of
+    ms, still cheaper than float fake-quant), whose 4-D cut tensors cross in NHWC with
+    declared shapes, the integer kernels' own layout.
 All these sessions draw on one shared memory arena.  An arena per fed suffix cost
 gigabytes (squeezenet1.1 W4A4: 6.8 GB peak, 2.5 GB shared); no arena made every run
 fetch fresh memory (mobilenet_v2 W4A8: 4.9x an FP32 pass, 3.3x shared); a fused
@@ -55,6 +57,7 @@ CHANNELS_LAST = "_nhwc"
 FP32_TIMINGS = 3  # warm FP32 passes timed before the search ...
 FP32_EVERY = 50  # ... and one more after every 50th evaluation, so that both see the same machine load
 SATURATED = 1e-6
+FUSED_DEPTH_TOLERANCE = 1.5  # fused kernels run a node several times faster than fed fake-quant
 
 
 def auto_loss(model: onnx.ModelProto) -> str:
@@ -152,18 +155,12 @@ class LossEvaluator:
         self.samples = sum(len(r) for r in self.reference)
         if loss == "auto" and self.kind == "kl" and not self.probabilities and _saturated(self.reference):
             self.kind = "mse"
-        fusable = all(a.bits == 8 for a in plan.activations) and all(w.bits == 8 for w in plan.weights)
-        self.fused = fusable and self._sessions_are_cheap(model, plan, init_params) if fused is None else fused
         self.input_means = input_means
-        self.template = export_qdq(model, plan, init_params, fed=not self.fused, input_means=input_means)
-        self._raw: dict[str, tuple[np.ndarray, int]] = {}
-        self._feeds: dict[str, np.ndarray | ort.OrtValue] = {}
-        self._version: dict[str, int] = {}
-        self._site_params: dict[str, tuple] = {}
-        self._update(init_params)
-        typed = onnx.shape_inference.infer_shapes(self._with_numbers(self.template))
-        self._types = {v.name: v for v in list(typed.graph.value_info) + list(typed.graph.input) + list(typed.graph.output)
-                       if v.type.tensor_type.elem_type}
+        self.fused = all(a.bits == 8 for a in plan.activations) and all(w.bits == 8 for w in plan.weights) if fused is None else fused
+        self._build(model, init_params)
+        if fused is None and self.fused and not self._fused_cuts_are_fine():
+            self.fused = False
+            self._build(model, init_params)
         self.cuts = self._choose_cuts(memory_budget)
         data_inputs = set(batches[0])
         self._channels_last = {t for c in self.cuts for t in c.live if self.fused and t not in data_inputs and _rank(self._types.get(t)) == 4}
@@ -172,13 +169,35 @@ class LossEvaluator:
         self.suffix_nodes = 0
         self.eval_seconds = 0.0
 
-    def _sessions_are_cheap(self, model: onnx.ModelProto, plan: QuantPlan, params: dict[str, QParams]) -> bool:
-        """Fused evaluation opens a session per evaluation: worth it only when opening the
-        whole quantized model takes under half an FP32 pass over the samples."""
-        exported = export_qdq(model, plan, params).SerializeToString()
-        started = time.perf_counter()
-        ort.InferenceSession(exported, providers=["CPUExecutionProvider"])
-        return time.perf_counter() - started < 0.5 * self.fp32_seconds
+    def _build(self, model: onnx.ModelProto, init_params: dict[str, QParams]) -> None:
+        """The QDQ template of the current mode, its Q/DQ numbers at ``init_params`` and the
+        value info of every tensor."""
+        self.template = export_qdq(model, self.plan, init_params, fed=not self.fused, input_means=self.input_means)
+        self._raw: dict[str, tuple[np.ndarray, int]] = {}
+        self._feeds: dict[str, np.ndarray | ort.OrtValue] = {}
+        self._version: dict[str, int] = {}
+        self._site_params: dict[str, tuple] = {}
+        self._update(init_params)
+        typed = onnx.shape_inference.infer_shapes(self._with_numbers(self.template))
+        self._types = {v.name: v for v in list(typed.graph.value_info) + list(typed.graph.input) + list(typed.graph.output)
+                       if v.type.tensor_type.elem_type}
+
+    def _fused_cuts_are_fine(self) -> bool:
+        """Whether the fused graph's cuts (integer codes only) let a sweep over the sites skip
+        nearly as much of the graph as fed cuts, one right before each site, would: the share
+        of nodes a sweep runs, mean over sites of the nodes after the deepest cut before the
+        site, at most FUSED_DEPTH_TOLERANCE times the fed share.  Where a float stream runs
+        through the graph (all-MiniLM-L6-v2, whose residual stream stays float) no cut
+        qualifies and every fused evaluation would open and run the whole model: 1.9x an FP32
+        pass against 0.5x fed.  Structure, not a timing, so the same inputs give the same model."""
+        nodes = len(self.template.graph.node)
+        sites = sorted(set(self._first_use().values()))
+        cuts = [0] + [pos for pos, _ in self._cut_candidates()]
+
+        def share(cut_positions: list[int]) -> float:
+            return float(np.mean([nodes - max(c for c in cut_positions if c <= p) for p in sites])) / nodes
+
+        return bool(sites) and share(cuts) <= FUSED_DEPTH_TOLERANCE * share(sites)
 
     # ----------------------------------------------------------------- public
     def __call__(self, params: dict[str, QParams]) -> float:
@@ -288,39 +307,13 @@ class LossEvaluator:
 
     # ----------------------------------------------------------------- cuts
     def _choose_cuts(self, budget: int) -> list[_Cut]:
-        """Cuts before the first node that reads each tunable tensor: at most MAX_CUTS, evenly
-        spread, within ``budget`` bytes.
-
-        Fused, a cut's tensors must be integer codes (QuantizeLinear outputs) or data inputs:
-        a DequantizeLinear output fed from outside, such as a weight's dequantized values
-        made before the cut, keeps ONNX Runtime from fusing its consumer into an integer
-        kernel, whose rounding differs (cifar10_resnet20 W8A8: 7.5% between search and
-        export).  So cuts also go right after each QuantizeLinear and only such cuts are kept.
-        """
-        nodes = list(self.template.graph.node)
-        qdq_names = set(self._raw)
-        data_inputs = list(self.batches[0])
-        first_use: dict[str, int] = {}
-        for pos, node in enumerate(nodes):
-            for name in node.input:
-                if name in qdq_names:
-                    first_use.setdefault(name, pos)
-        candidates = set(first_use.values())
-        if self.fused:
-            candidates |= {pos + 1 for pos, node in enumerate(nodes) if node.op_type == "QuantizeLinear"}
-        producer = {o: n.op_type for n in nodes for o in n.output}
+        """Of the candidate cuts, at most MAX_CUTS, evenly spread, within ``budget`` bytes."""
         sizes = self._tensor_bytes()
-        constants = {t.name for t in self.template.graph.initializer} | qdq_names
-        valid = []
-        for pos in sorted(candidates - {0, len(nodes)}):
-            live = _live_tensors(nodes, pos, constants, self.output)
-            if self.fused and any(producer.get(t, "input") not in ("QuantizeLinear", "input") for t in live):
-                continue
-            if live and all(t in sizes for t in live):
-                valid.append((pos, live))
+        valid = [(pos, live) for pos, live in self._cut_candidates() if all(t in sizes for t in live)]
         if len(valid) > MAX_CUTS:  # each cut holds a session (fed) and cached tensors: keep an even spread
             valid = [valid[round(i * (len(valid) - 1) / (MAX_CUTS - 1))] for i in range(MAX_CUTS)]
-        cuts = [_Cut(0, data_inputs, [])]
+        first_use = self._first_use()
+        cuts = [_Cut(0, list(self.batches[0]), [])]
         spent = 0
         for pos, live in valid:
             cost = sum(sizes[t] for t in live)
@@ -330,6 +323,37 @@ class LossEvaluator:
             spent += cost
         log.debug("loss evaluator: %d cuts, %.1f MB of cached activations", len(cuts) - 1, spent / 1e6)
         return cuts
+
+    def _cut_candidates(self) -> list[tuple[int, list[str]]]:
+        """(position, live tensors) before the first node that reads each tunable tensor.
+
+        Fused, a cut's tensors must be integer codes (QuantizeLinear outputs) or data inputs:
+        a DequantizeLinear output fed from outside, such as a weight's dequantized values
+        made before the cut, keeps ONNX Runtime from fusing its consumer into an integer
+        kernel, whose rounding differs (cifar10_resnet20 W8A8: 7.5% between search and
+        export).  So cuts also go right after each QuantizeLinear and only such cuts are kept.
+        """
+        nodes = list(self.template.graph.node)
+        candidates = set(self._first_use().values())
+        if self.fused:
+            candidates |= {pos + 1 for pos, node in enumerate(nodes) if node.op_type == "QuantizeLinear"}
+        producer = {o: n.op_type for n in nodes for o in n.output}
+        constants = {t.name for t in self.template.graph.initializer} | set(self._raw)
+        found = []
+        for pos in sorted(candidates - {0, len(nodes)}):
+            live = _live_tensors(nodes, pos, constants, self.output)
+            if live and not (self.fused and any(producer.get(t, "input") not in ("QuantizeLinear", "input") for t in live)):
+                found.append((pos, live))
+        return found
+
+    def _first_use(self) -> dict[str, int]:
+        """Q/DQ tensor -> position of the first node that reads it."""
+        first_use: dict[str, int] = {}
+        for pos, node in enumerate(self.template.graph.node):
+            for name in node.input:
+                if name in self._raw:
+                    first_use.setdefault(name, pos)
+        return first_use
 
     def _tensor_bytes(self) -> dict[str, int]:
         """Bytes of every tensor over all calibration samples, from a probe run of one batch."""

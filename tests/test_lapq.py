@@ -129,6 +129,24 @@ def _optimized_transposes(model: onnx.ModelProto, path) -> int:
     return sum(n.op_type == "Transpose" for n in onnx.load(str(path)).graph.node)
 
 
+@pytest.mark.parametrize("tick", [0.0, 1.0])
+def test_w8a8_evaluator_is_fused_where_integer_only_cuts_exist_whatever_the_clock(tick, monkeypatch):
+    """The mode comes from the graph: a clock under which every session open takes as long as
+    an FP32 pass (tick 1) or no time at all (tick 0) changes nothing (it once decided it, so
+    a loaded machine could change the exported model)."""
+    import itertools
+
+    import onnx_lapq.loss as loss_module
+
+    model = block_model(opset=13)
+    calib = random_inputs(model, 32, batch=16)
+    result = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(bias_correction=False))
+    clock = itertools.count(0.0, tick) if tick else itertools.repeat(0.0)
+    monkeypatch.setattr(loss_module.time, "perf_counter", lambda: next(clock))
+    evaluator = LossEvaluator(normalize(model), result.plan, calib, result.params, loss="mse")
+    assert evaluator.fused and len(evaluator.cuts) > 1
+
+
 def test_fused_suffixes_run_in_the_exported_layout(tmp_path):
     """Every suffix the fused evaluator runs is laid out like the exported model: no more
     Transposes than the whole model has (a suffix whose NCHW input reaches a convolution and

@@ -6,7 +6,7 @@ import collections
 import numpy as np
 import onnx
 import pytest
-from conftest import ort_session, run_cli
+from conftest import make_model, ort_session, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lapq
@@ -137,6 +137,38 @@ def test_embedding_loss_is_mse_and_lapq_lowers_it(block):
     assert report["loss"] == "mse"
     assert report["final_loss"] < report["init_loss"]
     assert report["exported_loss"] == pytest.approx(report["final_loss"], rel=0.01)
+
+
+def float_stream_model(layers: int = 4, width: int = 16, seed: int = 0) -> onnx.ModelProto:
+    """b = 0.1 x (float, made once);  h0 = x;  h_i = h_(i-1) + h_(i-1) W_i + b: like the
+    attention-mask bias of all-MiniLM-L6-v2, b is float and read by every layer, so it
+    crosses every point of the quantized graph."""
+    rng = np.random.default_rng(seed)
+    inits = {"tenth": np.float32(0.1)}
+    nodes = [helper.make_node("Mul", ["x", "tenth"], ["b"], name="side")]
+    for i in range(1, layers + 1):
+        h = "x" if i == 1 else f"h{i - 1}"
+        inits[f"W{i}"] = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        nodes.append(helper.make_node("MatMul", [h, f"W{i}"], [f"m{i}"], name=f"mm{i}"))
+        nodes.append(helper.make_node("Add", [f"m{i}", "b"], [f"mb{i}"], name=f"bias{i}"))
+        nodes.append(helper.make_node("Add", [h, f"mb{i}"], [f"h{i}"], name=f"res{i}"))
+    return make_model(nodes, [("x", TensorProto.FLOAT, ["B", width])], [(f"h{layers}", TensorProto.FLOAT, ["B", width])], inits)
+
+
+def test_w8a8_search_runs_fed_where_a_float_stream_crosses_every_cut():
+    """No cut of the fused graph carries integer codes only, so fused evaluations would each
+    open and run the whole graph: the evaluator runs fed, with a cut before each site.  The
+    choice comes from the graph, not from how fast the machine opens a session."""
+    from onnx_lapq.graph import normalize
+    from onnx_lapq.loss import LossEvaluator
+
+    model = float_stream_model()
+    batches = [{"x": np.random.default_rng(s).standard_normal((16, 16)).astype(np.float32)} for s in range(2)]
+    result = onnx_lapq.quantize(model, batches, config=onnx_lapq.QuantConfig(method="lapq", max_evals=20))
+    assert result.report["evaluator"]["mode"] == "fed"
+    assert result.report["evaluator"]["cuts"] >= 3
+    fused = LossEvaluator(normalize(model), result.plan, batches, result.params, fused=True)
+    assert max(c.position for c in fused.cuts) <= 1  # none past the input's QuantizeLinear: nearly the whole graph every time
 
 
 def test_weight_only_int4_runs_as_matmulnbits(block, tmp_path):
