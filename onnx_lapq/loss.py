@@ -12,11 +12,11 @@ thousands): there every KL is ~1e-49 and carries no signal for the search.
 
 Two ways to run the quantized graph, measured (DESIGN.md, README) and chosen by structure,
 so that the machine's load never changes the mode or the model:
-  * fed (any sub-8-bit site, which no CPU kernel fuses, or a float stream through the
-    graph): the Q/DQ numbers are graph inputs (export.py's fed export), so one session
-    per graph suffix serves every candidate;
+  * fed (any sub-8-bit site, which no CPU kernel fuses, or cuts too shallow for fused):
+    the Q/DQ numbers are graph inputs (export.py's fed export), so one session per graph
+    suffix serves every candidate;
   * fused (8-bit weights and activations, when cuts where only integer codes cross let
-    evaluations skip nearly as much of the graph as fed cuts: _fused_cuts_are_fine): the
+    evaluations skip at least 2/3 as much of the graph as fed cuts: _fused_cuts_are_fine): the
     numbers are constants, as in the exported model, so ONNX Runtime runs its integer
     kernels; each evaluation builds and opens a session for the suffix it runs (tens of
     ms, still cheaper than float fake-quant), whose 4-D cut tensors cross in NHWC with
@@ -184,20 +184,22 @@ class LossEvaluator:
 
     def _fused_cuts_are_fine(self) -> bool:
         """Whether the fused graph's cuts (integer codes only) let a sweep over the sites skip
-        nearly as much of the graph as fed cuts, one right before each site, would: the share
-        of nodes a sweep runs, mean over sites of the nodes after the deepest cut before the
-        site, at most FUSED_DEPTH_TOLERANCE times the fed share.  Where a float stream runs
-        through the graph (all-MiniLM-L6-v2, whose residual stream stays float) no cut
-        qualifies and every fused evaluation would open and run the whole model: 1.9x an FP32
-        pass against 0.5x fed.  Structure, not a timing, so the same inputs give the same model."""
+        at least 1/FUSED_DEPTH_TOLERANCE as much of the graph as fed cuts, one right before
+        each site, would.  What a sweep skips: the mean over sites of the share of nodes before
+        the deepest cut before the site, both kinds of cut thinned to MAX_CUTS as
+        _choose_cuts does.  Where a float tensor crosses every point of the graph
+        (all-MiniLM-L6-v2's attention-mask bias) no cut qualifies and every fused evaluation
+        would open and run the whole model: 1.9x an FP32 pass against 0.5x fed.  Structure,
+        not a timing, so the same inputs give the same model."""
         nodes = len(self.template.graph.node)
         sites = sorted(set(self._first_use().values()))
-        cuts = [0] + [pos for pos, _ in self._cut_candidates()]
 
-        def share(cut_positions: list[int]) -> float:
-            return float(np.mean([nodes - max(c for c in cut_positions if c <= p) for p in sites])) / nodes
+        def skipped(cut_positions: list[int]) -> float:
+            cuts = [0] + _spread(cut_positions)
+            return float(np.mean([max(c for c in cuts if c <= p) for p in sites])) / nodes
 
-        return bool(sites) and share(cuts) <= FUSED_DEPTH_TOLERANCE * share(sites)
+        fused = skipped([pos for pos, _ in self._cut_candidates()])
+        return bool(sites) and fused * FUSED_DEPTH_TOLERANCE >= skipped([p for p in sites if p > 0])
 
     # ----------------------------------------------------------------- public
     def __call__(self, params: dict[str, QParams]) -> float:
@@ -310,8 +312,7 @@ class LossEvaluator:
         """Of the candidate cuts, at most MAX_CUTS, evenly spread, within ``budget`` bytes."""
         sizes = self._tensor_bytes()
         valid = [(pos, live) for pos, live in self._cut_candidates() if all(t in sizes for t in live)]
-        if len(valid) > MAX_CUTS:  # each cut holds a session (fed) and cached tensors: keep an even spread
-            valid = [valid[round(i * (len(valid) - 1) / (MAX_CUTS - 1))] for i in range(MAX_CUTS)]
+        valid = _spread(valid)
         first_use = self._first_use()
         cuts = [_Cut(0, list(self.batches[0]), [])]
         spent = 0
@@ -430,6 +431,14 @@ class LossEvaluator:
         del graph.initializer[:]
         graph.initializer.extend(kept)
         return self._with_numbers(model)
+
+
+def _spread(items: list) -> list:
+    """At most MAX_CUTS of ``items``, evenly spread: each cut holds a session (fed) and
+    cached tensors."""
+    if len(items) <= MAX_CUTS:
+        return items
+    return [items[round(i * (len(items) - 1) / (MAX_CUTS - 1))] for i in range(MAX_CUTS)]
 
 
 def _feed(value: np.ndarray, dtype: int):

@@ -106,9 +106,11 @@ def quantize(
     quantized = export_qdq(normalized, plan, params, input_means=means)
     exported = check_exported(quantized, normalized, first[0])
     if config.method == "lapq":
-        search_report["exported_loss"] = evaluator.measure(exported)
-        del evaluator  # its sessions give their memory back to the shared arena ...
-        release_shared_arena()  # ... which gives it back to the system
+        try:
+            search_report["exported_loss"] = evaluator.measure(exported)
+        finally:
+            del evaluator  # its sessions give their memory back to the shared arena ...
+            release_shared_arena()  # ... which gives it back to the system
     times["export"] = time.perf_counter() - clock
 
     report = _report(model, quantized, plan, params, ranges, config, times, samples, initial_params)

@@ -156,9 +156,9 @@ def float_stream_model(layers: int = 4, width: int = 16, seed: int = 0) -> onnx.
 
 
 def test_w8a8_search_runs_fed_where_a_float_stream_crosses_every_cut():
-    """No cut of the fused graph carries integer codes only, so fused evaluations would each
-    open and run the whole graph: the evaluator runs fed, with a cut before each site.  The
-    choice comes from the graph, not from how fast the machine opens a session."""
+    """No cut of the fused graph past the input carries integer codes only, so fused
+    evaluations would each open and run nearly the whole graph: the evaluator runs fed,
+    with a cut before each site."""
     from onnx_lapq.graph import normalize
     from onnx_lapq.loss import LossEvaluator
 
