@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmark the onnx_lapq of this checkout
 
 from benchkit import kitdata, measure, report, runners  # noqa: E402
+from onnx_lapq.config import SEARCH_BIAS_CORRECTION  # noqa: E402
 
 ALL_METHODS = "ort-minmax,ort-entropy,ort-percentile,minmax,percentile,entropy,mse,lapq"
 DEFAULT_CONFIGS = "w8a8,w8a8-pt,w4a8,w4a4"
@@ -78,7 +79,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
                     help="only merge the rows of these earlier --out dirs into --out (later dirs win) and write the report")
     ap.add_argument("--lapq-search-samples", type=int, default=None, help="calibration samples lapq's loss uses (default: all)")
-    ap.add_argument("--lapq-search-bias-correction", choices=("auto", "on", "off"), default=None,
+    ap.add_argument("--lapq-search-bias-correction", choices=SEARCH_BIAS_CORRECTION, default=None,
                     help="whether lapq's search keeps bias correction (default: the library's, auto)")
     a = ap.parse_args(argv)
     a.calib_size = a.calib_size or (64 if a.quick else 256)
