@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     lapq = p.add_argument_group("lapq search")
     lapq.add_argument("--search", default="powell", choices=SEARCHES, help="powell (default) or coordinate")
     lapq.add_argument("--max-evals", type=int, default=QuantConfig.max_evals, help=f"loss evaluations at most (default {QuantConfig.max_evals})")
+    lapq.add_argument("--search-step", type=float, default=QuantConfig.search_step, metavar="LOG_FACTOR",
+                      help=f"lattice step of the clip factors in log space (default {QuantConfig.search_step}: 1%%; 0: none)")
     lapq.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="stop the search after this long (best point kept)")
     lapq.add_argument("--search-bias-correction", default="auto", choices=SEARCH_BIAS_CORRECTION,
                       help="keep bias correction in the search: auto (where it at least halves the min/max start's loss), on, off")
@@ -73,7 +75,7 @@ def _config(args: argparse.Namespace) -> QuantConfig:
         weight_bits=args.weight_bits, act_bits=args.act_bits, per_channel=not args.per_tensor, method=args.method,
         exclude=patterns, exclude_op_types=exclude_types, keep_first_last_8bit=args.keep_first_last_8bit,
         num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
-        search=args.search, max_evals=args.max_evals, time_limit=args.time_limit, loss=args.loss, label_key=args.labels,
+        search=args.search, max_evals=args.max_evals, time_limit=args.time_limit, search_step=args.search_step, loss=args.loss, label_key=args.labels,
         search_bias_correction=args.search_bias_correction,
         bias_correction=not args.no_bias_correction, quantize_attention=args.quantize_attention, weight_only=args.weight_only, block_size=args.block_size,
         mask_input=None if args.mask_input.lower() == "none" else args.mask_input,

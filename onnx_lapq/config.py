@@ -52,7 +52,11 @@ class QuantConfig:
     search: "powell" (scipy's, over all coordinates) or "coordinate" (one at a time).
     max_evals, time_limit: search budgets (loss evaluations, seconds; None = none);
         the best point seen is kept when a budget stops the search.
-    search_iterations: Powell iterations / coordinate sweeps.
+    search_iterations: Powell iterations / coordinate sweeps (at most; the budgets
+        usually stop the search first).
+    search_step: the search moves each log clip factor on a lattice of this step
+        (0.01: 1% of a clip) and evaluates each lattice point once; below about 1%
+        the calibration loss changes by rounding noise alone.  0: no lattice.
     loss: the search's objective: auto (kl for classifiers, else mse), kl, mse,
         cosine, or ce (cross-entropy against the calibration labels).
     label_key: name of the labels array in the calibration data (for loss="ce").
@@ -94,7 +98,8 @@ class QuantConfig:
     search: str = "powell"
     max_evals: int = 1000
     time_limit: float | None = None
-    search_iterations: int = 2
+    search_iterations: int = 10
+    search_step: float = 0.01
     loss: str = "auto"
     label_key: str | None = None
     memory_budget_mb: int = 1024
@@ -140,6 +145,8 @@ class QuantConfig:
             raise ConfigError(f"search_bias_correction={self.search_bias_correction!r} is unknown: use one of {', '.join(SEARCH_BIAS_CORRECTION)}")
         if self.max_evals < 1 or self.search_iterations < 1:
             raise ConfigError("max_evals and search_iterations must be at least 1")
+        if not 0.0 <= self.search_step <= 0.5:
+            raise ConfigError(f"search_step={self.search_step} must be in [0, 0.5] (a log clip factor; 0.01 is 1% of a clip, 0 searches without a lattice)")
         if self.time_limit is not None and self.time_limit <= 0:
             raise ConfigError(f"time_limit={self.time_limit} must be positive seconds (or None for no limit)")
         if len(self.lp_grid) < 1 or any(not 0.5 <= p <= 8.0 for p in self.lp_grid):

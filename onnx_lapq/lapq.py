@@ -59,6 +59,7 @@ def run_lapq(
     max_evals: int,
     time_limit: float | None,
     iterations: int,
+    step: float,
     on_eval: Callable[[int, float], None] | None = None,
 ) -> LapqOutcome:
     """Run the three steps above; ``loss_of`` is the end-to-end calibration loss of ranges."""
@@ -79,7 +80,7 @@ def run_lapq(
     space = space_for(initial)
     result = minimize(
         lambda x: loss_of(space.ranges(x)), np.zeros(space.size), space.bounds,
-        method=search, max_evals=max_evals, time_limit=time_limit, iterations=iterations, on_eval=on_eval,
+        method=search, max_evals=max_evals, time_limit=time_limit, iterations=iterations, step=step, on_eval=on_eval,
     )
     if result.fun > init_loss:  # cannot happen (x0 is evaluated first) unless the loss is noisy
         result = dataclasses.replace(result, x=np.zeros(space.size), fun=init_loss)

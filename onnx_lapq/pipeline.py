@@ -206,7 +206,7 @@ def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify, input_m
     outcome = run_lapq(
         ranges_at_p, starts, lambda r: evaluator(_qparams(plan, r, config)), lambda r: ParamSpace(plan, r),
         lp_grid=config.lp_grid, search=config.search, max_evals=config.max_evals, time_limit=config.time_limit,
-        iterations=config.search_iterations,
+        iterations=config.search_iterations, step=config.search_step,
         on_eval=lambda n, best: notify(Progress("search", n, config.max_evals, best)),
     )
     report = {

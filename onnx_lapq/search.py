@@ -1,10 +1,17 @@
 """Budgeted derivative-free minimization of the calibration loss over the vector x.
 
 ``powell``: scipy.optimize.minimize(method="Powell") over all coordinates (the LAPQ
-paper's choice), starting with small steps and clamping x to the bounds.  ``coordinate``: one bounded scalar minimization per
-coordinate in graph order, repeated for a number of sweeps; each step changes one
-site, which the loss evaluator's prefix cache makes cheap.  Both stop on ``max_evals``
-or ``time_limit`` and always return the best point seen.
+paper's choice), starting with small steps.  ``coordinate``: one bounded scalar
+minimization per coordinate in graph order, repeated for a number of sweeps; each step
+changes one site, which the loss evaluator's prefix cache makes cheap.  Both stop on
+``max_evals`` or ``time_limit`` and always return the best point seen.
+
+Every point the optimizer proposes is rounded to the lattice of ``step`` and clamped to
+the bounds, and each lattice point is evaluated once (a repeat is answered from memory
+and costs no budget).  Without the lattice, scipy's Brent line search (its tolerance is
+relative to the step length) keeps halving its step towards a minimum at the current
+point and spent over half of a cifar10_resnet20 W4A4 budget on points within 1e-3 of
+ones already measured, where the loss differs by rounding noise alone.
 """
 from __future__ import annotations
 
@@ -41,18 +48,28 @@ class _BudgetSpent(Exception):
 
 
 class _Tracked:
-    """The objective with a budget, the best point seen and an improvement trace."""
+    """The objective on the lattice of ``step`` within the bounds, with a budget, a memory of
+    the points already evaluated, the best point seen and an improvement trace."""
 
-    def __init__(self, fun: Callable[[np.ndarray], float], max_evals: int, time_limit: float | None, on_eval):
-        self.fun, self.max_evals, self.on_eval = fun, max_evals, on_eval
+    def __init__(self, fun: Callable[[np.ndarray], float], bounds, step: float, max_evals: int, time_limit: float | None, on_eval):
+        self.fun, self.step, self.max_evals, self.on_eval = fun, step, max_evals, on_eval
+        self.lower, self.upper = np.array(bounds, np.float64).reshape(-1, 2).T
         self.deadline = None if time_limit is None else time.perf_counter() + time_limit
-        self.nfev, self.best_x, self.best_f, self.trace = 0, None, np.inf, []
+        self.nfev, self.best_x, self.best_f, self.trace, self.seen = 0, None, np.inf, [], {}
 
     def __call__(self, x: np.ndarray) -> float:
+        x = np.asarray(x, np.float64)
+        if self.step > 0:
+            x = np.round(x / self.step) * self.step
+        x = np.clip(x, self.lower, self.upper) + 0.0  # + 0.0: -0.0 and 0.0 are one point
+        key = x.tobytes()
+        if key in self.seen:
+            return self.seen[key]
         if self.nfev >= self.max_evals or (self.deadline is not None and time.perf_counter() > self.deadline):
             raise _BudgetSpent
-        value = float(self.fun(np.asarray(x, np.float64)))
+        value = float(self.fun(x))
         self.nfev += 1
+        self.seen[key] = value
         if value < self.best_f:
             self.best_x, self.best_f = np.array(x, np.float64), value
             self.trace.append((self.nfev, value))
@@ -70,19 +87,19 @@ def minimize(
     max_evals: int,
     time_limit: float | None = None,
     iterations: int = 2,
+    step: float = 0.0,
     on_eval: Callable[[int, float], None] | None = None,
 ) -> SearchResult:
     """Minimize ``fun`` from ``x0`` within ``bounds`` and the budgets."""
     started = time.perf_counter()
-    tracked = _Tracked(fun, max_evals, time_limit, on_eval)
+    tracked = _Tracked(fun, bounds, step, max_evals, time_limit, on_eval)
     nit, message, success = 0, "", True
     try:
         tracked(x0)
         if method == "powell":
-            lower, upper = np.array(bounds, np.float64).T
             res = optimize.minimize(
-                lambda x: tracked(np.clip(x, lower, upper)), x0, method="Powell",
-                options={"maxiter": iterations, "maxfev": max_evals, "xtol": 1e-2, "ftol": 1e-4, "direc": POWELL_STEP * np.eye(len(x0))},
+                tracked, x0, method="Powell",
+                options={"maxiter": iterations, "xtol": 1e-2, "ftol": 1e-4, "direc": POWELL_STEP * np.eye(len(x0))},
             )
             nit, message = int(res.nit), str(res.message)
         else:

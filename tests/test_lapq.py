@@ -278,7 +278,7 @@ def test_lp_start_never_worse_than_best_grid_point():
 
     outcome = run_lapq(
         lambda p: ranges[p], calibrated, lambda r: table.get(r.activations["p"][1], 50.0), lambda r: Space(),
-        lp_grid=tuple(table), search="coordinate", max_evals=5, time_limit=None, iterations=1,
+        lp_grid=tuple(table), search="coordinate", max_evals=5, time_limit=None, iterations=1, step=0.01,
     )
     assert outcome.p_star == 2.5 and outcome.init_loss == 1.2
 
@@ -305,6 +305,26 @@ def test_minimize_keeps_best_point_and_respects_bounds():
     assert np.all(res.x <= 0.2 + 1e-9) and res.x[1] == pytest.approx(-1.2, abs=0.05)
     res = minimize(fun, np.zeros(3), bounds, method="coordinate", max_evals=400, iterations=3)
     assert res.x[1] == pytest.approx(-1.2, abs=0.05) and res.nfev <= 400
+
+
+@pytest.mark.parametrize("method", ["powell", "coordinate"])
+def test_search_measures_each_lattice_point_once(method):
+    """A loss that is rough below the step (as 4-bit rounding makes it) costs one evaluation
+    per lattice point: no repeats, nothing off the lattice or out of bounds."""
+    step, bounds = 0.01, [(-3.0, 0.5)] * 4
+    target = np.array([0.3, -1.2, 0.1, -0.4])
+    seen, values = [], []
+
+    def fun(x):
+        seen.append(np.array(x))
+        values.append(float(np.sum((x - target) ** 2) + 1e-3 * np.sin(1e4 * np.sum(x))))
+        return values[-1]
+
+    res = minimize(fun, np.zeros(4), bounds, method=method, max_evals=300, iterations=6, step=step)
+    points = np.array(seen)
+    assert len({p.tobytes() for p in points}) == len(points) == res.nfev
+    assert np.allclose(points / step, np.round(points / step), atol=1e-6) and np.all(points >= -3.0) and np.all(points <= 0.5)
+    assert res.fun == min(values) and np.allclose(res.x, target, atol=0.05)
 
 
 def test_cross_entropy_with_labels(tmp_path):
