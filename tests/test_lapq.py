@@ -348,15 +348,20 @@ def test_search_bias_correction_forced_on_and_off():
     assert plain.report["bias_correction"] is False  # nothing to keep when bias correction is off altogether
     with pytest.raises(onnx_lapq.ConfigError, match="search_bias_correction"):
         lapq_config(search_bias_correction="yes")
+    for step in (-0.01, 1.0):
+        with pytest.raises(onnx_lapq.ConfigError, match="search_step"):
+            lapq_config(search_step=step)
 
 
 def test_cli_lapq_writes_report(tmp_path):
     out, report = tmp_path / "q.onnx", tmp_path / "r.json"
     proc = run_cli(DIGITS_MODEL, out, "--calib", DIGITS_CALIB, "--method", "lapq", "--weight-bits", "3", "--act-bits", "3",
-                   "--max-evals", "40", "--search", "coordinate", "--search-bias-correction", "on", "--report", report)
+                   "--max-evals", "40", "--search", "coordinate", "--search-bias-correction", "on", "--search-step", "0.05", "--report", report)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(report.read_text())
     assert data["nfev"] == 40 and "searched" in proc.stdout and data["bias_correction"] is True
+    steps = [np.log(a["scale"] / a["initial_scale"]) / 0.05 for a in data["activations"]]  # the searched clips lie on the lattice
+    assert data["config"]["search_step"] == 0.05 and np.allclose(steps, np.round(steps), atol=1e-3) and np.any(np.round(steps) != 0)
     onnx.checker.check_model(onnx.load(out))
 
 
