@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,3 +65,37 @@ def test_quick_bench_mnist8(kit, tmp_path):
     merged_rows = json.loads((merged / "results.json").read_text())
     assert sorted(r["method"] for r in merged_rows) == ["minmax", "mse", "ort-minmax"]
     assert "| w8a8 | mse |" in (merged / "results.md").read_text()
+
+
+def _fidelity_module():
+    spec = importlib.util.spec_from_file_location("fidelity", REPO / "tools" / "fidelity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fidelity_measures():
+    fidelity = _fidelity_module()
+    logits = np.array([[2.0, 0.0, -1.0], [0.0, 3.0, 1.0]])
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert np.allclose(fidelity.log_probabilities(logits), np.log(probs)) and np.allclose(fidelity.log_probabilities(probs), np.log(probs))
+    same = fidelity.classifier_fidelity(logits, logits + 5.0)  # a shift of every score changes no probability
+    assert same["agree"] == 100.0 and abs(same["kl"]) < 1e-12
+    swapped = fidelity.classifier_fidelity(logits, logits[:, [1, 0, 2]])
+    p, q = probs, probs[:, [1, 0, 2]]
+    assert swapped["agree"] == 0.0 and np.isclose(swapped["kl"], np.mean(np.sum(p * np.log(p / q), 1)))
+    assert np.isclose(fidelity.embedding_fidelity(np.array([[1.0, 0.0]]), np.array([[1.0, 1.0]]))["cosine"], np.sqrt(0.5))
+
+
+@pytest.mark.slow
+def test_fidelity_of_the_fp32_model_to_itself(kit):
+    fp32 = kit / "models" / "mnist" / "mnist8_onnxzoo_cntk.onnx"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "fidelity.py"), "--kit", str(kit), "--model", "mnist8", str(fp32)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    first, second = proc.stdout.strip().splitlines()
+    assert first.startswith("mnist8: FP32 top1 98.92 on 9744 items")
+    assert second.endswith("top1 98.92 agree 100.0000 kl 0.0000")
+    bad = subprocess.run([sys.executable, str(REPO / "tools" / "fidelity.py"), "--kit", str(kit), "--model", "resnet", str(fp32)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "is not a kit model" in bad.stderr

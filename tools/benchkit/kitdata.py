@@ -40,7 +40,11 @@ LATENCY_BATCH = 32
 
 @dataclass(frozen=True)
 class Task:
-    """What the benchmark needs of one model: its file, calibration data and scorer."""
+    """What the benchmark needs of one model: its file, calibration data and scorer.
+
+    ``outputs(sess)`` is the model's output on the scored items (class scores, or
+    sentence embeddings: every first sentence of a pair, then every second), and
+    ``score(outputs)`` the metric computed from them."""
 
     model: str
     model_path: Path
@@ -48,8 +52,13 @@ class Task:
     calib_npz: Path
     n_calib: int
     n_eval: int
-    evaluate: Callable[[object], float]
+    outputs: Callable[[object], np.ndarray]
+    score: Callable[[np.ndarray], float]
     latency_feed: dict
+
+    def evaluate(self, sess) -> float:
+        """The metric of an ONNX Runtime session on the scored items."""
+        return self.score(self.outputs(sess))
 
 
 @lru_cache(maxsize=None)
@@ -122,10 +131,13 @@ def _vision_task(kit: Path, model: str, cache: Path, calib_size: int, quick: boo
         _save_calib(npz, {name: ev.preprocess(x_cal, spec)})
     x = ev.preprocess(x_eval, spec)
 
-    def evaluate(sess) -> float:
-        return 100.0 * ev.topk(ev.run_scores(sess, x, spec, batch=LATENCY_BATCH), y_eval, ks=(1,))["top1"]
+    def outputs(sess) -> np.ndarray:
+        return ev.run_scores(sess, x, spec, batch=LATENCY_BATCH)
 
-    return Task(model, model_path(kit, model), "top1", npz, calib_size, len(y_eval), evaluate,
+    def score(scores: np.ndarray) -> float:
+        return 100.0 * ev.topk(scores, y_eval, ks=(1,))["top1"]
+
+    return Task(model, model_path(kit, model), "top1", npz, calib_size, len(y_eval), outputs, score,
                 {name: x[:LATENCY_BATCH]})
 
 
@@ -186,12 +198,15 @@ def _text_task(kit: Path, cache: Path, calib_size: int, quick: bool, seed: int) 
     ids_a = [encode(p[1]) for p in pairs]
     ids_b = [encode(p[2]) for p in pairs]
 
-    def evaluate(sess) -> float:
-        e1, e2 = _embed(sess, sts, ids_a), _embed(sess, sts, ids_b)
+    def outputs(sess) -> np.ndarray:
+        return np.concatenate([_embed(sess, sts, ids_a), _embed(sess, sts, ids_b)])
+
+    def score(embeddings: np.ndarray) -> float:
+        e1, e2 = np.split(embeddings, 2)
         cos = (e1 * e2).sum(1) / (np.linalg.norm(e1, axis=1) * np.linalg.norm(e2, axis=1))
         return 100.0 * float(spearmanr(cos, gold).correlation)
 
-    return Task(TEXT_MODEL, kit / TEXT_PATH, "spearman", npz, calib_size, len(pairs), evaluate,
+    return Task(TEXT_MODEL, kit / TEXT_PATH, "spearman", npz, calib_size, len(pairs), outputs, score,
                 sts.batch_inputs(ids_a[:LATENCY_BATCH]))
 
 
