@@ -176,10 +176,10 @@ def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify, input_m
 
     With ``search_bias_correction="auto"``, bias correction stays on in the search only when
     it cuts the loss of the min/max start by more than BIAS_CORRECTION_ESSENTIAL times:
-    inside the search it otherwise hurt (cifar10_resnet20 W4A4: 75.2% without, 70.5% with),
+    inside the search it otherwise hurt (cifar10_resnet20 W4A4: 74.1% without, 69.0% with),
     while depthwise networks need it (mobilenet_v1_0.25 W4A8: about 0% without).  The rule
     misses networks that gain from it at 4 bits without needing it at the min/max start
-    (mobilenet_v2 W4A4: 29.3% with, 8.8% without); "on" and "off" override it."""
+    (mobilenet_v2 W4A4: 25.3% with, 7.7% without); "on" and "off" override it."""
     batches = _subset(batches, config.search_samples, config.batch_size, np.random.default_rng(config.seed))
     labels = np.concatenate([b[config.label_key] for b in batches]) if config.label_key else None
     inputs = list(_without(batches, config.label_key))
