@@ -74,6 +74,11 @@ def auto_loss(model: onnx.ModelProto) -> str:
     return "kl" if classifier and len(model.graph.output) == 1 else "mse"
 
 
+def outputs_probabilities(model: onnx.ModelProto) -> bool:
+    """Whether the first output is already a probability distribution (made by a Softmax)."""
+    return _last_op(model) == "Softmax"
+
+
 def _last_op(model: onnx.ModelProto) -> str | None:
     """The op that makes the first output, looking through reshapes."""
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -143,7 +148,7 @@ class LossEvaluator:
         if loss == "ce" and labels is None:
             raise ConfigError("loss='ce' needs labels: name the labels array of the calibration data with label_key (CLI: --labels KEY) or choose kl/mse/cosine")
         self.kind = auto_loss(model) if loss == "auto" else loss
-        self.probabilities = _last_op(model) == "Softmax"
+        self.probabilities = outputs_probabilities(model)
         self.plan = plan
         self.batches = batches
         self.labels = [labels[i:i + len(b[next(iter(b))])] for i, b in zip(_offsets(batches), batches)] if labels is not None else None

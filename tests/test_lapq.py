@@ -17,7 +17,7 @@ from onnx_lapq.graph import normalize
 from onnx_lapq.lapq import parabola_minimum
 from onnx_lapq.loss import LossEvaluator, distance
 from onnx_lapq.params import ParamSpace
-from onnx_lapq.search import minimize
+from onnx_lapq.search import _Tracked, minimize
 
 
 def digits():
@@ -325,6 +325,26 @@ def test_search_measures_each_lattice_point_once(method):
     assert len({p.tobytes() for p in points}) == len(points) == res.nfev
     assert np.allclose(points / step, np.round(points / step), atol=1e-6) and np.all(points >= -3.0) and np.all(points <= 0.5)
     assert res.fun == min(values) and np.allclose(res.x, target, atol=0.05)
+
+
+def test_a_lattice_point_is_measured_once_whatever_its_sign_and_rounding():
+    tracked = _Tracked(lambda x: float(x[0]), [(-3.0, 1.0)], 0.01, 10, None, None)
+    for x in ([-0.0], [0.0], [-0.004], [0.0049]):
+        assert tracked(np.array(x)) == 0.0
+    assert tracked.nfev == 1 and tracked(np.array([-0.006])) == -0.01 and tracked.nfev == 2
+
+
+@pytest.mark.parametrize("method", ["powell", "coordinate"])
+def test_a_budget_stop_reports_the_iterations_completed(method):
+    target = np.array([0.3, -1.2, 0.1])
+
+    def fun(x):
+        return float(np.sum((x - target) ** 2 * np.array([1.0, 3.0, 9.0])) + 0.5 * x[0] * x[1])
+
+    full = minimize(fun, np.zeros(3), [(-3.0, 1.0)] * 3, method=method, max_evals=1000, iterations=10, step=0.01)
+    cut = minimize(fun, np.zeros(3), [(-3.0, 1.0)] * 3, method=method, max_evals=full.nfev - 1, iterations=10, step=0.01)
+    assert full.success and full.nit >= 2
+    assert not cut.success and cut.nit == full.nit - 1 and "budget" in cut.message
 
 
 def test_cross_entropy_with_labels(tmp_path):

@@ -8,8 +8,9 @@ metric does (a quantized model that is "right" where FP32 is wrong scores a poin
 luck, not for fidelity):
 
 - classifiers: ``agree``, the share of items whose top-1 class is FP32's (percent), and
-  ``kl``, the mean KL(FP32 || quantized) of the class distributions (the softmax of the
-  scores, or the scores themselves where the model already outputs probabilities);
+  ``kl``, the mean KL(FP32 || quantized) of the class distributions, computed as LAPQ's
+  loss does (the softmax of the scores, or the scores themselves where the FP32 graph
+  ends in a Softmax; a quantized probability of exactly 0 counts as 1e-12);
 - all-MiniLM-L6-v2: ``cosine``, the mean cosine similarity of each sentence embedding
   with FP32's.
 
@@ -21,35 +22,28 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import onnx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the onnx_lapq of this checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchkit import kitdata, measure  # noqa: E402
+from onnx_lapq.loss import distance, outputs_probabilities  # noqa: E402
 
 
-def log_probabilities(scores: np.ndarray) -> np.ndarray:
-    """Log class probabilities of a [items, classes] score array (probabilities kept as they are)."""
-    scores = np.asarray(scores, np.float64)
-    if np.all(scores >= 0) and np.allclose(scores.sum(axis=1), 1.0, atol=1e-3):
-        return np.log(np.maximum(scores, 1e-12))
-    shifted = scores - scores.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
-def classifier_fidelity(reference: np.ndarray, quantized: np.ndarray) -> dict[str, float]:
-    """Top-1 agreement (percent) and mean KL(reference || quantized) of two score arrays."""
-    log_p, log_q = log_probabilities(reference), log_probabilities(quantized)
-    kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=1)
-    return {"agree": 100.0 * float(np.mean(reference.argmax(1) == quantized.argmax(1))), "kl": float(np.mean(kl))}
+def classifier_fidelity(reference: np.ndarray, quantized: np.ndarray, probabilities: bool) -> dict[str, float]:
+    """Top-1 agreement (percent) and mean KL(reference || quantized), as the LAPQ loss computes it."""
+    agree = 100.0 * float(np.mean(reference.argmax(1) == quantized.argmax(1)))
+    return {"agree": agree, "kl": float(np.mean(distance("kl", reference, quantized, None, probabilities)))}
 
 
 def embedding_fidelity(reference: np.ndarray, quantized: np.ndarray) -> dict[str, float]:
     """Mean cosine similarity of matching rows."""
-    cos = np.sum(reference * quantized, axis=1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(quantized, axis=1))
-    return {"cosine": float(np.mean(cos))}
+    return {"cosine": 1.0 - float(np.mean(distance("cosine", reference, quantized, None, False)))}
 
 
 def main(argv: list[str]) -> int:
@@ -65,7 +59,11 @@ def main(argv: list[str]) -> int:
         ap.error(f"--model {a.model!r} is not a kit model: choose one of {', '.join(kitdata.kit_models(a.kit))}")
     with tempfile.TemporaryDirectory() as cache:
         task = kitdata.build_task(a.kit, a.model, Path(cache), a.calib_size, False, a.seed)
-    fidelity = embedding_fidelity if a.model == kitdata.TEXT_MODEL else classifier_fidelity
+    if a.model == kitdata.TEXT_MODEL:
+        fidelity = embedding_fidelity
+    else:
+        probabilities = outputs_probabilities(onnx.load(str(task.model_path), load_external_data=False))
+        fidelity = partial(classifier_fidelity, probabilities=probabilities)
     fp32 = measure.make_session(str(task.model_path), a.threads)
     reference = task.outputs(fp32)
     print(f"{a.model}: FP32 {task.metric_name} {task.score(reference):.2f} on {task.n_eval} items")
