@@ -14,7 +14,7 @@ SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse", "lp", "lapq")
 SEARCHES = ("powell", "coordinate")
 LOSSES = ("auto", "kl", "mse", "cosine", "ce")
-SEARCH_BIAS_CORRECTION = ("auto", "on", "off")
+SEARCH_BIAS_CORRECTION = ("auto", "on", "off", "race")
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 QUANTIZABLE_OP_TYPES = DEFAULT_OP_TYPES + ("Gather",)  # Gather: embedding tables, weight-only
 
@@ -73,7 +73,9 @@ class QuantConfig:
         quantization causes (per-channel input means from calibration; Nagel et al. 2019).
     search_bias_correction: whether LAPQ's search keeps bias correction (when it is on):
         "auto" keeps it only where it at least halves the loss of the min/max start,
-        "on" and "off" decide for every network.
+        "on" and "off" decide for every network, "race" searches both ways with a
+        quarter of ``max_evals`` (and of ``time_limit``) each and spends the rest
+        continuing the one with the lower loss.
     weight_only: quantize only the weights of MatMuls (activations stay float), in
         blocks of ``block_size`` rows: the form ONNX Runtime runs as MatMulNBits at 4 bits.
     """

@@ -38,6 +38,37 @@ class LapqOutcome:
     search: SearchResult
 
 
+def resume(
+    outcome: LapqOutcome,
+    loss_of: Callable[[SiteRanges], float],
+    space_for: Callable[[SiteRanges], ParamSpace],
+    *,
+    search: str,
+    max_evals: int,
+    time_limit: float | None,
+    iterations: int,
+    step: float,
+    spent: int = 0,
+    on_eval: Callable[[int, float], None] | None = None,
+) -> LapqOutcome:
+    """``outcome``'s search continued from its best ranges with a fresh budget; ``spent``
+    evaluations made elsewhere (a losing race) count in the result's ``nfev`` too."""
+    space = space_for(outcome.ranges)
+    first = outcome.search
+    before = spent + first.nfev
+    more = minimize(
+        lambda x: loss_of(space.ranges(x)), np.zeros(space.size), space.bounds, method=search, max_evals=max_evals,
+        time_limit=time_limit, iterations=iterations, step=step,
+        on_eval=None if on_eval is None else (lambda n, best: on_eval(before + n, min(best, first.fun))),
+    )
+    better = more.fun < first.fun
+    merged = dataclasses.replace(
+        more, x=more.x if better else np.zeros(space.size), fun=min(more.fun, first.fun), nfev=before + more.nfev, nit=first.nit + more.nit,
+        trace=first.trace + [(before + n, v) for n, v in more.trace if v < first.fun], seconds=first.seconds + more.seconds,
+    )
+    return dataclasses.replace(outcome, ranges=space.ranges(merged.x), search=merged)
+
+
 def parabola_minimum(ps: list[float], losses: list[float]) -> float | None:
     """Vertex of the least-squares parabola through (p, loss), clamped to the grid; None if not convex."""
     if len(ps) < 3:

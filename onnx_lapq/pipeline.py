@@ -21,7 +21,7 @@ from .data import input_specs, iter_batches
 from .errors import ConfigError, ModelError
 from .export import export_qdq
 from .graph import INT4_OPSET, MIN_OPSET, default_opset, normalize
-from .lapq import run_lapq
+from .lapq import resume, run_lapq
 from .loss import LossEvaluator
 from .params import ParamSpace, QParams, SiteRanges, qparams
 from .plan import QuantPlan, build_plan
@@ -179,7 +179,8 @@ def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify, input_m
     inside the search it otherwise hurt (cifar10_resnet20 W4A4: 74.1% without, 69.0% with),
     while depthwise networks need it (mobilenet_v1_0.25 W4A8: about 0% without).  The rule
     misses networks that gain from it at 4 bits without needing it at the min/max start
-    (mobilenet_v2 W4A4: 25.3% with, 7.7% without); "on" and "off" override it."""
+    (mobilenet_v2 W4A4: 25.3% with, 7.7% without); "on" and "off" override it, and "race"
+    lets the loss decide (``_race_bias_correction``)."""
     batches = _subset(batches, config.search_samples, config.batch_size, np.random.default_rng(config.seed))
     labels = np.concatenate([b[config.label_key] for b in batches]) if config.label_key else None
     inputs = list(_without(batches, config.label_key))
@@ -203,12 +204,38 @@ def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify, input_m
             evaluator.set_input_means(input_means)
         else:
             input_means = None
-    outcome = run_lapq(
-        ranges_at_p, starts, lambda r: evaluator(_qparams(plan, r, config)), lambda r: ParamSpace(plan, r),
-        lp_grid=config.lp_grid, search=config.search, max_evals=config.max_evals, time_limit=config.time_limit,
-        iterations=config.search_iterations, step=config.search_step,
-        on_eval=lambda n, best: notify(Progress("search", n, config.max_evals, best)),
-    )
+    def loss_of(ranges: SiteRanges) -> float:
+        return evaluator(_qparams(plan, ranges, config))
+
+    def space_for(ranges: SiteRanges) -> ParamSpace:
+        return ParamSpace(plan, ranges)
+
+    def progress(spent: int):
+        return lambda n, best: notify(Progress("search", spent + n, config.max_evals, best))
+
+    searching = {"search": config.search, "iterations": config.search_iterations, "step": config.search_step}
+    race: dict[str, float] = {}
+    if input_means and config.search_bias_correction == "race":
+        outcome, race = _race_bias_correction(
+            evaluator, input_means, config,
+            lambda max_evals, time_limit, spent: run_lapq(
+                ranges_at_p, starts, loss_of, space_for, lp_grid=config.lp_grid, max_evals=max_evals, time_limit=time_limit,
+                on_eval=progress(spent), **searching,
+            ),
+        )
+        input_means = input_means if race["kept"] else None
+        remaining = config.max_evals - race["evaluations"]
+        if remaining > 0 and (config.time_limit is None or race["seconds"] < config.time_limit):
+            outcome = resume(
+                outcome, loss_of, space_for, max_evals=remaining,
+                time_limit=None if config.time_limit is None else config.time_limit - race["seconds"],
+                spent=race["evaluations"] - outcome.search.nfev, on_eval=progress(race["evaluations"]), **searching,
+            )
+    else:
+        outcome = run_lapq(
+            ranges_at_p, starts, loss_of, space_for, lp_grid=config.lp_grid, max_evals=config.max_evals,
+            time_limit=config.time_limit, on_eval=progress(0), **searching,
+        )
     report = {
         "loss": evaluator.kind,
         "start": outcome.start,
@@ -231,7 +258,31 @@ def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify, input_m
         },
     }
     report["bias_correction"] = input_means is not None
+    if race:
+        report["bias_correction_race"] = race
     return outcome.ranges, _qparams(plan, outcome.initial_ranges, config), evaluator, report, input_means
+
+
+def _race_bias_correction(evaluator: LossEvaluator, input_means, config: QuantConfig, search):
+    """search_bias_correction="race": LAPQ with and without bias correction, each on a
+    quarter of the budgets (``search(max_evals, time_limit, spent)``); the evaluator keeps
+    the setting whose search ended lower.  Returns the winner's outcome and what the race
+    measured: the final loss of each side, whether correction was kept, and the evaluations
+    and seconds the race used."""
+    started = time.perf_counter()
+    quarter = max(1, config.max_evals // 4)
+    quarter_time = None if config.time_limit is None else config.time_limit / 4
+    outcomes = {}
+    for keep in (True, False):
+        evaluator.set_input_means(input_means if keep else None)
+        outcomes[keep] = search(quarter, quarter_time, sum(o.search.nfev for o in outcomes.values()))
+    kept = outcomes[True].search.fun < outcomes[False].search.fun
+    evaluator.set_input_means(input_means if kept else None)
+    race = {
+        "on": outcomes[True].search.fun, "off": outcomes[False].search.fun, "kept": kept,
+        "evaluations": outcomes[True].search.nfev + outcomes[False].search.nfev, "seconds": time.perf_counter() - started,
+    }
+    return outcomes[kept], race
 
 
 def choose_ranges(model: onnx.ModelProto, plan: QuantPlan, stats: dict[str, TensorStats], config: QuantConfig) -> SiteRanges:

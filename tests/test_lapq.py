@@ -373,6 +373,18 @@ def test_search_bias_correction_forced_on_and_off():
             lapq_config(search_step=step)
 
 
+def test_search_bias_correction_race_keeps_the_side_with_the_lower_loss():
+    """Each side searches a quarter of the budget, the lower one goes on with the rest, and
+    the export carries that side's biases (its loss is the search's)."""
+    model, calib = digits()
+    report = onnx_lapq.quantize(model, calib, config=lapq_config(max_evals=60, search_bias_correction="race")).report
+    race = report["bias_correction_race"]
+    assert race["kept"] == (race["on"] < race["off"]) == report["bias_correction"]
+    assert race["evaluations"] <= 30 < report["nfev"] <= 60
+    assert report["final_loss"] <= min(race["on"], race["off"])
+    assert report["exported_loss"] == pytest.approx(report["final_loss"], rel=1e-5)
+
+
 def test_cli_lapq_writes_report(tmp_path):
     out, report = tmp_path / "q.onnx", tmp_path / "r.json"
     proc = run_cli(DIGITS_MODEL, out, "--calib", DIGITS_CALIB, "--method", "lapq", "--weight-bits", "3", "--act-bits", "3",
