@@ -48,25 +48,37 @@ def resume(
     time_limit: float | None,
     iterations: int,
     step: float,
-    spent: int = 0,
+    spent: int,
     on_eval: Callable[[int, float], None] | None = None,
 ) -> LapqOutcome:
-    """``outcome``'s search continued from its best ranges with a fresh budget; ``spent``
-    evaluations made elsewhere (a losing race) count in the result's ``nfev`` too."""
-    space = space_for(outcome.ranges)
+    """``outcome``'s search continued from its best ranges with a fresh budget; ``spent``:
+    the evaluations made before (``outcome``'s own and any others, such as a losing race),
+    which count in the result's ``nfev`` too."""
     first = outcome.search
-    before = spent + first.nfev
-    more = minimize(
-        lambda x: loss_of(space.ranges(x)), np.zeros(space.size), space.bounds, method=search, max_evals=max_evals,
-        time_limit=time_limit, iterations=iterations, step=step,
-        on_eval=None if on_eval is None else (lambda n, best: on_eval(before + n, min(best, first.fun))),
+    space, more = _search_from(
+        outcome.ranges, loss_of, space_for, search=search, max_evals=max_evals, time_limit=time_limit, iterations=iterations,
+        step=step, on_eval=None if on_eval is None else (lambda n, best: on_eval(spent + n, min(best, first.fun))),
     )
     better = more.fun < first.fun
     merged = dataclasses.replace(
-        more, x=more.x if better else np.zeros(space.size), fun=min(more.fun, first.fun), nfev=before + more.nfev, nit=first.nit + more.nit,
-        trace=first.trace + [(before + n, v) for n, v in more.trace if v < first.fun], seconds=first.seconds + more.seconds,
+        more, x=more.x if better else np.zeros(space.size), fun=min(more.fun, first.fun), nfev=spent + more.nfev, nit=first.nit + more.nit,
+        trace=first.trace + [(spent + n, v) for n, v in more.trace if v < first.fun], seconds=first.seconds + more.seconds,
     )
     return dataclasses.replace(outcome, ranges=space.ranges(merged.x), search=merged)
+
+
+def _search_from(
+    initial: SiteRanges,
+    loss_of: Callable[[SiteRanges], float],
+    space_for: Callable[[SiteRanges], ParamSpace],
+    *,
+    search: str,
+    **budgets,
+) -> tuple[ParamSpace, SearchResult]:
+    """``search.minimize`` over the log clip factors of ``initial`` (x = 0 is ``initial``),
+    with the budgets, lattice step and ``on_eval`` it takes; the space and the result."""
+    space = space_for(initial)
+    return space, minimize(lambda x: loss_of(space.ranges(x)), np.zeros(space.size), space.bounds, method=search, **budgets)
 
 
 def parabola_minimum(ps: list[float], losses: list[float]) -> float | None:
@@ -108,10 +120,8 @@ def run_lapq(
     for name, loss in start_losses.items():
         if loss < init_loss:
             initial, init_loss, p_star, start = calibrated[name], loss, None, name
-    space = space_for(initial)
-    result = minimize(
-        lambda x: loss_of(space.ranges(x)), np.zeros(space.size), space.bounds,
-        method=search, max_evals=max_evals, time_limit=time_limit, iterations=iterations, step=step, on_eval=on_eval,
+    space, result = _search_from(
+        initial, loss_of, space_for, search=search, max_evals=max_evals, time_limit=time_limit, iterations=iterations, step=step, on_eval=on_eval,
     )
     if result.fun > init_loss:  # cannot happen (x0 is evaluated first) unless the loss is noisy
         result = dataclasses.replace(result, x=np.zeros(space.size), fun=init_loss)

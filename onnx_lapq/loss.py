@@ -197,13 +197,14 @@ class LossEvaluator:
         would open and run the whole model: 1.9x an FP32 pass against 0.5x fed.  Structure,
         not a timing, so the same inputs give the same model."""
         nodes = len(self.template.graph.node)
-        sites = sorted(set(self._first_use().values()))
+        first_use = self._first_use()
+        sites = sorted(set(first_use.values()))
 
         def skipped(cut_positions: list[int]) -> float:
             cuts = [0] + _spread(cut_positions)
             return float(np.mean([max(c for c in cuts if c <= p) for p in sites])) / nodes
 
-        fused = skipped([pos for pos, _ in self._cut_candidates()])
+        fused = skipped([pos for pos, _ in self._cut_candidates(first_use)])
         return bool(sites) and fused * FUSED_DEPTH_TOLERANCE >= skipped([p for p in sites if p > 0])
 
     # ----------------------------------------------------------------- public
@@ -316,9 +317,9 @@ class LossEvaluator:
     def _choose_cuts(self, budget: int) -> list[_Cut]:
         """Of the candidate cuts, at most MAX_CUTS, evenly spread, within ``budget`` bytes."""
         sizes = self._tensor_bytes()
-        valid = [(pos, live) for pos, live in self._cut_candidates() if all(t in sizes for t in live)]
-        valid = _spread(valid)
         first_use = self._first_use()
+        valid = [(pos, live) for pos, live in self._cut_candidates(first_use) if all(t in sizes for t in live)]
+        valid = _spread(valid)
         cuts = [_Cut(0, list(self.batches[0]), [])]
         spent = 0
         for pos, live in valid:
@@ -330,8 +331,9 @@ class LossEvaluator:
         log.debug("loss evaluator: %d cuts, %.1f MB of cached activations", len(cuts) - 1, spent / 1e6)
         return cuts
 
-    def _cut_candidates(self) -> list[tuple[int, list[str]]]:
-        """(position, live tensors) before the first node that reads each tunable tensor.
+    def _cut_candidates(self, first_use: dict[str, int]) -> list[tuple[int, list[str]]]:
+        """(position, live tensors) before the first node that reads each tunable tensor
+        (``first_use``: the template's ``_first_use()``).
 
         Fused, a cut's tensors must be integer codes (QuantizeLinear outputs) or data inputs:
         a DequantizeLinear output fed from outside, such as a weight's dequantized values
@@ -340,7 +342,7 @@ class LossEvaluator:
         export).  So cuts also go right after each QuantizeLinear and only such cuts are kept.
         """
         nodes = list(self.template.graph.node)
-        candidates = set(self._first_use().values())
+        candidates = set(first_use.values())
         if self.fused:
             candidates |= {pos + 1 for pos, node in enumerate(nodes) if node.op_type == "QuantizeLinear"}
         producer = {o: n.op_type for n in nodes for o in n.output}

@@ -214,7 +214,7 @@ def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify, input_m
         return lambda n, best: notify(Progress("search", spent + n, config.max_evals, best))
 
     searching = {"search": config.search, "iterations": config.search_iterations, "step": config.search_step}
-    race: dict[str, float] = {}
+    race: dict[str, float | bool | int] = {}
     if input_means and config.search_bias_correction == "race":
         outcome, race = _race_bias_correction(
             evaluator, input_means, config,
@@ -229,7 +229,7 @@ def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify, input_m
             outcome = resume(
                 outcome, loss_of, space_for, max_evals=remaining,
                 time_limit=None if config.time_limit is None else config.time_limit - race["seconds"],
-                spent=race["evaluations"] - outcome.search.nfev, on_eval=progress(race["evaluations"]), **searching,
+                spent=race["evaluations"], on_eval=progress(race["evaluations"]), **searching,
             )
     else:
         outcome = run_lapq(
