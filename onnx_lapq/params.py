@@ -70,12 +70,29 @@ class ParamSpace:
     One coordinate per activation group and one per weight site; x_i is the log of the
     factor that scales the initial range of that site (all channels of a weight
     together).  x = 0 is the initialization.
+
+    Coordinates run from the coarsest grid to the finest, and within one bit-width in
+    the order the graph reads the sites, a layer's input before its weight.  A budget
+    smaller than one Powell sweep then goes to whole layers from the front, and at W4A8
+    to the 4-bit weights before the 8-bit activations.  Against the earlier order (all
+    activations, then all weights), the calibration loss after 150 evaluations on 64
+    samples fell on squeezenet1.1 W4A8 0.373 -> 0.315 and W4A4 1.667 -> 1.330,
+    mobilenet_v1_0.25 W4A8 1.433 -> 0.928 and W4A4 4.744 -> 4.509, and was level on
+    mobilenet_v2 (0.359 -> 0.363, 4.856 -> 4.902); on cifar10_resnet20 W4A4 it was 0.454
+    after 300 evaluations against 0.595.
     """
 
     def __init__(self, plan: QuantPlan, initial: SiteRanges):
         self.plan = plan
         self.initial = initial
-        self.names = [f"act:{g}" for g in plan.groups] + [f"weight:{w.tensor}" for w in plan.weights]
+        read = {t: i for i, t in enumerate(plan.reads)}
+        unread = len(read)
+        coordinates = [
+            (plan.group_bits(g), min(read.get(a.tensor, unread) for a in plan.activations if a.group == g), 0, "act", g)
+            for g in plan.groups
+        ] + [(w.bits, read.get(w.tensor, unread), 1, "weight", w.tensor) for w in plan.weights]
+        self.coordinates = [(kind, name) for *_, kind, name in sorted(coordinates, key=lambda c: c[:3])]
+        self.names = [f"{kind}:{name}" for kind, name in self.coordinates]
 
     @property
     def size(self) -> int:
@@ -86,11 +103,7 @@ class ParamSpace:
         return [LOG_FACTOR_BOUNDS] * self.size
 
     def ranges(self, x: np.ndarray) -> SiteRanges:
-        factors = np.exp(np.asarray(x, np.float64))
-        groups = self.plan.groups
-        acts = {g: (self.initial.activations[g][0] * f, self.initial.activations[g][1] * f) for g, f in zip(groups, factors)}
-        weights = {
-            w.tensor: (self.initial.weights[w.tensor][0] * f, self.initial.weights[w.tensor][1] * f)
-            for w, f in zip(self.plan.weights, factors[len(groups):])
-        }
+        factors = dict(zip(self.coordinates, np.exp(np.asarray(x, np.float64))))
+        acts = {g: (lo * factors["act", g], hi * factors["act", g]) for g, (lo, hi) in self.initial.activations.items()}
+        weights = {w: (lo * factors["weight", w], hi * factors["weight", w]) for w, (lo, hi) in self.initial.weights.items()}
         return SiteRanges(activations=acts, weights=weights)

@@ -82,6 +82,7 @@ class QuantPlan:
     weights: tuple[WeightSite, ...]
     activations: tuple[ActivationSite, ...]
     biases: tuple[BiasSite, ...]
+    reads: tuple[str, ...] = ()  # weight and activation site tensors in the order the graph first reads them
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -203,7 +204,7 @@ def _weight_only_plan(index: _GraphIndex, nodes: list[onnx.NodeProto], config: Q
             weights[node.input[1]] = WeightSite(node.input[1], node.name, node.op_type, 0, config.weight_bits, config.block_size)
     if not weights:
         raise ModelError("weight-only quantization found no MatMul with a constant 2-D weight: drop --weight-only or check the model")
-    return QuantPlan(weights=tuple(weights.values()), activations=(), biases=())
+    return QuantPlan(weights=tuple(weights.values()), activations=(), biases=(), reads=_reading_order(index, weights))
 
 
 def build_plan(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
@@ -253,6 +254,7 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
         weights=tuple(weights.values()),
         activations=tuple(sorted(acts.values(), key=lambda a: order.get(a.tensor, -1))),
         biases=tuple(biases),
+        reads=_reading_order(index, [*acts, *weights]),
     )
 
 
@@ -265,6 +267,16 @@ def _add_activation(acts: dict[str, ActivationSite], tensor: str, bits: int, rol
     elif old is not None:
         bits = max(bits, old.bits)
     acts[tensor] = ActivationSite(tensor, bits, role, tensor)
+
+
+def _reading_order(index: _GraphIndex, tensors) -> tuple[str, ...]:
+    """``tensors`` by the first node that reads them; a layer's input before its weight."""
+    first: dict[str, int] = {}
+    for position, node in enumerate(index.graph.node):
+        for name in node.input:
+            first.setdefault(name, position)
+    weights = set(index.initializers)
+    return tuple(sorted(tensors, key=lambda t: (first.get(t, len(index.graph.node)), t in weights)))
 
 
 def _tensor_order(index: _GraphIndex) -> list[str]:

@@ -16,7 +16,8 @@ from onnx_lapq.calibrate import session
 from onnx_lapq.graph import normalize
 from onnx_lapq.lapq import parabola_minimum
 from onnx_lapq.loss import LossEvaluator, distance
-from onnx_lapq.params import ParamSpace
+from onnx_lapq.params import ParamSpace, SiteRanges
+from onnx_lapq.plan import build_plan
 from onnx_lapq.search import _Tracked, minimize
 
 
@@ -118,6 +119,32 @@ def test_cached_evaluation_equals_full_evaluation(bits):
         assert len(fresh.cuts) == 1
         assert cached(params) == pytest.approx(fresh(params), rel=1e-6, abs=1e-12)
     assert cached.mean_suffix_fraction < 1.0
+
+
+@pytest.mark.parametrize("bits, order", [
+    (dict(weight_bits=4, act_bits=8), ["weight:conv1_W", "weight:conv2_W", "weight:conva_W", "weight:convb_W", "weight:conv3_W",
+                                       "weight:conv4_W", "weight:fc_W", "act:x", "act:relu1", "act:relu2", "act:cat", "act:pool", "act:flat"]),
+    (dict(weight_bits=4, act_bits=4, keep_first_last_8bit=True), ["act:relu1", "weight:conv2_W", "act:relu2", "weight:conva_W", "weight:convb_W",
+                                                                  "act:cat", "weight:conv3_W", "act:pool", "weight:conv4_W",
+                                                                  "act:x", "weight:conv1_W", "act:flat", "weight:fc_W"]),
+])
+def test_search_coordinates_run_coarse_grids_first_then_front_to_back(bits, order):
+    """Each coordinate scales its own site's initial range, and no other."""
+    plan = build_plan(normalize(block_model(opset=21), min_opset=21), onnx_lapq.QuantConfig(**bits))
+    initial = SiteRanges({g: (-1.0, 2.0) for g in plan.groups}, {w.tensor: (-np.arange(1.0, 3.0), np.arange(1.0, 3.0)) for w in plan.weights})
+    space = ParamSpace(plan, initial)
+    assert space.names == order
+    for k, name in enumerate(space.names):
+        x = np.zeros(space.size)
+        x[k] = np.log(2.0)
+        ranges = space.ranges(x)
+        for g, (lo, hi) in ranges.activations.items():
+            factor = 2.0 if name == f"act:{g}" else 1.0
+            assert (lo, hi) == pytest.approx((-1.0 * factor, 2.0 * factor))
+        for w, (lo, hi) in ranges.weights.items():
+            factor = 2.0 if name == f"weight:{w}" else 1.0
+            np.testing.assert_allclose(hi, np.arange(1.0, 3.0) * factor)
+            np.testing.assert_allclose(lo, -hi)
 
 
 def _optimized_transposes(model: onnx.ModelProto, path) -> int:

@@ -166,6 +166,14 @@ def test_keep_first_last_8bit():
     assert abits["relu1"] == 4 and abits["cat"] == 4 and abits["pool"] == 4
 
 
+def test_reads_follow_the_graph_a_layer_input_before_its_weight():
+    plan = plan_of(block_model(opset=13), weight_bits=4, act_bits=4)
+    assert plan.reads == ("x", "conv1_W", "relu1", "conv2_W", "relu2", "conva_W", "convb_W", "cat", "conv3_W", "pool", "conv4_W", "flat", "fc_W")
+    w8a8 = plan_of(block_model(opset=13))
+    assert set(w8a8.reads) == {a.tensor for a in w8a8.activations} | {w.tensor for w in w8a8.weights}
+    assert w8a8.reads.index("relua") < w8a8.reads.index("relub") < w8a8.reads.index("cat") < w8a8.reads.index("conv3_W")
+
+
 # --------------------------------------------------------------------------- ONNX Runtime fusion
 
 
