@@ -126,7 +126,9 @@ def test_cached_evaluation_equals_full_evaluation(bits):
                                        "weight:conv4_W", "weight:fc_W", "act:x", "act:relu1", "act:relu2", "act:cat", "act:pool", "act:flat"]),
     (dict(weight_bits=4, act_bits=4, keep_first_last_8bit=True), ["act:relu1", "weight:conv2_W", "act:relu2", "weight:conva_W", "weight:convb_W",
                                                                   "act:cat", "weight:conv3_W", "act:pool", "weight:conv4_W",
-                                                                  "act:x", "weight:conv1_W", "act:flat", "weight:fc_W"]),
+                                                                  "act:x", "act:flat", "weight:conv1_W", "weight:fc_W"]),
+    (dict(weight_bits=8, act_bits=8), ["act:x", "act:relu1", "act:conv2", "act:relu2", "act:cat", "act:relu3", "act:relu4", "weight:conv1_W",
+                                       "weight:conv2_W", "weight:conva_W", "weight:convb_W", "weight:conv3_W", "weight:conv4_W", "weight:fc_W"]),
 ])
 def test_search_coordinates_run_coarse_grids_first_then_front_to_back(bits, order):
     """Each coordinate scales its own site's initial range, and no other."""
