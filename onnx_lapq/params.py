@@ -94,9 +94,11 @@ class ParamSpace:
         self.initial = initial
         read = {t: i for i, t in enumerate(plan.reads)}
         unread = len(read)
+        group_read: dict[str, int] = {}
+        for a in plan.activations:
+            group_read[a.group] = min(group_read.get(a.group, unread), read.get(a.tensor, unread))
         coordinates = [
-            (plan.group_bits(g), 0, min(read.get(a.tensor, unread) for a in plan.activations if a.group == g), 0, "act", g)
-            for g in plan.groups
+            (plan.group_bits(g), 0, group_read.get(g, unread), 0, "act", g) for g in plan.groups
         ] + [(w.bits, int(w.bits >= 8), read.get(w.tensor, unread), 1, "weight", w.tensor) for w in plan.weights]
         self.coordinates = [(kind, name) for *_, kind, name in sorted(coordinates, key=lambda c: c[:4])]
         self.names = [f"{kind}:{name}" for kind, name in self.coordinates]

@@ -2,7 +2,7 @@
 
 ``powell``: scipy.optimize.minimize(method="Powell") over all coordinates (the LAPQ
 paper's choice), starting with small steps.  ``coordinate``: one bounded scalar
-minimization per coordinate in graph order, repeated for a number of sweeps; each step
+minimization per coordinate in the order of x (params.ParamSpace), repeated for a number of sweeps; each step
 changes one site, which the loss evaluator's prefix cache makes cheap.  Both stop on
 ``max_evals`` or ``time_limit`` and always return the best point seen.
 

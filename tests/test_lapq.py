@@ -140,6 +140,7 @@ def test_search_coordinates_run_coarse_grids_first_then_front_to_back(bits, orde
         x = np.zeros(space.size)
         x[k] = np.log(2.0)
         ranges = space.ranges(x)
+        assert set(ranges.activations) == set(plan.groups) and set(ranges.weights) == {w.tensor for w in plan.weights}
         for g, (lo, hi) in ranges.activations.items():
             factor = 2.0 if name == f"act:{g}" else 1.0
             assert (lo, hi) == pytest.approx((-1.0 * factor, 2.0 * factor))
