@@ -12,7 +12,8 @@ restricts the range to the grid; weights are already on their grid.  Sub-8-bit
 activation sites marked ``wide`` by the plan are stored the same way.
 
 A "fed" export keeps the same graph but takes every Q/DQ number as a graph input:
-the loss evaluator's one session for all candidate parameters.
+the loss evaluator's one session for all candidate parameters.  Its codes are all
+stored in 8-bit (or wider) containers.
 """
 from __future__ import annotations
 
@@ -89,10 +90,11 @@ def _dq_node(prefix: str, source: str, qp: QParams) -> onnx.NodeProto:
     )
 
 
-def _clipped(site, qp: QParams) -> bool:
+def _clipped(qp: QParams, wide: bool) -> bool:
     """Whether the site's QuantizeLinear gets a Clip: grids narrower than their container,
-    such as 3-bit codes in int8 or symmetric -127..127 in int8."""
-    return (qp.fmt.qmin, qp.fmt.qmax) != _code_range(container(qp.fmt, site.wide))
+    such as 3-bit codes in int8 or symmetric -127..127 in int8.  ``wide``: the codes sit in
+    an 8-bit container whatever their width (a ``wide`` site, or any site of a fed export)."""
+    return (qp.fmt.qmin, qp.fmt.qmax) != _code_range(container(qp.fmt, wide))
 
 
 def qdq_tensors(
@@ -106,11 +108,13 @@ def qdq_tensors(
 ) -> dict[str, tuple[np.ndarray, int]]:
     """The numbers of a QDQ model by tensor name: (array, ONNX type).
 
-    ``weights`` maps float initializer names to values.  ``fed`` stores weight codes in
-    8-bit (or 16/32-bit) containers, as a model whose Q/DQ tensors are graph inputs
-    takes them, and saturates biases instead of leaving an overflowing one float;
-    activation zero points keep their type (4-bit ones are fed as OrtValues), so the
-    fed graph has the exported graph's structure.
+    ``weights`` maps float initializer names to values.  ``fed`` stores every code in an
+    8-bit (or 16/32-bit) container, as a model whose Q/DQ tensors are graph inputs takes
+    them (4-bit activations with the Clip that restricts them to their grid), and
+    saturates biases instead of leaving an overflowing one float.  The codes, and so the
+    numbers, are the exported model's; ONNX Runtime runs the 8-bit pair and its Clip
+    faster (mobilenet_v2 W4A4, 32 images: Q/DQ and Clip 168 ms against 194 ms; the whole
+    graph 6% faster, its NCHW depthwise convolutions being 38% of the time).
     ``sites`` limits the result to the tensors of those sites.  With ``input_means``
     (per-channel means of layer inputs), biases are corrected for the mean output shift
     of their layer's weight quantization (biascorr.py).
@@ -133,11 +137,11 @@ def qdq_tensors(
         t, qp = site.tensor, params[site.tensor]
         if sites is not None and t not in sites:
             continue
-        if _clipped(site, qp):
+        if _clipped(qp, site.wide or fed):
             out[f"{t}_clip_min"] = _entry((qp.fmt.qmin - int(qp.zero_point)) * float(qp.scale), None)
             out[f"{t}_clip_max"] = _entry((qp.fmt.qmax - int(qp.zero_point)) * float(qp.scale), None)
         out[f"{t}_scale"] = _entry(qp.scale, None)
-        out[f"{t}_zero_point"] = _entry(qp.zero_point, qp.fmt, site.wide)
+        out[f"{t}_zero_point"] = _entry(qp.zero_point, qp.fmt, site.wide or fed)
     return out
 
 

@@ -13,8 +13,8 @@ thousands): there every KL is ~1e-49 and carries no signal for the search.
 Two ways to run the quantized graph, measured (DESIGN.md, README) and chosen by structure,
 so that the machine's load never changes the mode or the model:
   * fed (any sub-8-bit site, which no CPU kernel fuses, or cuts too shallow for fused):
-    the Q/DQ numbers are graph inputs (export.py's fed export), so one session per graph
-    suffix serves every candidate;
+    the Q/DQ numbers are graph inputs (export.py's fed export, whose codes all cross in
+    8-bit containers), so one session per graph suffix serves every candidate;
   * fused (8-bit weights and activations, when cuts where only integer codes cross let
     evaluations skip at least 2/3 as much of the graph as fed cuts: _fused_cuts_are_fine): the
     numbers are constants, as in the exported model, so ONNX Runtime runs its integer
@@ -179,7 +179,7 @@ class LossEvaluator:
         value info of every tensor."""
         self.template = export_qdq(model, self.plan, init_params, fed=not self.fused, input_means=self.input_means)
         self._raw: dict[str, tuple[np.ndarray, int]] = {}
-        self._feeds: dict[str, np.ndarray | ort.OrtValue] = {}
+        self._feeds: dict[str, np.ndarray] = {}
         self._version: dict[str, int] = {}
         self._site_params: dict[str, tuple] = {}
         self._update(init_params)
@@ -280,12 +280,12 @@ class LossEvaluator:
                 changed.add(name)
         if not changed:
             return
-        for name, (value, dtype) in qdq_tensors(self.weights, self.plan, params, fed=True, sites=changed, input_means=self.input_means).items():
+        for name, (value, dtype) in qdq_tensors(self.weights, self.plan, params, fed=not self.fused, sites=changed, input_means=self.input_means).items():
             old = self._raw.get(name)
             if old is None or old[0].shape != value.shape or not np.array_equal(old[0], value):
                 self._raw[name] = (value, dtype)
                 if not self.fused:
-                    self._feeds[name] = _feed(value, dtype)
+                    self._feeds[name] = value
                 self._version[name] = self._version.get(name, 0) + 1
 
     def _refreshed_after(self, start: int) -> list[_Cut]:
@@ -401,14 +401,14 @@ class LossEvaluator:
         used = {n for node in keep for n in node.input}
 
         def info(name: str) -> onnx.ValueInfoProto:
-            # fused, with its inferred shape: without one ONNX Runtime cannot plan the NHWC layout
+            # With its inferred shape.  Fused, without one ONNX Runtime cannot plan the NHWC layout
             # of the integer kernels and wraps each in Transposes (cifar10_resnet20: 1.35x slower).
-            # Fed, without: the float kernels ONNX Runtime then picks are no faster and their
-            # rounding would move every 4-bit search off the benchmark's rows.
-            if name in types and self.fused:
+            # Fed, without one it does not fuse a convolution with its residual Add and Relu as
+            # it does in the whole graph, and the suffix rounds differently (cifar10_resnet56
+            # W4A4, a cut on a QuantizeLinear output: exported/final loss 1.0081).
+            if name in types:
                 return onnx.ValueInfoProto.FromString(types[name].SerializeToString())
-            elem = types[name].type.tensor_type.elem_type if name in types else onnx.TensorProto.FLOAT
-            return helper.make_tensor_value_info(name, elem, None)
+            return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
 
         def crossing(name: str) -> onnx.ValueInfoProto:
             """``name`` as it crosses the boundary: under its _boundary name, NHWC-shaped if channels-last."""
@@ -446,15 +446,6 @@ def _spread(items: list) -> list:
     if len(items) <= MAX_CUTS:
         return items
     return [items[round(i * (len(items) - 1) / (MAX_CUTS - 1))] for i in range(MAX_CUTS)]
-
-
-def _feed(value: np.ndarray, dtype: int):
-    """A feed for a fed Q/DQ tensor: numpy arrays as they are, 4-bit scalars as typed OrtValues."""
-    if dtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-        if value.ndim:
-            raise ValueError("only scalar 4-bit tensors are fed")  # weight codes are fed in 8-bit containers
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(value.astype(np.uint8 if dtype == onnx.TensorProto.UINT4 else np.int8), dtype)
-    return value
 
 
 def _timed_pass(sess: ort.InferenceSession, output: str, batches: list[dict[str, np.ndarray]]) -> float:
