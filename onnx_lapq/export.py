@@ -11,9 +11,9 @@ debugging tools work on our output).  Grids narrower than their container (2, 3,
 restricts the range to the grid; weights are already on their grid.  Sub-8-bit
 activation sites marked ``wide`` by the plan are stored the same way.
 
-A "fed" export keeps the same graph but takes every Q/DQ number as a graph input:
-the loss evaluator's one session for all candidate parameters.  Its codes are all
-stored in 8-bit (or wider) containers.
+A "fed" export keeps the same graph but takes every Q/DQ number as a graph input
+(4-bit weights already dequantized: see :func:`qdq_tensors`): the loss evaluator's
+one session for all candidate parameters.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from .biascorr import output_shift
 from .modelio import copy_model
 from .params import QParams
 from .plan import QuantPlan
-from .qmath import QFormat, broadcast, fake_quantize, quantize
+from .qmath import QFormat, broadcast, dequantize, fake_quantize, quantize
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ _CONTAINERS = {
     (16, True): TensorProto.INT16, (16, False): TensorProto.UINT16,
     (32, True): TensorProto.INT32,
 }
+_FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
 
 
 def container(fmt: QFormat, wide: bool = False) -> int:
@@ -50,7 +51,7 @@ def container(fmt: QFormat, wide: bool = False) -> int:
 def proto(name: str, value: np.ndarray, dtype: int) -> TensorProto:
     """An initializer of ONNX type ``dtype`` holding ``value``; 4-bit values are packed two
     to a byte, low nibble first, in raw_data (ONNX's layout)."""
-    if dtype in (TensorProto.INT4, TensorProto.UINT4):
+    if dtype in _FOUR_BIT:
         nibbles = np.asarray(value, np.int64).ravel() & 0xF
         if nibbles.size % 2:
             nibbles = np.append(nibbles, 0)
@@ -66,7 +67,7 @@ def _numpy_type(dtype: int) -> type:
 
 def _code_range(dtype: int) -> tuple[int, int]:
     """Smallest and largest code of an ONNX integer type."""
-    if dtype in (TensorProto.INT4, TensorProto.UINT4):
+    if dtype in _FOUR_BIT:
         return (-8, 7) if dtype == TensorProto.INT4 else (0, 15)
     info = np.iinfo(_numpy_type(dtype))
     return int(info.min), int(info.max)
@@ -90,11 +91,10 @@ def _dq_node(prefix: str, source: str, qp: QParams) -> onnx.NodeProto:
     )
 
 
-def _clipped(qp: QParams, wide: bool) -> bool:
+def _clipped(site, qp: QParams) -> bool:
     """Whether the site's QuantizeLinear gets a Clip: grids narrower than their container,
-    such as 3-bit codes in int8 or symmetric -127..127 in int8.  ``wide``: the codes sit in
-    an 8-bit container whatever their width (a ``wide`` site, or any site of a fed export)."""
-    return (qp.fmt.qmin, qp.fmt.qmax) != _code_range(container(qp.fmt, wide))
+    such as 3-bit codes in int8 or symmetric -127..127 in int8."""
+    return (qp.fmt.qmin, qp.fmt.qmax) != _code_range(container(qp.fmt, site.wide))
 
 
 def qdq_tensors(
@@ -108,13 +108,15 @@ def qdq_tensors(
 ) -> dict[str, tuple[np.ndarray, int]]:
     """The numbers of a QDQ model by tensor name: (array, ONNX type).
 
-    ``weights`` maps float initializer names to values.  ``fed`` stores every code in an
-    8-bit (or 16/32-bit) container, as a model whose Q/DQ tensors are graph inputs takes
-    them (4-bit activations with the Clip that restricts them to their grid), and
-    saturates biases instead of leaving an overflowing one float.  The codes, and so the
-    numbers, are the exported model's; ONNX Runtime runs the 8-bit pair and its Clip
-    faster (mobilenet_v2 W4A4, 32 images: Q/DQ and Clip 168 ms against 194 ms; the whole
-    graph 6% faster, its NCHW depthwise convolutions being 38% of the time).
+    ``weights`` maps float initializer names to values.  ``fed`` gives the numbers as a
+    model whose Q/DQ tensors are graph inputs takes them: weight codes in 8-bit (or
+    16/32-bit) containers, except 4-bit weights, which come dequantized (float32
+    ``<w>_DequantizeLinear_Output``, bit for bit what DequantizeLinear makes of their codes:
+    an 8-bit container would let ONNX Runtime fuse a Gemm or MatMul into an integer kernel
+    that the exported INT4 weight never gets); biases saturated instead of left float when
+    they overflow; activation zero points in their own type (4-bit ones are fed as
+    OrtValues), so that ONNX Runtime fuses the fed graph's layers as it fuses the exported
+    graph's.
     ``sites`` limits the result to the tensors of those sites.  With ``input_means``
     (per-channel means of layer inputs), biases are corrected for the mean output shift
     of their layer's weight quantization (biascorr.py).
@@ -130,6 +132,9 @@ def qdq_tensors(
             log.warning("bias %s overflows int32 at scale s_in*s_w; it stays float", name)
             continue
         codes = quantize(values, qp.scale, qp.zero_point, qp.fmt, qp.axis, qp.block_size)
+        if fed and container(qp.fmt) in _FOUR_BIT:
+            out[f"{name}_DequantizeLinear_Output"] = _entry(dequantize(codes, qp.scale, qp.zero_point, qp.axis, qp.block_size), None)
+            continue
         out[f"{name}_quantized"] = _entry(codes, qp.fmt, fed)
         out[f"{name}_scale"] = _entry(qp.scale, None)
         out[f"{name}_zero_point"] = _entry(qp.zero_point, qp.fmt, fed)
@@ -137,11 +142,11 @@ def qdq_tensors(
         t, qp = site.tensor, params[site.tensor]
         if sites is not None and t not in sites:
             continue
-        if _clipped(qp, site.wide or fed):
+        if _clipped(site, qp):
             out[f"{t}_clip_min"] = _entry((qp.fmt.qmin - int(qp.zero_point)) * float(qp.scale), None)
             out[f"{t}_clip_max"] = _entry((qp.fmt.qmax - int(qp.zero_point)) * float(qp.scale), None)
         out[f"{t}_scale"] = _entry(qp.scale, None)
-        out[f"{t}_zero_point"] = _entry(qp.zero_point, qp.fmt, site.wide or fed)
+        out[f"{t}_zero_point"] = _entry(qp.zero_point, qp.fmt, site.wide)
     return out
 
 
@@ -175,6 +180,7 @@ def export_qdq(
     for name in [w.tensor for w in plan.weights] + [b.tensor for b in plan.biases]:
         if f"{name}_quantized" in tensors:
             new_nodes.append(_dq_node(name, f"{name}_quantized", params[name]))
+        if f"{name}_quantized" in tensors or f"{name}_DequantizeLinear_Output" in tensors:
             rename[name] = f"{name}_DequantizeLinear_Output"
     for site in plan.activations:
         t = site.tensor

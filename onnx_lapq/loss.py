@@ -13,8 +13,11 @@ thousands): there every KL is ~1e-49 and carries no signal for the search.
 Two ways to run the quantized graph, measured (DESIGN.md, README) and chosen by structure,
 so that the machine's load never changes the mode or the model:
   * fed (any sub-8-bit site, which no CPU kernel fuses, or cuts too shallow for fused):
-    the Q/DQ numbers are graph inputs (export.py's fed export, whose codes all cross in
-    8-bit containers), so one session per graph suffix serves every candidate;
+    the Q/DQ numbers are graph inputs (export.py's fed export), so one session per graph
+    suffix serves every candidate; each suffix declares the shapes of the tensors it
+    starts from and no cut separates a Gemm or MatMul from its DequantizeLinear inputs,
+    so ONNX Runtime fuses every suffix as it fuses the whole graph, and the whole graph
+    as it fuses the exported model: the loss is the same bit for bit from any cut;
   * fused (8-bit weights and activations, when cuts where only integer codes cross let
     evaluations skip at least 2/3 as much of the graph as fed cuts: _fused_cuts_are_fine): the
     numbers are constants, as in the exported model, so ONNX Runtime runs its integer
@@ -179,11 +182,13 @@ class LossEvaluator:
         value info of every tensor."""
         self.template = export_qdq(model, self.plan, init_params, fed=not self.fused, input_means=self.input_means)
         self._raw: dict[str, tuple[np.ndarray, int]] = {}
-        self._feeds: dict[str, np.ndarray] = {}
+        self._feeds: dict[str, np.ndarray | ort.OrtValue] = {}
         self._version: dict[str, int] = {}
         self._site_params: dict[str, tuple] = {}
         self._update(init_params)
-        typed = onnx.shape_inference.infer_shapes(self._with_numbers(self.template))
+        bare = self._with_numbers(self.template)
+        del bare.graph.value_info[:]  # the model's own may be stale (a fixed batch of 1 where inputs are symbolic)
+        typed = onnx.shape_inference.infer_shapes(bare)
         self._types = {v.name: v for v in list(typed.graph.value_info) + list(typed.graph.input) + list(typed.graph.output)
                        if v.type.tensor_type.elem_type}
 
@@ -280,12 +285,12 @@ class LossEvaluator:
                 changed.add(name)
         if not changed:
             return
-        for name, (value, dtype) in qdq_tensors(self.weights, self.plan, params, fed=not self.fused, sites=changed, input_means=self.input_means).items():
+        for name, (value, dtype) in qdq_tensors(self.weights, self.plan, params, fed=True, sites=changed, input_means=self.input_means).items():
             old = self._raw.get(name)
             if old is None or old[0].shape != value.shape or not np.array_equal(old[0], value):
                 self._raw[name] = (value, dtype)
                 if not self.fused:
-                    self._feeds[name] = value
+                    self._feeds[name] = _feed(value, dtype)
                 self._version[name] = self._version.get(name, 0) + 1
 
     def _refreshed_after(self, start: int) -> list[_Cut]:
@@ -340,17 +345,25 @@ class LossEvaluator:
         made before the cut, keeps ONNX Runtime from fusing its consumer into an integer
         kernel, whose rounding differs (cifar10_resnet20 W8A8: 7.5% between search and
         export).  So cuts also go right after each QuantizeLinear and only such cuts are kept.
+        Fed, ONNX Runtime still fuses a Gemm or MatMul with the DequantizeLinear nodes of its
+        8-bit inputs (QGemm, MatMulIntegerToFloat), so no such DequantizeLinear output may
+        cross a fed cut either.
         """
         nodes = list(self.template.graph.node)
         candidates = set(first_use.values())
         if self.fused:
             candidates |= {pos + 1 for pos, node in enumerate(nodes) if node.op_type == "QuantizeLinear"}
         producer = {o: n.op_type for n in nodes for o in n.output}
+        fusable = {i for n in nodes if n.op_type in ("Gemm", "MatMul") for i in n.input if producer.get(i) == "DequantizeLinear"}
         constants = {t.name for t in self.template.graph.initializer} | set(self._raw)
         found = []
         for pos in sorted(candidates - {0, len(nodes)}):
             live = _live_tensors(nodes, pos, constants, self.output)
-            if live and not (self.fused and any(producer.get(t, "input") not in ("QuantizeLinear", "input") for t in live)):
+            if self.fused:
+                unfit = any(producer.get(t, "input") not in ("QuantizeLinear", "input") for t in live)
+            else:
+                unfit = any(t in fusable for t in live)
+            if live and not unfit:
                 found.append((pos, live))
         return found
 
@@ -405,7 +418,7 @@ class LossEvaluator:
             # of the integer kernels and wraps each in Transposes (cifar10_resnet20: 1.35x slower).
             # Fed, without one it does not fuse a convolution with its residual Add and Relu as
             # it does in the whole graph, and the suffix rounds differently (cifar10_resnet56
-            # W4A4, a cut on a QuantizeLinear output: exported/final loss 1.0081).
+            # W4A4, a cut on an 8-bit QuantizeLinear output: exported/final loss 1.0081).
             if name in types:
                 return onnx.ValueInfoProto.FromString(types[name].SerializeToString())
             return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
@@ -446,6 +459,15 @@ def _spread(items: list) -> list:
     if len(items) <= MAX_CUTS:
         return items
     return [items[round(i * (len(items) - 1) / (MAX_CUTS - 1))] for i in range(MAX_CUTS)]
+
+
+def _feed(value: np.ndarray, dtype: int):
+    """A feed for a fed Q/DQ tensor: numpy arrays as they are, 4-bit scalars as typed OrtValues."""
+    if dtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        if value.ndim:
+            raise ValueError("only scalar 4-bit tensors are fed")  # weight codes are fed in 8-bit containers
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(value.astype(np.uint8 if dtype == onnx.TensorProto.UINT4 else np.int8), dtype)
+    return value
 
 
 def _timed_pass(sess: ort.InferenceSession, output: str, batches: list[dict[str, np.ndarray]]) -> float:
