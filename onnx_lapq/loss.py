@@ -346,15 +346,18 @@ class LossEvaluator:
         kernel, whose rounding differs (cifar10_resnet20 W8A8: 7.5% between search and
         export).  So cuts also go right after each QuantizeLinear and only such cuts are kept.
         Fed, ONNX Runtime still fuses a Gemm or MatMul with the DequantizeLinear nodes of its
-        8-bit inputs (QGemm, MatMulIntegerToFloat), so no such DequantizeLinear output may
-        cross a fed cut either.
+        8-bit inputs (QGemm, MatMulIntegerToFloat), so no DequantizeLinear output that a
+        Gemm or MatMul after the cut reads may cross a fed cut either.
         """
         nodes = list(self.template.graph.node)
         candidates = set(first_use.values())
         if self.fused:
             candidates |= {pos + 1 for pos, node in enumerate(nodes) if node.op_type == "QuantizeLinear"}
         producer = {o: n.op_type for n in nodes for o in n.output}
-        fusable = {i for n in nodes if n.op_type in ("Gemm", "MatMul") for i in n.input if producer.get(i) == "DequantizeLinear"}
+        last_fusable_use: dict[str, int] = {}  # DequantizeLinear output -> last Gemm/MatMul reading it
+        for pos, node in enumerate(nodes):
+            if node.op_type in ("Gemm", "MatMul"):
+                last_fusable_use.update({i: pos for i in node.input if producer.get(i) == "DequantizeLinear"})
         constants = {t.name for t in self.template.graph.initializer} | set(self._raw)
         found = []
         for pos in sorted(candidates - {0, len(nodes)}):
@@ -362,7 +365,7 @@ class LossEvaluator:
             if self.fused:
                 unfit = any(producer.get(t, "input") not in ("QuantizeLinear", "input") for t in live)
             else:
-                unfit = any(t in fusable for t in live)
+                unfit = any(last_fusable_use.get(t, -1) >= pos for t in live)
             if live and not unfit:
                 found.append((pos, live))
         return found

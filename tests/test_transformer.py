@@ -171,6 +171,26 @@ def test_w8a8_search_runs_fed_where_a_float_stream_crosses_every_cut():
     assert max(c.position for c in fused.cuts) <= 1  # none past the input's QuantizeLinear: nearly the whole graph every time
 
 
+@pytest.mark.parametrize("bits", [(4, 4), (4, 8), (8, 4), (8, 8)], ids=["w4a4", "w4a8", "w8a4", "w8a8"])
+def test_search_loss_is_the_exported_models_from_every_cut(block, bits):
+    """Batches of different lengths; the evaluator's loss from every cut equals the exported
+    model's bit for bit (ONNX Runtime fuses MatMuls with 8-bit inputs alike in both)."""
+    from onnx_lapq.calibrate import session
+    from onnx_lapq.graph import normalize
+    from onnx_lapq.loss import LossEvaluator
+
+    batches = [padded_batch(8, 5, seed=0), padded_batch(8, 9, seed=1), padded_batch(5, 16, seed=2)]
+    result = onnx_lapq.quantize(block, batches, config=onnx_lapq.QuantConfig(weight_bits=bits[0], act_bits=bits[1], bias_correction=False))
+    evaluator = LossEvaluator(normalize(block, min_opset=21), result.plan, batches, result.params, loss="mse")
+    assert len(evaluator.cuts) > 2
+    whole = evaluator.measure(session(result.model))
+    assert evaluator(result.params) == whole
+    for start in range(1, len(evaluator.cuts) + 1):
+        for later in evaluator.cuts[start:]:
+            later.versions = None  # stale: the evaluation starts at cut start - 1
+        assert evaluator(result.params) == whole
+
+
 def test_weight_only_int4_runs_as_matmulnbits(block, tmp_path):
     config = onnx_lapq.QuantConfig(weight_bits=4, weight_only=True, block_size=16)
     result = onnx_lapq.quantize(block, [padded_batch(4, 8)], config=config)
