@@ -346,18 +346,23 @@ class LossEvaluator:
         kernel, whose rounding differs (cifar10_resnet20 W8A8: 7.5% between search and
         export).  So cuts also go right after each QuantizeLinear and only such cuts are kept.
         Fed, ONNX Runtime still fuses a Gemm or MatMul with the DequantizeLinear nodes of its
-        8-bit inputs (QGemm, MatMulIntegerToFloat), so no DequantizeLinear output that a
-        Gemm or MatMul after the cut reads may cross a fed cut either.
+        8-bit inputs (QGemm, MatMulIntegerToFloat), and a convolution with the residual Add
+        after it (FusedConv with a sum input) only where the Add's other input is not a
+        graph input (cifar10_resnet56 W4A4: suffixes starting inside a block rounded
+        differently, exported/final loss 1.0081).  So no tensor that such a Gemm, MatMul or
+        convolution's Add after the cut reads may cross a fed cut.
         """
         nodes = list(self.template.graph.node)
         candidates = set(first_use.values())
         if self.fused:
             candidates |= {pos + 1 for pos, node in enumerate(nodes) if node.op_type == "QuantizeLinear"}
         producer = {o: n.op_type for n in nodes for o in n.output}
-        last_fusable_use: dict[str, int] = {}  # DequantizeLinear output -> last Gemm/MatMul reading it
+        last_fusable_use: dict[str, int] = {}  # tensor -> last node that ONNX Runtime may fuse with its producer or its partner
         for pos, node in enumerate(nodes):
             if node.op_type in ("Gemm", "MatMul"):
                 last_fusable_use.update({i: pos for i in node.input if producer.get(i) == "DequantizeLinear"})
+            if node.op_type == "Add" and any(producer.get(i) == "Conv" for i in node.input):
+                last_fusable_use.update({i: pos for i in node.input})
         constants = {t.name for t in self.template.graph.initializer} | set(self._raw)
         found = []
         for pos in sorted(candidates - {0, len(nodes)}):

@@ -131,6 +131,12 @@ def test_every_start_cut_gives_the_same_loss_bit_for_bit(bits):
     result = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(weight_bits=bits[0], act_bits=bits[1], bias_correction=False))
     evaluator = LossEvaluator(normalize(model, min_opset=21), result.plan, calib, result.params, loss="mse", fused=bits == (8, 8))
     assert len(evaluator.cuts) > 2
+    nodes = list(evaluator.template.graph.node)
+    producer = {o: n.op_type for n in nodes for o in n.output}
+    residual_adds = [(pos, set(n.input)) for pos, n in enumerate(nodes) if n.op_type == "Add" and any(producer.get(i) == "Conv" for i in n.input)]
+    assert residual_adds or evaluator.fused  # fused, a QuantizeLinear follows each convolution
+    for cut in evaluator.cuts[1:]:  # ONNX Runtime fuses such an Add into its convolution only when both inputs come from inside the graph
+        assert not any(t in inputs for t in cut.live for pos, inputs in residual_adds if pos >= cut.position)
     first_seen: dict[int, list] = {}
 
     def evaluate() -> float:
