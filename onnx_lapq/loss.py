@@ -15,9 +15,10 @@ so that the machine's load never changes the mode or the model:
   * fed (any sub-8-bit site, which no CPU kernel fuses, or cuts too shallow for fused):
     the Q/DQ numbers are graph inputs (export.py's fed export), so one session per graph
     suffix serves every candidate; each suffix declares the shapes of the tensors it
-    starts from and no cut separates a Gemm or MatMul from its DequantizeLinear inputs,
-    so ONNX Runtime fuses every suffix as it fuses the whole graph, and the whole graph
-    as it fuses the exported model: the loss is the same bit for bit from any cut;
+    starts from, and no cut separates a Gemm or MatMul from its DequantizeLinear inputs or
+    a convolution's residual Add from its other input (_cut_candidates), so ONNX Runtime
+    fuses every suffix as it fuses the whole graph, and the whole graph as it fuses the
+    exported model: the loss is the same bit for bit from any cut;
   * fused (8-bit weights and activations, when cuts where only integer codes cross let
     evaluations skip at least 2/3 as much of the graph as fed cuts: _fused_cuts_are_fine): the
     numbers are constants, as in the exported model, so ONNX Runtime runs its integer
