@@ -28,7 +28,7 @@ from .biascorr import output_shift
 from .modelio import copy_model
 from .params import QParams
 from .plan import QuantPlan
-from .qmath import QFormat, broadcast, dequantize, fake_quantize, quantize
+from .qmath import QFormat, broadcast, fake_quantize, quantize
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ _CONTAINERS = {
     (16, True): TensorProto.INT16, (16, False): TensorProto.UINT16,
     (32, True): TensorProto.INT32,
 }
-_FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
+FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)  # ONNX's packed 4-bit types
 
 
 def container(fmt: QFormat, wide: bool = False) -> int:
@@ -51,7 +51,7 @@ def container(fmt: QFormat, wide: bool = False) -> int:
 def proto(name: str, value: np.ndarray, dtype: int) -> TensorProto:
     """An initializer of ONNX type ``dtype`` holding ``value``; 4-bit values are packed two
     to a byte, low nibble first, in raw_data (ONNX's layout)."""
-    if dtype in _FOUR_BIT:
+    if dtype in FOUR_BIT:
         nibbles = np.asarray(value, np.int64).ravel() & 0xF
         if nibbles.size % 2:
             nibbles = np.append(nibbles, 0)
@@ -67,7 +67,7 @@ def _numpy_type(dtype: int) -> type:
 
 def _code_range(dtype: int) -> tuple[int, int]:
     """Smallest and largest code of an ONNX integer type."""
-    if dtype in _FOUR_BIT:
+    if dtype in FOUR_BIT:
         return (-8, 7) if dtype == TensorProto.INT4 else (0, 15)
     info = np.iinfo(_numpy_type(dtype))
     return int(info.min), int(info.max)
@@ -131,10 +131,10 @@ def qdq_tensors(
         if qp.fmt.bits == 32 and not fed and np.any(np.abs(np.rint(values / broadcast(qp.scale, values.shape, qp.axis, None))) > 2**31 - 1):
             log.warning("bias %s overflows int32 at scale s_in*s_w; it stays float", name)
             continue
-        codes = quantize(values, qp.scale, qp.zero_point, qp.fmt, qp.axis, qp.block_size)
-        if fed and container(qp.fmt) in _FOUR_BIT:
-            out[f"{name}_DequantizeLinear_Output"] = _entry(dequantize(codes, qp.scale, qp.zero_point, qp.axis, qp.block_size), None)
+        if fed and container(qp.fmt) in FOUR_BIT:
+            out[f"{name}_DequantizeLinear_Output"] = _entry(fake_quantize(values, qp.scale, qp.zero_point, qp.fmt, qp.axis, qp.block_size), None)
             continue
+        codes = quantize(values, qp.scale, qp.zero_point, qp.fmt, qp.axis, qp.block_size)
         out[f"{name}_quantized"] = _entry(codes, qp.fmt, fed)
         out[f"{name}_scale"] = _entry(qp.scale, None)
         out[f"{name}_zero_point"] = _entry(qp.zero_point, qp.fmt, fed)

@@ -50,7 +50,7 @@ from onnx import helper, numpy_helper
 from .calibrate import session
 from .config import LOSSES
 from .errors import ConfigError
-from .export import export_qdq, proto, qdq_tensors
+from .export import FOUR_BIT, export_qdq, proto, qdq_tensors
 from .modelio import copy_model
 from .params import QParams
 from .plan import QuantPlan
@@ -358,8 +358,8 @@ class LossEvaluator:
         if self.fused:
             candidates |= {pos + 1 for pos, node in enumerate(nodes) if node.op_type == "QuantizeLinear"}
         producer = {o: n.op_type for n in nodes for o in n.output}
-        last_fusable_use: dict[str, int] = {}  # tensor -> last node that ONNX Runtime may fuse with its producer or its partner
-        for pos, node in enumerate(nodes):
+        last_fusable_use: dict[str, int] = {}  # fed: tensor -> last node that ONNX Runtime may fuse with its producer or its partner
+        for pos, node in enumerate(nodes if not self.fused else []):
             if node.op_type in ("Gemm", "MatMul"):
                 last_fusable_use.update({i: pos for i in node.input if producer.get(i) == "DequantizeLinear"})
             if node.op_type == "Add" and any(producer.get(i) == "Conv" for i in node.input):
@@ -392,7 +392,7 @@ class LossEvaluator:
         for node in probe.graph.node:
             for name in node.output:
                 elem = self._types[name].type.tensor_type.elem_type if name in self._types else None
-                if name not in known and elem not in (None, onnx.TensorProto.INT4, onnx.TensorProto.UINT4):  # numpy has no 4-bit type
+                if name not in known and elem not in (None, *FOUR_BIT):  # numpy has no 4-bit type
                     probe.graph.output.append(helper.make_tensor_value_info(name, elem, None))
                     known.add(name)
         names = [o.name for o in probe.graph.output]
@@ -427,7 +427,7 @@ class LossEvaluator:
             # of the integer kernels and wraps each in Transposes (cifar10_resnet20: 1.35x slower).
             # Fed, without one it does not fuse a convolution with its residual Add and Relu as
             # it does in the whole graph, and the suffix rounds differently (cifar10_resnet56
-            # W4A4, a cut on an 8-bit QuantizeLinear output: exported/final loss 1.0081).
+            # W4A4 at 8c6ad1f, a cut on a QuantizeLinear output: exported/final loss 1.0081).
             if name in types:
                 return onnx.ValueInfoProto.FromString(types[name].SerializeToString())
             return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
@@ -472,7 +472,7 @@ def _spread(items: list) -> list:
 
 def _feed(value: np.ndarray, dtype: int):
     """A feed for a fed Q/DQ tensor: numpy arrays as they are, 4-bit scalars as typed OrtValues."""
-    if dtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+    if dtype in FOUR_BIT:
         if value.ndim:
             raise ValueError("only scalar 4-bit tensors are fed")  # weight codes are fed in 8-bit containers
         return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(value.astype(np.uint8 if dtype == onnx.TensorProto.UINT4 else np.int8), dtype)
