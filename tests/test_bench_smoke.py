@@ -55,6 +55,14 @@ def test_quick_bench_mnist8(kit, tmp_path):
     assert "rows made at commits" in (tmp_path / "results.md").read_text()
     assert all(r["git"] for r in rows.values())
 
+    # --rescore: the saved models scored again, latency untouched
+    proc = subprocess.run([*cmd, "--rescore"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rescored = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    for method, row in rows.items():
+        assert rescored[method]["metric"] == row["metric"] and rescored[method]["kit_metric"] == row["kit_metric"]
+        assert rescored[method]["ms_per_item"] == row["ms_per_item"]
+
     # a later run in another dir, merged: one table with both runs' rows
     later, merged = tmp_path / "later", tmp_path / "merged"
     proc = subprocess.run([*cmd[:cmd.index("--methods") + 1], "mse", "--quick", "--out", str(later)], capture_output=True, text=True, timeout=300)
@@ -65,6 +73,23 @@ def test_quick_bench_mnist8(kit, tmp_path):
     merged_rows = json.loads((merged / "results.json").read_text())
     assert sorted(r["method"] for r in merged_rows) == ["minmax", "mse", "ort-minmax"]
     assert "| w8a8 | mse |" in (merged / "results.md").read_text()
+
+
+def _kitdata_module():
+    sys.path.insert(0, str(REPO / "tools"))
+    from benchkit import kitdata
+    return kitdata
+
+
+def test_top1_splits_ties_among_the_top_classes():
+    kitdata = _kitdata_module()
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.5, 0.0], [0.3, 0.3, 0.3], [0.2, 0.2, 0.6]])
+    labels = np.array([1, 1, 0, 0])
+    # right, a two-way tie with the label in it, a three-way tie with it, wrong despite a tie below the top
+    assert np.isclose(kitdata.top1_ties_split(scores, labels), (1 + 1 / 2 + 1 / 3 + 0) / 4)
+    untied = np.random.default_rng(0).normal(size=(50, 10))
+    truth = np.random.default_rng(1).integers(0, 10, 50)
+    assert kitdata.top1_ties_split(untied, truth) == np.mean(untied.argmax(1) == truth)
 
 
 def _fidelity_module():

@@ -29,11 +29,14 @@ reports its wall seconds and peak RSS; the parent scores the saved model
 and times it against FP32 on the same batch of 32, interleaved, in the same run.
 
 Outputs: DIR/results.json (list of rows: model, config, method, metric,
-fp32_metric, quant_seconds, peak_rss_mb, ms_per_item, fp32_ms_per_item,
+fp32_metric, kit_metric (eval.py's own top-1, ties broken by its argsort), quant_seconds, peak_rss_mb, ms_per_item, fp32_ms_per_item,
 metric_name, drop, speedup, error, error_stage, notes, git (the commit), ...), DIR/results.md, DIR/accuracy_vs_bits.png,
 DIR/quant_time.png. Resumable: FP32 metrics are cached in DIR/cache/fp32.json
 and finished rows (key: model, config, method, quick, calib_size, seed) are
 reused unless --force; rows whose tool could not even be imported are redone.
+--rescore: the finished rows' saved models (DIR/models/, or the row's absolute
+model_path) scored again, FP32 too, after a change to the scoring; nothing is
+quantized or timed.
 --merge DIR...: runs split over several output dirs (say, rows re-run at a later
 commit) become one results.json and report in --out; each row keeps its `git`.
 """
@@ -70,6 +73,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--calib-size", type=int, help="calibration samples (default 256, 64 with --quick)")
     ap.add_argument("--quick", action="store_true", help="small data sizes for a CI smoke run")
     ap.add_argument("--force", action="store_true", help="recompute rows found in results.json")
+    ap.add_argument("--rescore", action="store_true", help="only score the saved models of finished rows again (metric, kit_metric, FP32)")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads for scoring and timing")
     ap.add_argument("--reps", type=int, help="latency rounds (default 10, 3 with --quick)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per quantization")
@@ -127,12 +131,13 @@ def file_tag(a: argparse.Namespace) -> str:
     return f"__{'quick' if a.quick else 'full'}-c{a.calib_size}-s{a.seed}"
 
 
-def fp32_reference(a: argparse.Namespace, task: kitdata.Task, fp32_sess) -> dict:
-    """FP32 metric of the task's scored split, cached in DIR/cache/fp32.json."""
+def fp32_reference(a: argparse.Namespace, task: kitdata.Task, fp32_sess, fresh: bool = False) -> dict:
+    """FP32 metric of the task's scored split, cached in DIR/cache/fp32.json (measured
+    again when ``fresh``)."""
     path = a.out / "cache" / "fp32.json"
     cache = read_json(path, {})
     key = f"{task.model}|quick={a.quick}|calib={a.calib_size}|seed={a.seed}"
-    if key not in cache:
+    if fresh or key not in cache:
         t0 = time.perf_counter()
         cache[key] = {"metric": task.evaluate(fp32_sess), "metric_name": task.metric_name,
                       "n_eval": task.n_eval, "eval_seconds": time.perf_counter() - t0}
@@ -182,13 +187,43 @@ def score_row(a: argparse.Namespace, task: kitdata.Task, row: dict, fp32_sess) -
         row.update(error=f"fails to load at ORT_ENABLE_ALL: {e}", error_type=type(e).__name__, error_stage="load")
         return
     try:
-        row["metric"] = task.evaluate(sess)
+        set_metric(task, row, sess)
         row["ms_per_item"], row["fp32_ms_per_item"] = measure.interleaved_ms_per_item(
             sess, fp32_sess, task.latency_feed, a.reps)
-        row["drop"] = row["metric"] - row["fp32_metric"]
         row["speedup"] = row["fp32_ms_per_item"] / row["ms_per_item"]
     except Exception as e:
         row.update(error=f"fails to run: {e}", error_type=type(e).__name__, error_stage="eval")
+
+
+def set_metric(task: kitdata.Task, row: dict, sess) -> None:
+    """The row's metric, eval.py's own figure where the task has one, and the drop."""
+    outputs = task.outputs(sess)
+    row["metric"] = task.score(outputs)
+    row["kit_metric"] = task.kit_score(outputs) if task.kit_score else None
+    row["drop"] = row["metric"] - row["fp32_metric"]
+
+
+def rescore_model(a: argparse.Namespace, model: str, rows: dict) -> None:
+    """--rescore: the metrics of the model's finished rows from their saved models again
+    (FP32's too); quantization and latency figures stay as they are."""
+    mine = [r for r in rows.values() if r["model"] == model and not r.get("error")
+            and (r["quick"], r["calib_size"], r["seed"]) == (a.quick, a.calib_size, a.seed)]
+    if not mine:
+        return
+    task = kitdata.build_task(a.kit, model, a.out / "cache", a.calib_size, a.quick, a.seed)
+    fp32 = fp32_reference(a, task, measure.make_session(str(task.model_path), a.threads), fresh=True)["metric"]
+    for row in mine:
+        path = Path(row["model_path"])
+        if not path.is_absolute():
+            path = a.out / "models" / path
+        row["fp32_metric"] = fp32
+        set_metric(task, row, measure.make_session(str(path), a.threads))
+        print(f"  {model} {row['config']} {row['method']}: {row['metric_name']} {row['metric']:.2f} (kit {_fmt(row['kit_metric'])})", flush=True)
+    write_json(a.out / "results.json", list(rows.values()))
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def bench_model(a: argparse.Namespace, model: str, rows: dict) -> None:
@@ -277,7 +312,7 @@ def main(argv: list[str]) -> int:
         print(f"merged {len(rows)} rows into {a.out / 'results.json'}; wrote results.md, plots", flush=True)
         return 0
     for model in a.models:
-        bench_model(a, model, rows)
+        (rescore_model if a.rescore else bench_model)(a, model, rows)
     write_report(a, rows)
     print(f"wrote {a.out / 'results.json'}, {a.out / 'results.md'}, plots", flush=True)
     return 0

@@ -2,7 +2,9 @@
 
 Columns: drop = metric - FP32 metric (points); gap to best ORT = metric - the
 best ort-* metric at the same config (points; positive = better than ORT);
-speed-up = FP32 ms/item / quantized ms/item, both timed in the same run.
+speed-up = FP32 ms/item / quantized ms/item, both timed in the same run.  top-1
+splits ties (kitdata.top1_ties_split); the note gives eval.py's own top-1 where its
+argsort's tie-breaking made it differ.
 Plots (matplotlib, Agg): accuracy_vs_bits.png (a subplot per model, x = config
 ordered by bits, a series per method (ORT dashed, hollow markers), FP32 dotted)
 and quant_time.png (mean quant seconds over configs per method, a group per
@@ -56,13 +58,21 @@ def _table(rows: list[dict]) -> list[str]:
             gap = m - best[r["config"]]
         drop = None if m is None else m - r["fp32_metric"]
         speed = r["fp32_ms_per_item"] / r["ms_per_item"] if r.get("ms_per_item") else None
-        note = "; ".join(filter(None, [_short(r.get("error")), *r.get("notes", [])[:1]]))
+        note = "; ".join(filter(None, [_short(r.get("error")), _kit_figure(r), *r.get("notes", [])[:1]]))
         secs, rss = (r.get("quant_seconds"), r.get("peak_rss_mb")) if _quantized(r) else (None, None)
         lines.append(f"| {r['config']} | {r['method']} | {_fmt(m)} | {_fmt(drop)} | {_fmt(gap)} "
                      f"| {_fmt(secs)} | {_fmt(rss, 0)} "
                      f"| {_fmt(r.get('ms_per_item'), 3)} | {_fmt(r.get('fp32_ms_per_item'), 3)} "
                      f"| {_fmt(speed)} | {note} |")
     return lines
+
+
+def _kit_figure(row: dict) -> str | None:
+    """eval.py's own top-1 where it differs from the row's (ties broken by its argsort)."""
+    kit, metric = row.get("kit_metric"), row.get("metric")
+    if kit is None or metric is None or abs(kit - metric) < 0.005:
+        return None
+    return f"eval.py's argsort top-1 {kit:.2f}"
 
 
 def _summary(rows: list[dict]) -> list[str]:
@@ -118,7 +128,9 @@ def write_markdown(path: Path, rows: list[dict], meta: dict, splits: list[str]) 
     lines += ["", "Splits:", ""] + [f"- {s}" for s in splits]
     lines += ["", "drop = metric - FP32; gap = metric - best ort-* metric at the same config (points); "
               "speed-up = FP32 ms/item / quantized ms/item, timed interleaved in this run "
-              "(batch 32, same threads). Errors are the tool's own message.", ""]
+              "(batch 32, same threads). top-1 counts an item whose top score k classes share as 1/k "
+              "when its label is one of them; the note gives eval.py's top-1 where its argsort broke such ties "
+              "differently. Errors are the tool's own message.", ""]
     lines += ["## Summary", ""] + _summary(rows) + [""]
     for model, mrows in _by_model(rows).items():
         r0 = mrows[0]
