@@ -57,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     lapq.add_argument("--search-step", type=float, default=QuantConfig.search_step, metavar="LOG_FACTOR",
                       help=f"lattice step of the clip factors in log space (default {QuantConfig.search_step}: 1%%; 0: none)")
     lapq.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="stop the search after this long (best point kept)")
-    lapq.add_argument("--search-bias-correction", default="auto", choices=SEARCH_BIAS_CORRECTION,
-                      help="keep bias correction in the search: auto (where it at least halves the min/max start's loss), on, off, "
-                           "or race (search both ways on a quarter of the budget each, continue the lower)")
+    lapq.add_argument("--search-bias-correction", default=QuantConfig.search_bias_correction, choices=SEARCH_BIAS_CORRECTION,
+                      help="keep bias correction in the search: race (default: search both ways on a quarter of the budget each, "
+                           "continue the lower), auto (where it at least halves the min/max start's loss), on, or off")
     lapq.add_argument("--loss", default="auto", choices=LOSSES, help="search objective: auto (kl for classifiers, else mse), kl, mse, cosine, ce")
     lapq.add_argument("--labels", default=None, metavar="KEY", help="name of the integer labels array in the calibration npz (for --loss ce)")
     p.add_argument("--report", metavar="REPORT.json", help="write the run's report as JSON")

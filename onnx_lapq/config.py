@@ -72,10 +72,10 @@ class QuantConfig:
     bias_correction: correct Conv/Gemm biases for the mean output shift that weight
         quantization causes (per-channel input means from calibration; Nagel et al. 2019).
     search_bias_correction: whether LAPQ's search keeps bias correction (when it is on):
-        "auto" keeps it only where it at least halves the loss of the min/max start,
-        "on" and "off" decide for every network, "race" searches both ways with a
-        quarter of ``max_evals`` (and of ``time_limit``) each and spends the rest
-        continuing the one with the lower loss.
+        "race" (the default) searches both ways with a quarter of ``max_evals`` (and of
+        ``time_limit``) each and spends the rest continuing the one with the lower loss;
+        "auto" keeps it only where it at least halves the loss of the min/max start;
+        "on" and "off" decide for every network.
     weight_only: quantize only the weights of MatMuls (activations stay float), in
         blocks of ``block_size`` rows: the form ONNX Runtime runs as MatMulNBits at 4 bits.
     """
@@ -109,7 +109,7 @@ class QuantConfig:
     mask_input: str | None = "auto"
     quantize_attention: bool = False
     bias_correction: bool = True
-    search_bias_correction: str = "auto"
+    search_bias_correction: str = "race"
     weight_only: bool = False
     block_size: int = 32
 

@@ -34,7 +34,7 @@ metric_name, drop, speedup, error, error_stage, notes, git (the commit), ...), D
 DIR/quant_time.png. Resumable: FP32 metrics are cached in DIR/cache/fp32.json
 and finished rows (key: model, config, method, quick, calib_size, seed) are
 reused unless --force; rows whose tool could not even be imported are redone.
---rescore: the finished rows' saved models (DIR/models/, or the row's absolute
+--rescore: the finished rows' (of --configs, --methods) saved models (DIR/models/, or the row's absolute
 model_path) scored again, FP32 too, after a change to the scoring; nothing is
 quantized or timed.
 --merge DIR...: runs split over several output dirs (say, rows re-run at a later
@@ -204,9 +204,10 @@ def set_metric(task: kitdata.Task, row: dict, sess) -> None:
 
 
 def rescore_model(a: argparse.Namespace, model: str, rows: dict) -> None:
-    """--rescore: the metrics of the model's finished rows from their saved models again
-    (FP32's too); quantization and latency figures stay as they are."""
+    """--rescore: the metrics of the model's finished rows of --configs and --methods from
+    their saved models again (FP32's too); quantization and latency figures stay as they are."""
     mine = [r for r in rows.values() if r["model"] == model and not r.get("error")
+            and r["config"] in a.configs and r["method"] in a.methods
             and (r["quick"], r["calib_size"], r["seed"]) == (a.quick, a.calib_size, a.seed)]
     if not mine:
         return
