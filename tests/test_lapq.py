@@ -466,6 +466,38 @@ def test_search_bias_correction_race_keeps_the_side_with_the_lower_loss():
     assert report["exported_loss"] == pytest.approx(report["final_loss"], rel=1e-5)
 
 
+def _grid_mlp() -> onnx.ModelProto:
+    """Gemm -> Relu -> Gemm whose weights sit on their own min/max 8-bit grid (each row's
+    largest magnitude 127 steps of 1/64), so min/max weight quantization changes nothing."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def on_grid(rows: int, cols: int) -> np.ndarray:
+        steps = rng.integers(-126, 127, (rows, cols))
+        steps[:, 0] = 127
+        return (steps / 64.0).astype(np.float32)
+
+    inits = [numpy_helper.from_array(on_grid(8, 16), "w1"), numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b1"),
+             numpy_helper.from_array(on_grid(4, 8), "w2"), numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b2")]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "grid_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_no_race_where_bias_correction_changes_nothing():
+    """When correction leaves the min/max start's loss exactly as it is, both sides of a race
+    would search alike: the search runs once, with the whole budget, uncorrected."""
+    model = _grid_mlp()
+    report = onnx_lapq.quantize(model, random_inputs(model, 64), config=lapq_config(weight_bits=8, act_bits=8, max_evals=40)).report
+    assert "bias_correction_race" not in report and report["bias_correction"] is False
+    assert report["nfev"] == 40
+    raced = onnx_lapq.quantize(*digits(), config=lapq_config(max_evals=40)).report  # where correction matters, the default races
+    assert raced["bias_correction_race"]["evaluations"] == 20
+
+
 def test_cli_lapq_writes_report(tmp_path):
     out, report = tmp_path / "q.onnx", tmp_path / "r.json"
     proc = run_cli(DIGITS_MODEL, out, "--calib", DIGITS_CALIB, "--method", "lapq", "--weight-bits", "3", "--act-bits", "3",
