@@ -236,7 +236,7 @@ def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify, input_m
             outcome = resume(
                 outcome, loss_of, space_for, max_evals=remaining,
                 time_limit=None if config.time_limit is None else config.time_limit - race["seconds"],
-                spent=race["evaluations"], on_eval=progress(race["evaluations"]), **searching,
+                spent=race["evaluations"], on_eval=progress(0), **searching,
             )
     else:
         outcome = run_lapq(

@@ -464,6 +464,10 @@ def test_search_bias_correction_race_keeps_the_side_with_the_lower_loss():
     assert race["evaluations"] <= 30 < report["nfev"] <= 60
     assert report["final_loss"] <= min(race["on"], race["off"])
     assert report["exported_loss"] == pytest.approx(report["final_loss"], rel=1e-5)
+    counts = []
+    onnx_lapq.quantize(model, calib, config=lapq_config(max_evals=60, search_bias_correction="race"),
+                       on_step=lambda p: counts.append(p.done) if p.stage == "search" else None)
+    assert max(counts) == counts[-1] == report["nfev"]  # the progress counts the race's evaluations once
 
 
 def _grid_mlp() -> onnx.ModelProto:
