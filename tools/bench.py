@@ -207,8 +207,7 @@ def rescore_model(a: argparse.Namespace, model: str, rows: dict) -> None:
     """--rescore: the metrics of the model's finished rows of --configs and --methods from
     their saved models again (FP32's too); quantization and latency figures stay as they are."""
     mine = [r for r in rows.values() if r["model"] == model and not r.get("error")
-            and r["config"] in a.configs and r["method"] in a.methods
-            and (r["quick"], r["calib_size"], r["seed"]) == (a.quick, a.calib_size, a.seed)]
+            and r["config"] in a.configs and r["method"] in a.methods and of_this_run(a, r)]
     if not mine:
         return
     task = kitdata.build_task(a.kit, model, a.out / "cache", a.calib_size, a.quick, a.seed)
@@ -219,12 +218,13 @@ def rescore_model(a: argparse.Namespace, model: str, rows: dict) -> None:
             path = a.out / "models" / path
         row["fp32_metric"] = fp32
         set_metric(task, row, measure.make_session(str(path), a.threads))
-        print(f"  {model} {row['config']} {row['method']}: {row['metric_name']} {row['metric']:.2f} (kit {_fmt(row['kit_metric'])})", flush=True)
+        print(f"  {model} {row['config']} {row['method']}: {row['metric_name']} {row['metric']:.2f} (kit {report._fmt(row['kit_metric'])})", flush=True)
     write_json(a.out / "results.json", list(rows.values()))
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def of_this_run(a: argparse.Namespace, row: dict) -> bool:
+    """Whether the row was made with this run's data sizes and seed."""
+    return (row["quick"], row["calib_size"], row["seed"]) == (a.quick, a.calib_size, a.seed)
 
 
 def bench_model(a: argparse.Namespace, model: str, rows: dict) -> None:
@@ -289,8 +289,7 @@ def run_meta(a: argparse.Namespace, rows: list[dict]) -> dict:
 
 
 def write_report(a: argparse.Namespace, rows: dict) -> None:
-    mine = [r for r in rows.values()
-            if (r["quick"], r["calib_size"], r["seed"]) == (a.quick, a.calib_size, a.seed)]
+    mine = [r for r in rows.values() if of_this_run(a, r)]
     splits = kitdata.describe_splits(a.calib_size, a.quick, a.seed)
     report.write_markdown(a.out / "results.md", mine, run_meta(a, mine), splits)
     report.write_plots(a.out, mine)
