@@ -240,6 +240,54 @@ def test_evaluator_loss_matches_exported_model(bits, fused):
     assert evaluator(result.params) == exported
 
 
+def _zero_point_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Activation tensor -> ONNX type of its QuantizeLinear's zero point (initializer or graph input)."""
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    types.update({i.name: i.type.tensor_type.elem_type for i in model.graph.input})
+    return {n.name[:-len("_QuantizeLinear")]: types[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+
+def test_fed_evaluator_carries_4bit_convolution_inputs_in_bytes():
+    """Sub-8-bit activations that only convolutions read run as Clip and uint8 in the evaluator
+    (ONNX Runtime's 4-bit QuantizeLinear and DequantizeLinear are several times slower); one
+    that an Add also reads stays UINT4, and so does every activation of the exported model.
+    The loss is the exported model's bit for bit, with batches evaluated two at a time."""
+    model = block_model(opset=21)
+    calib = random_inputs(model, 48, batch=16)
+    result = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(weight_bits=4, act_bits=4, bias_correction=False))
+    evaluator = LossEvaluator(normalize(model, min_opset=21), result.plan, calib, result.params, loss="kl")
+    assert not evaluator.fused and len(evaluator.batches) == 3
+    fed = _zero_point_types(evaluator.template)
+    exported = _zero_point_types(result.model)
+    assert fed["x"] == fed["relu2"] == onnx.TensorProto.UINT8  # read by convolutions only
+    assert {"x_Clip", "relu2_Clip"} <= {n.name for n in evaluator.template.graph.node}
+    assert fed["relu1"] == onnx.TensorProto.UINT4  # conv2 and the residual Add read it
+    assert exported["x"] == exported["relu2"] == exported["relu1"] == onnx.TensorProto.UINT4
+    assert evaluator(result.params) == evaluator.measure(session(result.model))
+
+
+def test_evaluations_run_batches_concurrently_with_the_sequential_result(monkeypatch):
+    """Batches run two at a time, each session on half the cores (ONNX Runtime's
+    DequantizeLinear uses one thread whatever the session's setting); the loss is the sum
+    over batches in their order, the same as one batch after another on all cores."""
+    import onnx_lapq.loss as loss_module
+
+    model = block_model(opset=21)
+    calib = random_inputs(model, 64, batch=16)
+    result = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(weight_bits=4, act_bits=4, bias_correction=False))
+    normalized = normalize(model, min_opset=21)
+    concurrent = LossEvaluator(normalized, result.plan, calib, result.params, loss="kl")
+    monkeypatch.setattr(loss_module, "_cores", lambda: 2)
+    two = LossEvaluator(normalized, result.plan, calib, result.params, loss="kl")
+    assert (two._workers, two._threads) == (2, 1)
+    assert all(s.get_session_options().intra_op_num_threads == 1 for s in two._fed_sessions)
+    monkeypatch.setattr(loss_module, "MAX_CONCURRENT_BATCHES", 1)
+    one = LossEvaluator(normalized, result.plan, calib, result.params, loss="kl")
+    assert (one._workers, one._threads) == (1, 2)
+    losses = {e(result.params) for e in (concurrent, two, one)}
+    assert len(losses) == 1 and losses == {concurrent.measure(session(result.model))}
+
+
 @pytest.mark.parametrize("bits", [(4, 4), (8, 8)])
 def test_stale_value_info_of_the_model_does_not_fix_the_batch(bits):
     """A model whose value_info still records batch 1 (an export at a fixed batch made
