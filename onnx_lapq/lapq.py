@@ -51,13 +51,13 @@ def resume(
     spent: int,
     on_eval: Callable[[int, float], None] | None = None,
 ) -> LapqOutcome:
-    """``outcome``'s search continued from its best ranges with a fresh budget; ``spent``:
-    the evaluations made before (``outcome``'s own and any others, such as a losing race),
-    which count in the result's ``nfev`` too."""
+    """``outcome``'s search continued from its best ranges with a fresh budget, from the
+    coordinate it had stopped on; ``spent``: the evaluations made before (``outcome``'s own
+    and any others, such as a losing race), which count in the result's ``nfev`` too."""
     first = outcome.search
     space, more = _search_from(
         outcome.ranges, loss_of, space_for, search=search, max_evals=max_evals, time_limit=time_limit, iterations=iterations,
-        step=step, on_eval=None if on_eval is None else (lambda n, best: on_eval(spent + n, min(best, first.fun))),
+        step=step, first_axis=first.next_axis, on_eval=None if on_eval is None else (lambda n, best: on_eval(spent + n, min(best, first.fun))),
     )
     better = more.fun < first.fun
     merged = dataclasses.replace(
@@ -76,7 +76,7 @@ def _search_from(
     **budgets,
 ) -> tuple[ParamSpace, SearchResult]:
     """``search.minimize`` over the log clip factors of ``initial`` (x = 0 is ``initial``),
-    with the budgets, lattice step and ``on_eval`` it takes; the space and the result."""
+    with the budgets, lattice step, ``first_axis`` and ``on_eval`` it takes; the space and the result."""
     space = space_for(initial)
     return space, minimize(lambda x: loss_of(space.ranges(x)), np.zeros(space.size), space.bounds, method=search, **budgets)
 

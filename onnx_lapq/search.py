@@ -36,6 +36,7 @@ class SearchResult:
     message: str
     trace: list = field(default_factory=list)  # (evaluation, best loss so far) at each improvement
     seconds: float = 0.0
+    next_axis: int = 0  # the coordinate a continued search should start from (see ``minimize``)
 
 
 # Powell's first step along each coordinate (log clip factor 0.2: about 22%).  Its line
@@ -57,6 +58,7 @@ class _Tracked:
         self.lower, self.upper = np.array(bounds, np.float64).reshape(-1, 2).T
         self.deadline = None if time_limit is None else time.perf_counter() + time_limit
         self.nfev, self.best_x, self.best_f, self.trace, self.seen = 0, None, np.inf, [], {}
+        self.axis = 0  # the one coordinate in which the last point asked for differs from the best, if one
         self.iterations = 0  # Powell iterations or coordinate sweeps completed
 
     def iteration_done(self, _=None) -> None:
@@ -67,6 +69,10 @@ class _Tracked:
         if self.step > 0:
             x = np.round(x / self.step) * self.step
         x = np.clip(x, self.lower, self.upper) + 0.0  # + 0.0: -0.0 and 0.0 are one point
+        if self.best_x is not None:
+            moved = np.flatnonzero(x != self.best_x)
+            if len(moved) == 1:
+                self.axis = int(moved[0])
         key = x.tobytes()
         if key in self.seen:
             return self.seen[key]
@@ -93,38 +99,47 @@ def minimize(
     time_limit: float | None = None,
     iterations: int = 2,
     step: float = 0.0,
+    first_axis: int = 0,
     on_eval: Callable[[int, float], None] | None = None,
 ) -> SearchResult:
     """Minimize ``fun`` from ``x0`` within ``bounds``, the budgets and ``iterations`` Powell
-    iterations or coordinate sweeps, on the lattice of ``step`` (0: none)."""
+    iterations or coordinate sweeps, on the lattice of ``step`` (0: none).
+
+    The first iteration or sweep visits the coordinates from ``first_axis`` on, then the
+    ones before it.  A search that a budget stops reports in ``next_axis`` the coordinate
+    it was on (the last one it moved alone; 0 when it ends by itself), so that a continued search takes up the coordinates it had not reached instead of
+    starting over at the first."""
     started = time.perf_counter()
     tracked = _Tracked(fun, bounds, step, max_evals, time_limit, on_eval)
     message, success = "", True
+    order = np.roll(np.arange(len(x0)), -first_axis)
     try:
         tracked(x0)
         if method == "powell":
             res = optimize.minimize(
                 tracked, x0, method="Powell", callback=tracked.iteration_done,
-                options={"maxiter": iterations, "xtol": 1e-2, "ftol": 1e-4, "direc": POWELL_STEP * np.eye(len(x0))},
+                options={"maxiter": iterations, "xtol": 1e-2, "ftol": 1e-4, "direc": POWELL_STEP * np.eye(len(x0))[order]},
             )
             message = str(res.message)
         else:
-            _coordinate_descent(tracked, np.array(x0, np.float64), bounds, iterations)
+            _coordinate_descent(tracked, np.array(x0, np.float64), bounds, iterations, order)
             message = f"completed {tracked.iterations} coordinate sweeps"
     except _BudgetSpent:
         success, message = False, f"stopped by budget after {tracked.nfev} evaluations"
+    next_axis = tracked.axis if not success else 0
     return SearchResult(
         x=np.array(x0, np.float64) if tracked.best_x is None else tracked.best_x, fun=tracked.best_f, nfev=tracked.nfev,
         nit=tracked.iterations, success=success,
-        message=message, trace=tracked.trace, seconds=time.perf_counter() - started,
+        message=message, trace=tracked.trace, seconds=time.perf_counter() - started, next_axis=next_axis,
     )
 
 
-def _coordinate_descent(tracked: _Tracked, x: np.ndarray, bounds: list[tuple[float, float]], sweeps: int) -> None:
+def _coordinate_descent(tracked: _Tracked, x: np.ndarray, bounds: list[tuple[float, float]], sweeps: int, order: np.ndarray) -> None:
     best = tracked.best_f
     for _ in range(sweeps):
         start = best
-        for i, (lo, hi) in enumerate(bounds):
+        for i in map(int, order):
+            lo, hi = bounds[i]
             def along(value: float, i=i) -> float:
                 trial = x.copy()
                 trial[i] = value

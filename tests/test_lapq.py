@@ -476,6 +476,55 @@ def test_a_budget_stop_reports_the_iterations_completed(method):
     assert not cut.success and cut.nit == full.nit - 1 and "budget" in cut.message
 
 
+@pytest.mark.parametrize("method", ["powell", "coordinate"])
+def test_a_continued_search_takes_up_the_coordinate_it_stopped_on(method):
+    """A budget stops the first sweep on some coordinate; the search continued from its best
+    point (lapq.resume, after the bias-correction race) moves that coordinate first and
+    reaches the ones after it before the ones already searched."""
+    target = np.linspace(-0.6, 0.5, 8)
+
+    def fun(x):
+        return float(np.sum((x - target) ** 2))
+
+    first = minimize(fun, np.zeros(8), [(-3.0, 1.0)] * 8, method=method, max_evals=12, iterations=3, step=0.01)
+    assert not first.success and 0 < first.next_axis < 7
+
+    moved = []
+
+    def watched(x):
+        changed = np.flatnonzero(x != first.x)
+        if len(changed) == 1 and (not moved or moved[-1] != changed[0]):
+            moved.append(int(changed[0]))
+        return fun(x)
+
+    more = minimize(watched, first.x, [(-3.0, 1.0)] * 8, method=method, max_evals=25, iterations=3, step=0.01, first_axis=first.next_axis)
+    assert moved[0] == first.next_axis
+    assert more.fun < first.fun
+    done = minimize(fun, np.zeros(8), [(-3.0, 1.0)] * 8, method=method, max_evals=10_000, iterations=3, step=0.01)
+    assert done.success and done.next_axis == 0
+
+
+def test_resume_continues_from_the_coordinate_the_race_winner_stopped_on(monkeypatch):
+    """After the bias-correction race the winner's search goes on from the coordinate it
+    had reached, not from the first one again."""
+    import onnx_lapq.lapq as lapq_module
+
+    calls = []
+
+    def spy(*args, **kw):
+        result = minimize(*args, **kw)
+        calls.append((kw.get("first_axis", 0), result))
+        return result
+
+    monkeypatch.setattr(lapq_module, "minimize", spy)
+    report = onnx_lapq.quantize(*digits(), config=lapq_config(max_evals=40)).report
+    race = report["bias_correction_race"]
+    assert race["evaluations"] == 20 and len(calls) == 3  # with correction, without, then the winner resumed
+    winner = calls[0][1] if race["kept"] else calls[1][1]
+    assert calls[0][0] == calls[1][0] == 0
+    assert calls[2][0] == winner.next_axis > 0
+
+
 def test_cross_entropy_with_labels(tmp_path):
     model, (calib,) = digits()
     labels = session(model).run(None, calib)[0].argmax(axis=1)  # the float model's own answers
