@@ -31,7 +31,7 @@ fetch fresh memory (mobilenet_v2 W4A8: 4.9x an FP32 pass, 3.3x shared); a fused
 session's own arena starts empty at every evaluation (mobilenet_v1_0.25 W8A8: 0.63x,
 0.58x shared).
 Fed, sub-8-bit activations that only convolutions read travel in 8-bit containers
-(``carried_in_bytes``): the same values, faster kernels.  Either way an evaluation runs
+(``plan.carried_in_bytes``): the same values, faster kernels.  Either way an evaluation runs
 up to MAX_CONCURRENT_BATCHES calibration batches at once, each session on cores / 2
 threads: ONNX Runtime's DequantizeLinear runs on one thread whatever the session's
 setting, and took a fifth of a fed MobileNetV2 W4A4 pass.  The kernels give the same
@@ -49,7 +49,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -62,7 +62,7 @@ from .errors import ConfigError
 from .export import FOUR_BIT, export_qdq, proto, qdq_tensors
 from .modelio import copy_model
 from .params import QParams
-from .plan import QuantPlan
+from .plan import QuantPlan, carried_in_bytes
 
 log = logging.getLogger(__name__)
 MAX_CUTS = 16
@@ -183,8 +183,10 @@ class LossEvaluator:
         self.cuts = self._choose_cuts(memory_budget)
         data_inputs = set(batches[0])
         self._channels_last = {t for c in self.cuts for t in c.live if self.fused and t not in data_inputs and _rank(self._types.get(t)) == 4}
-        self._workers = min(len(batches), MAX_CONCURRENT_BATCHES, _cores())
-        self._threads = max(1, _cores() // self._workers)
+        cores = _cores()
+        self._workers = min(len(batches), MAX_CONCURRENT_BATCHES, cores)
+        self._threads = max(1, cores // self._workers)
+        self._pool = ThreadPoolExecutor(self._workers)  # its threads end when the evaluator is collected
         self._fed_sessions = [] if self.fused else [
             session(self._suffix(c, self._refreshed_after(i)), threads=self._threads, arena="shared") for i, c in enumerate(self.cuts)
         ]
@@ -244,8 +246,7 @@ class LossEvaluator:
             outputs = sess.run(names, feeds)
             return float(self._distance(b, outputs[0]).sum()), outputs[1:]
 
-        with ThreadPoolExecutor(self._workers) as pool:
-            results = list(pool.map(run, range(len(self.batches))))
+        results = list(self._pool.map(run, range(len(self.batches))))
         total = sum(r[0] for r in results)
         k = 0
         for c in later:
@@ -258,6 +259,10 @@ class LossEvaluator:
         if self.evaluations % FP32_EVERY == 0:
             self.fp32_passes.append(_timed_pass(self._fp32, self.output, self.batches))
         return total / self.samples
+
+    def close(self) -> None:
+        """Stop the threads that run batches (they also end when the evaluator is collected)."""
+        self._pool.shutdown()
 
     def measure(self, quantized: ort.InferenceSession) -> float:
         """The loss of a quantized model's own session (e.g. the exported model) on the same samples."""
@@ -476,29 +481,6 @@ class LossEvaluator:
         del graph.initializer[:]
         graph.initializer.extend(kept)
         return self._with_numbers(model)
-
-
-def carried_in_bytes(model: onnx.ModelProto, plan: QuantPlan) -> QuantPlan:
-    """``plan`` with its sub-8-bit activation sites that only convolutions read stored in
-    8-bit containers (``wide``: a Clip to the grid, then an 8-bit QuantizeLinear), for the
-    evaluator's graphs only; the exported model keeps its 4-bit types.
-
-    The values are the same bit for bit: the Clip stops the 8-bit code where the 4-bit one
-    saturates.  ONNX Runtime's 4-bit QuantizeLinear and DequantizeLinear are several times
-    slower than its 8-bit ones (one 64x32x56x56 pair: 34 ms against 8.5 ms with the Clip).
-    Only convolution inputs: in an 8-bit container ONNX Runtime fuses a Gemm or MatMul with
-    its DequantizeLinear inputs into an integer kernel even when the numbers are fed, which
-    the exported 4-bit graph never gets (all-MiniLM-L6-v2 W4A4: exported loss 0.11% above the
-    search's); a fed convolution's weight arrives as floats, so nothing fuses there."""
-    readers: dict[str, set[str]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, set()).add(node.op_type)
-    conv_only = {t for t, ops in readers.items() if ops <= {"Conv", "ConvTranspose"}}
-    activations = tuple(
-        replace(a, wide=True) if a.bits < 8 and a.tensor in conv_only else a for a in plan.activations
-    )
-    return replace(plan, activations=activations)
 
 
 def _spread(items: list) -> list:

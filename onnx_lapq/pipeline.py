@@ -109,6 +109,7 @@ def quantize(
         try:
             search_report["exported_loss"] = evaluator.measure(exported)
         finally:
+            evaluator.close()
             del evaluator  # its sessions give their memory back to the shared arena ...
             release_shared_arena()  # ... which gives it back to the system
     times["export"] = time.perf_counter() - clock

@@ -107,8 +107,8 @@ def minimize(
 
     The first iteration or sweep visits the coordinates from ``first_axis`` on, then the
     ones before it.  A search that a budget stops reports in ``next_axis`` the coordinate
-    it was on (the last one it moved alone; 0 when it ends by itself), so that a continued search takes up the coordinates it had not reached instead of
-    starting over at the first."""
+    it was on (the last one it moved alone; 0 when it ends by itself), so that a continued
+    search takes up the coordinates it had not reached instead of starting over at the first."""
     started = time.perf_counter()
     tracked = _Tracked(fun, bounds, step, max_evals, time_limit, on_eval)
     message, success = "", True
