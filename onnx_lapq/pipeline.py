@@ -95,6 +95,7 @@ def quantize(
     clock = time.perf_counter()
     search_report: dict[str, Any] = {}
     initial_params = None
+    evaluator = None
     if config.method == "lapq":
         ranges, initial_params, evaluator, search_report, means = _lapq(normalized, plan, stats, batches, config, notify, means)
     else:
@@ -103,12 +104,13 @@ def quantize(
     times["search" if config.method == "lapq" else "clip"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    quantized = export_qdq(normalized, plan, params, input_means=means)
-    exported = check_exported(quantized, normalized, first[0])
-    if config.method == "lapq":
-        try:
+    try:
+        quantized = export_qdq(normalized, plan, params, input_means=means)
+        exported = check_exported(quantized, normalized, first[0])
+        if evaluator is not None:
             search_report["exported_loss"] = evaluator.measure(exported)
-        finally:
+    finally:
+        if evaluator is not None:  # also when the export or its check fails
             evaluator.close()
             del evaluator  # its sessions give their memory back to the shared arena ...
             release_shared_arena()  # ... which gives it back to the system

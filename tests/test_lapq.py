@@ -525,6 +525,23 @@ def test_resume_continues_from_the_coordinate_the_race_winner_stopped_on(monkeyp
     assert calls[2][0] == winner.next_axis > 0
 
 
+def test_a_failed_export_still_closes_the_evaluator(monkeypatch):
+    """The search's evaluator stops its threads and gives its memory back even when the
+    export after the search fails."""
+    import onnx_lapq.pipeline as pipeline_module
+
+    closed = []
+    monkeypatch.setattr(LossEvaluator, "close", lambda self: closed.append(self._pool.shutdown()))
+
+    def broken(*args, **kw):
+        raise onnx_lapq.ExportError("export failed")
+
+    monkeypatch.setattr(pipeline_module, "check_exported", broken)
+    with pytest.raises(onnx_lapq.ExportError, match="export failed"):
+        onnx_lapq.quantize(*digits(), config=lapq_config(max_evals=5))
+    assert len(closed) == 1
+
+
 def test_cross_entropy_with_labels(tmp_path):
     model, (calib,) = digits()
     labels = session(model).run(None, calib)[0].argmax(axis=1)  # the float model's own answers
