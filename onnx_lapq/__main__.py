@@ -18,7 +18,7 @@ import traceback
 from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, LOSSES, QUANTIZABLE_OP_TYPES, SEARCH_BIAS_CORRECTION, SEARCHES, QuantConfig
 from .data import npz_batches
 from .errors import LapqError, ModelError
-from .modelio import load_model, same_file, save_model_atomic
+from .modelio import load_model, output_folder, same_file, save_model_atomic
 from .pipeline import quantize
 from .progress import ProgressBar
 
@@ -110,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     config = _config(args)
     if same_file(args.input, args.output):
         raise ModelError("OUT.onnx is the input file: choose another output path (the input is never overwritten)")
+    for path in filter(None, (args.output, args.report)):  # before the work, not after it
+        output_folder(path)
     model = load_model(args.input)
     bar = ProgressBar(sys.stderr)
     try:

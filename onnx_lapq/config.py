@@ -142,7 +142,7 @@ class QuantConfig:
         if self.loss not in LOSSES:
             raise ConfigError(f"loss={self.loss!r} is unknown: use one of {', '.join(LOSSES)}")
         if self.loss == "ce" and self.label_key is None:
-            raise ConfigError("loss='ce' needs labels: set label_key to the name of the labels array in the calibration data")
+            raise ConfigError("loss='ce' needs labels: set label_key (CLI: --labels KEY) to the name of the labels array in the calibration data")
         if self.search_bias_correction not in SEARCH_BIAS_CORRECTION:
             raise ConfigError(f"search_bias_correction={self.search_bias_correction!r} is unknown: use one of {', '.join(SEARCH_BIAS_CORRECTION)}")
         if self.max_evals < 1 or self.search_iterations < 1:

@@ -43,11 +43,19 @@ def same_file(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def save_model_atomic(model: onnx.ModelProto, path: str) -> None:
-    """Write ``model`` to ``path`` all at once; external data beside it when over 2 GB."""
+def output_folder(path: str) -> str:
+    """The folder a file at ``path`` would be written to, which must exist and be writable."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ModelError(f"output folder {folder!r} does not exist: create it first")
+    if not os.access(folder, os.W_OK):
+        raise ModelError(f"output folder {folder!r} is not writable: choose another output path")
+    return folder
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str) -> None:
+    """Write ``model`` to ``path`` all at once; external data beside it when over 2 GB."""
+    folder = output_folder(path)
     fd, tmp = tempfile.mkstemp(prefix=".onnx_lapq-", suffix=".onnx", dir=folder)
     os.close(fd)
     data_name = os.path.basename(path) + ".data"

@@ -171,6 +171,17 @@ def test_output_equal_to_input(tmp_path, spelling):
     assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
 
 
+@pytest.mark.parametrize("target", ["output", "report"])
+def test_missing_output_folder_fails_before_the_work(tmp_path, target):
+    """A folder that is not there is reported before calibration starts, not after it."""
+    absent = tmp_path / "absent"
+    out = absent / "out.onnx" if target == "output" else tmp_path / "out.onnx"
+    extra = ["--report", absent / "r.json"] if target == "report" else []
+    proc = cli(DIGITS_MODEL, out, "--calib", DIGITS_CALIB, *extra)
+    assert_one_error_line(proc, "does not exist: create it first")  # one line: no progress bar ran
+    assert os.listdir(tmp_path) == []
+
+
 def test_verbose_allows_traceback(tmp_path):
     proc = cli(tmp_path / "absent.onnx", tmp_path / "out.onnx", "--calib", DIGITS_CALIB, "-v")
     assert proc.returncode == 2
