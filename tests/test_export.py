@@ -311,7 +311,7 @@ def test_save_model_atomic_does_not_modify_model(tmp_path, monkeypatch):
 
 
 def test_optimizer_drift_is_refused_not_exported():
-    """ONNX Runtime 1.31's optimizations change the digits CNN at W16A16; the export check says so."""
+    """ONNX Runtime 1.31's and 1.32's optimizations change the digits CNN at W16A16; the export check says so."""
     from conftest import DIGITS_CALIB, DIGITS_MODEL
 
     model, calib = onnx.load(DIGITS_MODEL), [dict(np.load(DIGITS_CALIB))]
