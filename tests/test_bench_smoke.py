@@ -125,3 +125,54 @@ def test_fidelity_of_the_fp32_model_to_itself(kit):
     bad = subprocess.run([sys.executable, str(REPO / "tools" / "fidelity.py"), "--kit", str(kit), "--model", "resnet", str(fp32)],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "is not a kit model" in bad.stderr
+
+
+def _paired_module():
+    spec = importlib.util.spec_from_file_location("paired", REPO / "tools" / "paired.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["paired"] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_top1_credit_per_item():
+    kitdata = _kitdata_module()
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.5, 0.0], [0.3, 0.3, 0.3], [0.2, 0.2, 0.6]])
+    assert np.allclose(kitdata.top1_credit(scores, np.array([1, 1, 0, 0])), [1, 1 / 2, 1 / 3, 0])
+
+
+def test_paired_sign_test():
+    paired = _paired_module()
+    a = np.array([1, 1, 1, 0, 0.5, 1, 0, 1.0])
+    b = np.array([1, 0, 0, 0, 1.0, 1, 1, 0.0])
+    result = paired.paired(a, b)
+    assert (result.wins, result.losses) == (3, 2) and np.isclose(result.net, a.sum() - b.sum())
+    assert np.isclose(result.p, 1.0)  # 3 of 5: as even as 5 can be
+    lopsided = paired.Paired(wins=10, losses=0, net=10.0)
+    assert np.isclose(lopsided.p, 2 * 0.5**10)  # exact two-sided binomial
+    assert paired.paired(a, a).p == 1.0 and paired.paired(a, a).net == 0.0
+    pooled = result + lopsided
+    assert (pooled.wins, pooled.losses) == (13, 2) and pooled.p < 0.01
+
+
+@pytest.mark.slow
+def test_paired_compares_bench_models_item_by_item(kit, tmp_path):
+    bench = [sys.executable, str(REPO / "tools" / "bench.py"), "--kit", str(kit), "--models", "mnist8", "--configs", "w8a8",
+             "--methods", "ort-minmax,minmax", "--reps", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(bench, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    top1 = {r["method"]: r["metric"] for r in json.loads((tmp_path / "results.json").read_text())}
+    tool = [sys.executable, str(REPO / "tools" / "paired.py"), "--kit", str(kit), "--results", str(tmp_path), "--model", "mnist8",
+            "--config", "w8a8", "--method", "minmax"]
+    proc = subprocess.run([*tool, "--against", "ort-minmax,fp32"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = {line.split(":")[0].strip(): line for line in proc.stdout.splitlines()[1:]}
+    line = lines["seed 0 vs ort-minmax"]
+    assert f"{top1['minmax']:.2f} against {top1['ort-minmax']:.2f}" in line
+    wins, losses = (int(x) for x in line.split(", +")[1].split(", net")[0].split(" / -"))
+    net = float(line.split("net ")[1].split(",")[0])
+    assert np.isclose(net, (top1["minmax"] - top1["ort-minmax"]) * 9744 / 100, atol=0.05)
+    assert abs(net) <= wins + losses  # ORT's quantized logits tie, so an item may differ by half a point
+    assert "seed 0 vs best (ort-minmax)" in lines and "all 1 seeds vs fp32" in lines
+    missing = subprocess.run([*tool, "--against", "ort-minmax", "--seeds", "0,1"], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "no finished bench row for minmax seed 1, ort-minmax seed 1 (mnist8 w8a8)" in missing.stderr

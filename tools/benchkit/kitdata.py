@@ -54,7 +54,8 @@ class Task:
     ``outputs(sess)`` is the model's output on the scored items (class scores, or
     sentence embeddings: every first sentence of a pair, then every second), and
     ``score(outputs)`` the metric computed from them; ``kit_score(outputs)``, where
-    given, is eval.py's own figure for the same outputs."""
+    given, is eval.py's own figure for the same outputs, and ``credit(outputs)``, where
+    the metric is a mean over items (top-1), each item's share of it (0..1)."""
 
     model: str
     model_path: Path
@@ -66,6 +67,7 @@ class Task:
     score: Callable[[np.ndarray], float]
     latency_feed: dict
     kit_score: Callable[[np.ndarray], float] | None = None
+    credit: Callable[[np.ndarray], np.ndarray] | None = None  # per scored item, where the metric is their mean
 
     def evaluate(self, sess) -> float:
         """The metric of an ONNX Runtime session on the scored items."""
@@ -148,19 +150,27 @@ def _vision_task(kit: Path, model: str, cache: Path, calib_size: int, quick: boo
     def score(scores: np.ndarray) -> float:
         return 100.0 * top1_ties_split(scores, y_eval)
 
+    def credit(scores: np.ndarray) -> np.ndarray:
+        return top1_credit(scores, y_eval)
+
     def kit_score(scores: np.ndarray) -> float:
         return 100.0 * ev.topk(scores, y_eval, ks=(1,))["top1"]
 
     return Task(model, model_path(kit, model), "top1", npz, calib_size, len(y_eval), outputs, score,
-                {name: x[:LATENCY_BATCH]}, kit_score)
+                {name: x[:LATENCY_BATCH]}, kit_score, credit)
+
+
+def top1_credit(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per item: 1 when its label alone has the top score, 1/k when k classes share the top
+    score and the label is one of them, else 0."""
+    scores = scores.reshape(len(scores), -1)
+    top = scores == scores.max(axis=1, keepdims=True)
+    return top[np.arange(len(labels)), labels] / top.sum(axis=1)
 
 
 def top1_ties_split(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Share of items whose label has the top score, an item whose top score k classes
-    share counting 1/k when its label is one of them."""
-    scores = scores.reshape(len(scores), -1)
-    top = scores == scores.max(axis=1, keepdims=True)
-    return float(np.mean(top[np.arange(len(labels)), labels] / top.sum(axis=1)))
+    """Share of items whose label has the top score (``top1_credit``'s mean)."""
+    return float(np.mean(top1_credit(scores, labels)))
 
 
 def _imagenet_split(ev, kit: Path, _dataset: str, calib_size: int, quick: bool, seed: int, need_calib: bool):
