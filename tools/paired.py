@@ -10,8 +10,8 @@ tools/bench.py makes them) this scores the saved models of ``--method`` and of e
 ``--against`` method (``fp32``: the float model) on the same items and counts the items
 where ``--method`` earns more top-1 credit (``wins``) and less (``losses``; credit as the
 bench's top-1: 1/k for a k-way tie at the top); ``p`` is the exact two-sided sign test
-of wins against losses.  ``best`` is, per seed, the quantized ``--against`` method with the highest
-top-1 (the bench's "best ORT"; chosen after scoring, so it favours the other side).  The
+of wins against losses.  ``best`` is, per seed, the ONNX Runtime method (``ort-*``) among ``--against``
+with the highest top-1 (the bench's "best ORT"; chosen after scoring, so it favours that side).  The
 last lines pool every seed (a stratified sign test: each seed's pairs stay paired).
 
 Models come from the rows of the bench's results.json in each DIR (later DIRs win, as with
@@ -108,8 +108,8 @@ def main(argv: list[str]) -> int:
         for method in [a.method, *against]:
             path = task.model_path if method == FP32 else saved[(method, seed)]
             credits[method] = task.credit(task.outputs(measure.make_session(str(path), a.threads)))
-        quantized = [m for m in against if m != FP32]
-        best = max(quantized, key=lambda m: credits[m].mean()) if quantized else None
+        ort = [m for m in against if m.startswith("ort-")]
+        best = max(ort, key=lambda m: credits[m].mean()) if ort else None
         for name, other in [*((m, m) for m in against), *([(BEST, best)] if best else [])]:
             result = paired(credits[a.method], credits[other])
             pooled[name] = pooled.get(name, Paired(0, 0, 0.0)) + result
