@@ -261,8 +261,13 @@ class LossEvaluator:
         return total / self.samples
 
     def close(self) -> None:
-        """Stop the threads that run batches (they also end when the evaluator is collected)."""
+        """Stop the threads that run batches and drop the sessions and cached tensors, whose
+        memory goes back to the shared arena and the system even while something (say, the
+        traceback of an interrupted search) still holds the evaluator; it cannot evaluate after."""
         self._pool.shutdown()
+        self._fed_sessions, self._fp32 = [], None
+        for cut in self.cuts:
+            cut.values = cut.versions = None
 
     def measure(self, quantized: ort.InferenceSession) -> float:
         """The loss of a quantized model's own session (e.g. the exported model) on the same samples."""

@@ -542,6 +542,26 @@ def test_a_failed_export_still_closes_the_evaluator(monkeypatch):
     assert len(closed) == 1
 
 
+def test_an_interrupted_search_releases_the_evaluator(monkeypatch):
+    """Ctrl-C in the middle of the search (here raised by the progress callback) still stops
+    the evaluator's threads and drops its sessions and cached activations, although the
+    traceback keeps the evaluator itself alive."""
+    closed = []
+    close = LossEvaluator.close
+    monkeypatch.setattr(LossEvaluator, "close", lambda self: (close(self), closed.append(self)))
+
+    def interrupt(progress):
+        if progress.stage == "search" and progress.done == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        onnx_lapq.quantize(*digits(), config=lapq_config(max_evals=100), on_step=interrupt)
+    (evaluator,) = closed
+    assert not any(t.is_alive() for t in evaluator._pool._threads)
+    assert evaluator._fed_sessions == [] and evaluator._fp32 is None
+    assert all(cut.values is None for cut in evaluator.cuts)
+
+
 def test_cross_entropy_with_labels(tmp_path):
     model, (calib,) = digits()
     labels = session(model).run(None, calib)[0].argmax(axis=1)  # the float model's own answers
