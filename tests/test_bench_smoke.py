@@ -176,3 +176,24 @@ def test_paired_compares_bench_models_item_by_item(kit, tmp_path):
     assert "seed 0 vs best (ort-minmax)" in lines and "all 1 seeds vs fp32" in lines
     missing = subprocess.run([*tool, "--against", "ort-minmax", "--seeds", "0,1"], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "no finished bench row for minmax seed 1, ort-minmax seed 1 (mnist8 w8a8)" in missing.stderr
+
+
+def test_a_row_keeps_its_search_figures_when_its_long_report_is_gone(tmp_path):
+    _kitdata_module()  # puts tools/ on the path, where bench.py finds benchkit
+    spec = importlib.util.spec_from_file_location("bench", REPO / "tools" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from benchkit import report
+
+    figures = {"nfev": 150, "final_loss": 0.25, "exported_loss": 0.25, "evaluator": {"cost_ratio": 1.95}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({**figures, "loss_trace": [[i, 1.0 / (i + 1)] for i in range(500)]}))
+    row = {"model": "m", "config": "w4a8", "method": "lapq", "metric": 69.69, "fp32_metric": 79.31}
+    bench.attach_report(row, path)
+    assert "report" not in row and row["report_path"] == str(path)  # too long to inline
+    path.unlink()
+    assert "| m | w4a8 | 79.31 |  |  | 69.69 |  | 150 | 1.95 | 1.0000 |" in report._summary([row])
+    legacy = {k: v for k, v in row.items() if k != "search"}  # a row made before rows kept them, its report still there
+    path.write_text(json.dumps(figures) + " " * 5000)
+    (tmp_path / "results.json").write_text(json.dumps([legacy]))
+    assert bench.read_rows(tmp_path / "results.json")[0]["search"] == figures

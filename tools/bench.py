@@ -61,6 +61,7 @@ from onnx_lapq.config import SEARCH_BIAS_CORRECTION  # noqa: E402
 ALL_METHODS = "ort-minmax,ort-entropy,ort-percentile,minmax,percentile,entropy,mse,lapq"
 DEFAULT_CONFIGS = "w8a8,w8a8-pt,w4a8,w4a4"
 CALIB_BATCH = 32
+SEARCH_FIELDS = ("nfev", "final_loss", "exported_loss", "evaluator")  # of a lapq report, for the summary table
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -170,6 +171,9 @@ def quantize_row(a: argparse.Namespace, task: kitdata.Task, config: str, method:
 
 
 def attach_report(row: dict, path: Path, max_inline: int = 4000) -> None:
+    """The quantizer's report in the row: whole when short; else its path, and the search
+    figures the summary table shows (SEARCH_FIELDS), so that the row keeps them when the
+    report file is gone (results.json is committed, report files are not)."""
     if not path.exists():
         return
     text = path.read_text()
@@ -177,6 +181,18 @@ def attach_report(row: dict, path: Path, max_inline: int = 4000) -> None:
         row["report"] = json.loads(text)
     else:
         row["report_path"] = str(path)
+        report = json.loads(text)
+        row["search"] = {k: report[k] for k in SEARCH_FIELDS if k in report}
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a results.json; a row made before rows kept their search figures gets
+    them from its report file where that still exists."""
+    rows = read_json(path, [])
+    for row in rows:
+        if "report" not in row and "search" not in row and row.get("report_path"):
+            attach_report(row, Path(row["report_path"]))
+    return rows
 
 
 def score_row(a: argparse.Namespace, task: kitdata.Task, row: dict, fp32_sess) -> None:
@@ -303,10 +319,10 @@ def main(argv: list[str]) -> int:
     a = parse_args(argv)
     a.git = git_describe()
     a.out.mkdir(parents=True, exist_ok=True)
-    rows = {row_key(r): r for r in read_json(a.out / "results.json", [])}
+    rows = {row_key(r): r for r in read_rows(a.out / "results.json")}
     if a.merge:
         for src in a.merge:
-            rows.update({row_key(r): r for r in read_json(src / "results.json", [])})
+            rows.update({row_key(r): r for r in read_rows(src / "results.json")})
         write_json(a.out / "results.json", list(rows.values()))
         write_report(a, rows)
         print(f"merged {len(rows)} rows into {a.out / 'results.json'}; wrote results.md, plots", flush=True)

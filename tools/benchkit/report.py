@@ -12,7 +12,6 @@ model, log scale; runs the tool refused are left out).
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
@@ -107,12 +106,8 @@ def _summary(rows: list[dict]) -> list[str]:
 
 
 def _search_report(row: dict) -> dict:
-    """LAPQ's search figures of a row: inline, or from the report it points to."""
-    if "report" in row:
-        return row["report"]
-    if row.get("report_path") and Path(row["report_path"]).exists():
-        return json.loads(Path(row["report_path"]).read_text())
-    return {}
+    """LAPQ's search figures of a row: its whole report, or the figures kept from a long one."""
+    return row.get("report", row.get("search", {}))
 
 
 def _short(text, limit=160) -> str:
