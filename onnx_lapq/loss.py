@@ -267,7 +267,7 @@ class LossEvaluator:
         self._pool.shutdown()
         self._fed_sessions, self._fp32 = [], None
         for cut in self.cuts:
-            cut.values = cut.versions = None
+            cut.values = None
 
     def measure(self, quantized: ort.InferenceSession) -> float:
         """The loss of a quantized model's own session (e.g. the exported model) on the same samples."""

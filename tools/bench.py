@@ -229,11 +229,8 @@ def rescore_model(a: argparse.Namespace, model: str, rows: dict) -> None:
     task = kitdata.build_task(a.kit, model, a.out / "cache", a.calib_size, a.quick, a.seed)
     fp32 = fp32_reference(a, task, measure.make_session(str(task.model_path), a.threads), fresh=True)["metric"]
     for row in mine:
-        path = Path(row["model_path"])
-        if not path.is_absolute():
-            path = a.out / "models" / path
         row["fp32_metric"] = fp32
-        set_metric(task, row, measure.make_session(str(path), a.threads))
+        set_metric(task, row, measure.make_session(str(runners.saved_model(row, a.out)), a.threads))
         print(f"  {model} {row['config']} {row['method']}: {row['metric_name']} {row['metric']:.2f} (kit {report._fmt(row['kit_metric'])})", flush=True)
     write_json(a.out / "results.json", list(rows.values()))
 

@@ -32,7 +32,7 @@ from scipy.stats import binomtest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the onnx_lapq of this checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchkit import kitdata, measure  # noqa: E402
+from benchkit import kitdata, measure, runners  # noqa: E402
 
 FP32 = "fp32"
 BEST = "best"
@@ -71,8 +71,7 @@ def bench_models(dirs: list[Path], model: str, config: str, calib_size: int) -> 
                 continue
             if row.get("error") or not row.get("model_path"):
                 continue
-            path = Path(row["model_path"])
-            found[(row["method"], row["seed"])] = path if path.is_absolute() else d / "models" / path
+            found[(row["method"], row["seed"])] = runners.saved_model(row, d)
     return found
 
 
@@ -108,7 +107,7 @@ def main(argv: list[str]) -> int:
         for method in [a.method, *against]:
             path = task.model_path if method == FP32 else saved[(method, seed)]
             credits[method] = task.credit(task.outputs(measure.make_session(str(path), a.threads)))
-        ort = [m for m in against if m.startswith("ort-")]
+        ort = [m for m in against if m.startswith(runners.ORT_PREFIX)]
         best = max(ort, key=lambda m: credits[m].mean()) if ort else None
         for name, other in [*((m, m) for m in against), *([(BEST, best)] if best else [])]:
             result = paired(credits[a.method], credits[other])

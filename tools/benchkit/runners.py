@@ -216,3 +216,10 @@ def _crash_message(returncode: int, log_path: Path) -> str:
     tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-3:]
     how = f"killed by signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
     return f"worker {how}: " + " | ".join(tail)
+
+
+def saved_model(row: dict, out_dir: Path) -> Path:
+    """The file of a bench row's quantized model: its model_path, which may be relative to
+    the models/ folder of the bench output dir the row was read from."""
+    path = Path(row["model_path"])
+    return path if path.is_absolute() else out_dir / "models" / path
