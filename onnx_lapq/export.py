@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .biascorr import output_shift
 from .modelio import copy_model
 from .params import QParams
-from .plan import QuantPlan
+from .plan import QuantPlan, consumer_map
 from .qmath import QFormat, broadcast, fake_quantize, quantize
 
 log = logging.getLogger(__name__)
@@ -215,10 +215,7 @@ def _order(original: list[onnx.NodeProto], added: list[onnx.NodeProto], availabl
     """Topological order that puts each added Q/DQ node just before its first consumer,
     so that a parameter change touches only the graph from that consumer on."""
     rank = {id(n): 2 * i + 1 for i, n in enumerate(original)}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in original + added:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = consumer_map(original + added)
     for node in reversed(added):
         users = [rank[id(u)] for o in node.output for u in consumers.get(o, []) if id(u) in rank]
         rank[id(node)] = min(users) - 1 if users else 2 * len(original) + 1

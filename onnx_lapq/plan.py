@@ -101,6 +101,15 @@ class QuantPlan:
         }
 
 
+def consumer_map(nodes) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it, in the order given."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
 class _GraphIndex:
     """Producers, consumers and constants of a GraphProto."""
 
@@ -108,10 +117,7 @@ class _GraphIndex:
         self.graph = graph
         self.initializers = {t.name: t for t in graph.initializer}
         self.producer = {o: n for n in graph.node for o in n.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
+        self.consumers = consumer_map(graph.node)
         self.graph_outputs = {o.name for o in graph.output}
         self.float_tensors = self._float_tensors()
 

@@ -17,6 +17,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from .runners import tool_of
+
 # w<W>a<A> (per-channel weights), w<W>a<A>-pt (per-tensor), w<W>a<A>-wo (weight-only: activations stay float)
 CONFIG_RE = re.compile(r"^w(\d+)a(\d+)(-pt|-wo)?$")
 MARKERS = "os^Dv<>p*h"
@@ -42,7 +44,7 @@ def best_ort(rows: list[dict]) -> dict[str, float]:
     """config -> best ort-* metric among the given rows of one model."""
     best = {}
     for r in rows:
-        if r["method"].startswith("ort-") and r.get("metric") is not None:
+        if tool_of(r["method"]) == "ort" and r.get("metric") is not None:
             best[r["config"]] = max(best.get(r["config"], -math.inf), r["metric"])
     return best
 
@@ -90,8 +92,8 @@ def _summary(rows: list[dict]) -> list[str]:
     for model, mrows in _by_model(rows).items():
         for config in sorted({r["config"] for r in mrows}, key=config_order):
             crows = [r for r in mrows if r["config"] == config]
-            ort = [r for r in crows if r["method"].startswith("ort-")]
-            ours = [r for r in crows if not r["method"].startswith("ort-") and r["method"] != "lapq"]
+            ort = [r for r in crows if tool_of(r["method"]) == "ort"]
+            ours = [r for r in crows if tool_of(r["method"]) != "ort" and r["method"] != "lapq"]
             lapq = next((r for r in crows if r["method"] == "lapq"), None)
             lapq_metric = "" if lapq is None else ("fails" if lapq.get("metric") is None else f"{lapq['metric']:.2f}")
             ok = lapq is not None and lapq.get("metric") is not None
@@ -161,7 +163,7 @@ def _plot_accuracy(plt, path: Path, rows: list[dict]) -> None:
             if not vals:
                 continue
             ys = [math.nan if vals.get(c) is None else vals[c] for c in configs]
-            ort_style = method.startswith("ort-")
+            ort_style = tool_of(method) == "ort"
             ax.plot(configs, ys, color=f"C{i % 10}", marker=MARKERS[i % len(MARKERS)], markersize=9 - i % 4,
                     fillstyle="none" if ort_style else "full", linestyle="--" if ort_style else "-", label=method)
         ax.axhline(mrows[0]["fp32_metric"], color="k", linestyle=":", label="FP32")
