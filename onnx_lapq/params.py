@@ -69,7 +69,8 @@ class ParamSpace:
 
     One coordinate per activation group and one per weight site; x_i is the log of the
     factor that scales the initial range of that site (all channels of a weight
-    together).  x = 0 is the initialization.
+    together).  x = 0 is the initialization.  No activation clip is lifted past the
+    ceiling of the Clip that makes its values (``QuantPlan.ceiling``).
 
     Coordinates run from the coarsest grid to the finest, and within one bit-width below
     8 in the order the graph reads the sites, a layer's input before its weight; at 8 bits
@@ -109,10 +110,20 @@ class ParamSpace:
 
     @property
     def bounds(self) -> list[tuple[float, float]]:
-        return [LOG_FACTOR_BOUNDS] * self.size
+        """LOG_FACTOR_BOUNDS, the upper one lowered where it would lift a clip past its cap."""
+        low, high = LOG_FACTOR_BOUNDS
+        caps = {("act", g): np.log(self._cap(g) / self.initial.activations[g][1]) for g in self.plan.groups if self._cap(g) is not None}
+        return [(low, float(min(high, caps.get(c, high)))) for c in self.coordinates]
 
     def ranges(self, x: np.ndarray) -> SiteRanges:
         factors = dict(zip(self.coordinates, np.exp(np.asarray(x, np.float64))))
-        acts = {g: (lo * factors["act", g], hi * factors["act", g]) for g, (lo, hi) in self.initial.activations.items()}
+        acts = {g: (lo * factors["act", g], min(hi * factors["act", g], self._cap(g) or np.inf)) for g, (lo, hi) in self.initial.activations.items()}
         weights = {w: (lo * factors["weight", w], hi * factors["weight", w]) for w, (lo, hi) in self.initial.weights.items()}
         return SiteRanges(activations=acts, weights=weights)
+
+    def _cap(self, group: str) -> float | None:
+        """The highest clip of an activation group: the plan's ceiling, where the initial clip
+        is below it (a search from above it may still come down)."""
+        ceiling = self.plan.ceiling(group)
+        hi = self.initial.activations[group][1]
+        return ceiling if ceiling is not None and 0 < hi <= ceiling else None

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -83,11 +84,19 @@ class QuantPlan:
     activations: tuple[ActivationSite, ...]
     biases: tuple[BiasSite, ...]
     reads: tuple[str, ...] = ()  # weight and activation site tensors in the order the graph first reads them
+    ceilings: tuple[tuple[str, float], ...] = ()  # activation group -> the Clip max its values never exceed
 
     @property
     def groups(self) -> tuple[str, ...]:
         """Parameter groups of activations, in graph order (one tunable clip each)."""
         return tuple(dict.fromkeys(a.group for a in self.activations))
+
+    def ceiling(self, group: str) -> float | None:
+        """The largest value a group's tensors can hold where a Clip makes them (the least max
+        of its Clips; None where none does): clipping higher wastes levels, and at 8 bits it
+        keeps ONNX Runtime from dropping the Clip into its QuantizeLinear, which leaves the
+        layer unfused (mobilenet_v1_0.25's Relu6 layers)."""
+        return dict(self.ceilings).get(group)
 
     def group_bits(self, group: str) -> int:
         return next(a.bits for a in self.activations if a.group == group)
@@ -261,7 +270,21 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
         activations=tuple(sorted(acts.values(), key=lambda a: order.get(a.tensor, -1))),
         biases=tuple(biases),
         reads=_reading_order(index, [*acts, *weights]),
+        ceilings=_clip_ceilings(index, acts.values()),
     )
+
+
+def _clip_ceilings(index: _GraphIndex, sites) -> tuple[tuple[str, float], ...]:
+    """Activation group -> the least constant max of the Clips that make its tensors."""
+    ceilings: dict[str, float] = {}
+    for site in sites:
+        producer = index.producer.get(site.tensor)
+        if producer is None or producer.op_type != "Clip" or len(producer.input) < 3:
+            continue
+        top = index.constant(producer.input[2])
+        if top is not None:
+            ceilings[site.group] = min(float(top), ceilings.get(site.group, np.inf))
+    return tuple(ceilings.items())
 
 
 def _add_activation(acts: dict[str, ActivationSite], tensor: str, bits: int, role: str) -> None:

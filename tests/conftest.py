@@ -131,6 +131,20 @@ def block_model(*, opset=13, seed=1) -> onnx.ModelProto:
     return net.model([("x", TensorProto.FLOAT, ["N", 2, 8, 8])], [("fc", TensorProto.FLOAT, ["N", 5])], opset=opset)
 
 
+def relu6_model(*, opset=13, seed=3) -> onnx.ModelProto:
+    """x -> conv1 -> Clip(0, 6) clip1 -> conv2 -> Clip(0, 6) clip2 -> conv3 -> Relu relu3 -> Flatten -> Gemm fc,
+    with weights large enough that both Clips saturate (MobileNet's Relu6)."""
+    net = Net(np.random.default_rng(seed))
+    net.inits["zero"], net.inits["six"] = np.float32(0.0), np.float32(6.0)
+    h = net.op("Clip", "clip1", [net.conv("conv1", "x", 3, 8), "zero", "six"])
+    h = net.op("Clip", "clip2", [net.conv("conv2", h, 8, 8), "zero", "six"])
+    h = net.op("Relu", "relu3", [net.conv("conv3", h, 8, 4)])
+    net.gemm("fc", net.op("Flatten", "flat", [h], axis=1), 4 * 8 * 8, 10)
+    for name in ("conv1_W", "conv2_W"):
+        net.inits[name] *= 6
+    return net.model([("x", TensorProto.FLOAT, ["N", 3, 8, 8])], [("fc", TensorProto.FLOAT, ["N", 10])], opset=opset)
+
+
 def random_inputs(model: onnx.ModelProto, n: int, *, seed: int = 0, batch: int | None = None) -> list[dict[str, np.ndarray]]:
     """Calibration batches (list of dicts) for a model with one float input; symbolic dim 0 = n."""
     rng = np.random.default_rng(seed)

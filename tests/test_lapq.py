@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import DIGITS_CALIB, DIGITS_MODEL, block_model, conv_chain_model, init_array, random_inputs, run_cli
+from conftest import DIGITS_CALIB, DIGITS_MODEL, block_model, conv_chain_model, init_array, ort_session, random_inputs, relu6_model, run_cli
 
 import onnx_lapq
 from onnx_lapq.calibrate import session
@@ -679,3 +679,28 @@ def test_auto_loss_leaves_kl_when_the_softmax_is_saturated():
         kinds[scale] = LossEvaluator(normalize(model, min_opset=21), result.plan, calib, result.params, loss="auto").kind
         assert LossEvaluator(normalize(model, min_opset=21), result.plan, calib, result.params, loss="kl").kind == "kl"  # asked for
     assert kinds == {1.0: "kl", 1e4: "mse"}
+
+
+def test_search_never_lifts_a_clip_past_its_relu6():
+    """Coordinates of groups a Clip(0, 6) makes end where the clip reaches 6 (an initial clip
+    above it is left free); any x gives at most 6."""
+    plan = build_plan(normalize(relu6_model()), onnx_lapq.QuantConfig())
+    initial = SiteRanges(activations={"x": (-4.0, 4.0), "clip1": (0.0, 5.0), "clip2": (0.0, 6.5), "relu3": (0.0, 9.0)})
+    space = ParamSpace(plan, initial)
+    bounds = dict(zip(space.names, space.bounds))
+    assert bounds["act:clip1"][1] == pytest.approx(np.log(6.0 / 5.0))
+    assert bounds["act:clip2"][1] == bounds["act:relu3"][1] == bounds["act:x"][1] == pytest.approx(np.log(2.0))
+    lifted = space.ranges(np.full(space.size, 1.0)).activations
+    assert lifted["clip1"][1] == 6.0 and lifted["clip2"][1] > 6.5 and lifted["relu3"][1] > 9.0
+
+
+def test_w8a8_lapq_keeps_relu6_layers_fused(tmp_path):
+    """A Relu6 whose clip the search lifted past 6 stayed in the graph, and ONNX Runtime ran
+    its layer in float (mobilenet_v1_0.25 W8A8: 3 of 28 convolutions; this model: 2 of 3)."""
+    model = relu6_model()
+    result = onnx_lapq.quantize(model, random_inputs(model, 64, batch=16), config=lapq_config(weight_bits=8, act_bits=8))
+    assert max(a["range"][1] for a in result.report["activations"] if a["group"] in ("clip1", "clip2")) <= 6.0
+    optimized = tmp_path / "optimized.onnx"
+    ort_session(result.model, optimize=True, optimized_path=optimized)
+    ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
+    assert ops.count("QLinearConv") == 3 and "Clip" not in ops and "FusedConv" not in ops

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from conftest import Net, block_model, make_model, ort_session, random_inputs
+from conftest import Net, block_model, make_model, ort_session, random_inputs, relu6_model
 from onnx_lapq import ModelError, QuantConfig, quantize
 from onnx_lapq.graph import INT4_OPSET, MIN_OPSET, normalize
 from onnx_lapq.plan import build_plan
@@ -164,6 +164,11 @@ def test_keep_first_last_8bit():
     abits = {a.tensor: a.bits for a in plan.activations}
     assert abits["x"] == 8 and abits["flat"] == 8
     assert abits["relu1"] == 4 and abits["cat"] == 4 and abits["pool"] == 4
+
+
+def test_clip_outputs_have_the_clip_max_as_ceiling():
+    plan = plan_of(relu6_model())
+    assert {g: plan.ceiling(g) for g in plan.groups} == {"x": None, "clip1": 6.0, "clip2": 6.0, "relu3": None}
 
 
 def test_reads_follow_the_graph_a_layer_input_before_its_weight():
