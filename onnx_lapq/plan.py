@@ -93,9 +93,9 @@ class QuantPlan:
 
     def ceiling(self, group: str) -> float | None:
         """The largest value a group's tensors can hold where a Clip makes them (the least max
-        of its Clips; None where none does): clipping higher wastes levels, and at 8 bits it
-        keeps ONNX Runtime from dropping the Clip into its QuantizeLinear, which leaves the
-        layer unfused (mobilenet_v1_0.25's Relu6 layers)."""
+        of its Clips; None where none does).  At 8 bits, a clip above it keeps ONNX Runtime
+        from dropping the Clip into its QuantizeLinear, which leaves the layer unfused
+        (mobilenet_v1_0.25's Relu6 layers)."""
         return dict(self.ceilings).get(group)
 
     def group_bits(self, group: str) -> int:

@@ -13,7 +13,7 @@ from conftest import DIGITS_CALIB, DIGITS_MODEL, block_model, conv_chain_model, 
 
 import onnx_lapq
 from onnx_lapq.calibrate import session
-from onnx_lapq.graph import normalize
+from onnx_lapq.graph import INT4_OPSET, normalize
 from onnx_lapq.lapq import parabola_minimum
 from onnx_lapq.loss import LossEvaluator, distance
 from onnx_lapq.params import ParamSpace, SiteRanges
@@ -681,17 +681,18 @@ def test_auto_loss_leaves_kl_when_the_softmax_is_saturated():
     assert kinds == {1.0: "kl", 1e4: "mse"}
 
 
-def test_search_never_lifts_a_clip_past_its_relu6():
-    """Coordinates of groups a Clip(0, 6) makes end where the clip reaches 6 (an initial clip
-    above it is left free); any x gives at most 6."""
-    plan = build_plan(normalize(relu6_model()), onnx_lapq.QuantConfig())
-    initial = SiteRanges(activations={"x": (-4.0, 4.0), "clip1": (0.0, 5.0), "clip2": (0.0, 6.5), "relu3": (0.0, 9.0)})
-    space = ParamSpace(plan, initial)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_search_never_lifts_an_8bit_clip_past_its_relu6(bits):
+    """At 8 bits, coordinates of groups a Clip(0, 6) makes end where the clip reaches 6 (an
+    initial clip above it is left free) and any x gives at most 6; below 8 bits, nothing is capped."""
+    plan = build_plan(normalize(relu6_model(), min_opset=INT4_OPSET), onnx_lapq.QuantConfig(weight_bits=bits, act_bits=bits))
+    assert plan.groups[:3] == ("x", "clip1", "clip2")
+    space = ParamSpace(plan, SiteRanges(activations=dict(zip(plan.groups, [(-4.0, 4.0), (0.0, 5.0), (0.0, 6.5), (0.0, 9.0)]))))
     bounds = dict(zip(space.names, space.bounds))
-    assert bounds["act:clip1"][1] == pytest.approx(np.log(6.0 / 5.0))
-    assert bounds["act:clip2"][1] == bounds["act:relu3"][1] == bounds["act:x"][1] == pytest.approx(np.log(2.0))
+    assert bounds["act:clip1"][1] == pytest.approx(np.log(6.0 / 5.0) if bits == 8 else np.log(2.0))
+    assert bounds["act:clip2"][1] == bounds["act:x"][1] == pytest.approx(np.log(2.0))
     lifted = space.ranges(np.full(space.size, 1.0)).activations
-    assert lifted["clip1"][1] == 6.0 and lifted["clip2"][1] > 6.5 and lifted["relu3"][1] > 9.0
+    assert (lifted["clip1"][1] == 6.0) == (bits == 8) and lifted["clip2"][1] > 6.5
 
 
 def test_w8a8_lapq_keeps_relu6_layers_fused(tmp_path):
