@@ -21,6 +21,7 @@ from .errors import LapqError, ModelError
 from .modelio import load_model, output_folder, same_file, save_model_atomic
 from .pipeline import quantize
 from .progress import ProgressBar
+from .verify import integer_layers
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,7 +84,7 @@ def _config(args: argparse.Namespace) -> QuantConfig:
     )
 
 
-def _summary(report: dict, seconds: float, output: str) -> str:
+def _summary(report: dict, seconds: float, output: str, kernels: tuple[int, int] | None) -> str:
     sites = report["sites"]
     size = report["size_bytes"]
     bits = report["config"]
@@ -98,6 +99,13 @@ def _summary(report: dict, seconds: float, output: str) -> str:
             f"\n{report['loss']} loss: {_start(report)} {report['init_loss']:.4g} -> "
             f"searched {report['final_loss']:.4g} in {report['nfev']} evaluations; exported model {report['exported_loss']:.4g}"
         )
+    if kernels is not None:
+        integer, layers = kernels
+        line += f"\nONNX Runtime (CPU) runs {min(integer, layers)} of its {layers} quantized layers on integer kernels"
+        if integer < layers:
+            line += f"; the other {layers - integer} run dequantized, in float"
+            if min(bits["weight_bits"], bits["act_bits"]) < 8:
+                line += " (no CPU kernel takes sub-8-bit operands)"
     return line
 
 
@@ -128,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-    print(_summary(result.report, time.perf_counter() - started, args.output))
+    print(_summary(result.report, time.perf_counter() - started, args.output, integer_layers(result.model)))
     return 0
 
 

@@ -22,7 +22,7 @@ OUTPUT_BUDGET = 128 << 20  # bytes of observed tensors one ONNX Runtime run may 
 ARENAS = ("own", "none", "shared")
 
 
-def session(model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True, arena: str = "own") -> ort.InferenceSession:
+def session(model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True, arena: str = "own", optimized_path: str | None = None) -> ort.InferenceSession:
     """A CPU ONNX Runtime session for an in-memory model.
 
     ``arena``: ``"own"``, ONNX Runtime's default memory arena per session; ``"none"``, memory
@@ -30,13 +30,16 @@ def session(model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True, 
     ``"shared"`` session draws from (many sessions run one at a time, such as the loss
     evaluator's suffixes: memory of one session's peak, not their sum, without the cost of
     fresh memory on every run).  A host application that registers its own CPU arena with
-    ONNX Runtime's environment replaces this one."""
+    ONNX Runtime's environment replaces this one.  ``optimized_path``: where ONNX Runtime
+    writes the graph its optimizations made."""
     if arena not in ARENAS:
         raise ValueError(f"arena={arena!r}: use one of {ARENAS}")
     if arena == "shared":
         _arena_keeper()  # registers the shared arena on first use
     options = _options(threads, arena)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if optimized_path is not None:
+        options.optimized_model_filepath = optimized_path
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

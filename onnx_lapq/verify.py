@@ -6,8 +6,15 @@ The last check guards against ONNX Runtime rewrites that change numbers (seen wi
 same model run without graph optimizations by at most twice the quantization error
 itself (mean |optimized - unoptimized| <= 2 mean |unoptimized - float| + 1e-3 mean |float|);
 integer kernels legitimately round differently, by about the quantization error.
+
+:func:`integer_layers` tells how ONNX Runtime will run the exported model: how many of its
+quantized layers its CPU optimizations turn into integer kernels (every one at W8A8; none
+with sub-8-bit operands, which no CPU kernel takes: those run dequantized, in float).
 """
 from __future__ import annotations
+
+import os
+import tempfile
 
 import numpy as np
 import onnx
@@ -43,3 +50,26 @@ def check_exported(model: onnx.ModelProto, reference: onnx.ModelProto, batch: di
             f"quantization error of {error:.3g}), a known ONNX Runtime issue with 16-bit activations: use --act-bits 8 or fewer"
         )
     return optimized
+
+
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+INTEGER_KERNELS = (
+    "QLinearConv", "QLinearConvTranspose", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
+    "MatMulNBits",
+)
+
+
+def integer_layers(model: onnx.ModelProto) -> tuple[int, int] | None:
+    """(integer kernels in the graph ONNX Runtime's CPU optimizations make of ``model``,
+    quantized layers of ``model``: Conv, ConvTranspose, Gemm and MatMul nodes whose second
+    input a DequantizeLinear makes); None for a model over protobuf's 2 GB, which ONNX
+    Runtime cannot write back.  The optimized graph goes through a temporary file."""
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        return None
+    made_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    layers = sum(n.op_type in LAYER_OPS and len(n.input) > 1 and made_by.get(n.input[1]) == "DequantizeLinear" for n in model.graph.node)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "optimized.onnx")
+        session(model, optimized_path=path)
+        optimized = onnx.load(path)
+    return sum(n.op_type in INTEGER_KERNELS for n in optimized.graph.node), layers

@@ -28,6 +28,7 @@ def test_digits_w8a8_with_report(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stdout.startswith(f"wrote {out}") and "W8A8" in proc.stdout  # summary
+    assert "ONNX Runtime (CPU) runs 6 of its 6 quantized layers on integer kernels\n" in proc.stdout
     assert "calibrate" in proc.stderr and "256" in proc.stderr  # progress
     assert sorted(os.listdir(tmp_path)) == ["digits.qdq.onnx", "report.json"]
 
@@ -59,6 +60,7 @@ def test_digits_w4a4_keep_first_last(tmp_path):
     types = {t.data_type for t in model.graph.initializer if t.name.endswith("_quantized")}
     assert TensorProto.INT4 in types and TensorProto.INT8 in types
     assert top1(out) > 0.8
+    assert "run dequantized, in float (no CPU kernel takes sub-8-bit operands)" in proc.stdout
 
 
 # --------------------------------------------------------------------------- bad input

@@ -12,6 +12,11 @@ from conftest import Net, block_model, make_model, ort_session, random_inputs, r
 from onnx_lapq import ModelError, QuantConfig, quantize
 from onnx_lapq.graph import INT4_OPSET, MIN_OPSET, normalize
 from onnx_lapq.plan import build_plan
+from onnx_lapq.clip import weight_range
+from onnx_lapq.export import export_qdq
+from onnx_lapq.params import SiteRanges, qparams
+from onnx_lapq.qmath import QFormat
+from onnx_lapq.verify import integer_layers
 
 CONVS = ["conv1", "conv2", "conva", "convb", "conv3", "conv4"]
 
@@ -196,6 +201,21 @@ def test_w8a8_fuses_into_integer_kernels(tmp_path):
     assert ops["QGemm"] + ops["MatMulInteger"] + ops["QLinearMatMul"] == 1
     assert ops["Conv"] == 0 and ops["Gemm"] == 0  # nothing left in float
     assert ops["DequantizeLinear"] == 0
+
+
+@pytest.mark.parametrize("clip1_top, fused", [(6.0, 4), (7.0, 3)])
+def test_integer_layers_counts_the_layers_onnx_runtime_fuses(clip1_top, fused):
+    """Every layer of a W8A8 Relu6 model, unless a QuantizeLinear after a Clip(0, 6) covers more
+    than [0, 6]: ONNX Runtime then keeps that Clip and runs its convolution in float."""
+    model = relu6_model()
+    result = quantize(model, random_inputs(model, 32), config=QuantConfig(bias_correction=False))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    ranges = SiteRanges(
+        activations={**{a["group"]: tuple(a["range"]) for a in result.report["activations"]}, "clip1": (0.0, clip1_top)},
+        weights={w.tensor: weight_range(weights[w.tensor], w.axis, QFormat(8, signed=True, symmetric=True), "minmax", 2.0) for w in result.plan.weights},
+    )
+    params = qparams(result.plan, ranges, weight_symmetric=True, act_symmetric=False)
+    assert integer_layers(export_qdq(normalize(model), result.plan, params)) == (fused, 4)
 
 
 def test_w8a8_axes_model_fuses(tmp_path):
