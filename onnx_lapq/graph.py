@@ -6,8 +6,11 @@ normalize(model) returns a new ModelProto that is numerically the same network w
     ONNX Runtime accepts;
   * constants folded and dead nodes removed, every node named, nodes in topological
     order;
-  * BatchNormalization folded into a preceding Conv/ConvTranspose/Gemm, and a constant
-    per-channel Add after a bias-less Conv folded into the Conv's bias.
+  * BatchNormalization folded into a preceding Conv/ConvTranspose/Gemm, a constant
+    per-channel Add after a bias-less Conv folded into the Conv's bias, and a 2-D MatMul
+    with a constant weight followed by a constant per-column Add made one Gemm (which
+    ONNX Runtime runs as an integer QGemm; it fuses the pair into a float Gemm itself
+    otherwise, as it did with mnist-8's last layer).
 The input ModelProto is never modified.  (File reading and writing live in modelio.)
 """
 from __future__ import annotations
@@ -53,6 +56,7 @@ def normalize(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET) -> onnx.Mod
     graph.cleanup().toposort()
     _fold_batchnorm(graph)
     _fold_conv_bias_add(graph)
+    _fold_matmul_bias_add(graph)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     out.ir_version = min(max(model.ir_version, _IR_FOR_OPSET[default_opset(out)]), MAX_IR)
@@ -132,23 +136,48 @@ def _fold_batchnorm(graph: gs.Graph) -> None:
         log.debug("folded %s into %s", bn.name, node.name)
 
 
+def _bias_add(node: gs.Node, graph: gs.Graph, shapes: tuple[tuple[int, ...], ...]) -> tuple[gs.Node, np.ndarray] | None:
+    """The Add that alone reads ``node``'s output, and its constant, when that constant has
+    one of ``shapes``."""
+    add = _sole_consumer(node.outputs[0], graph)
+    if add is None or add.op != "Add":
+        return None
+    const = next((t for t in add.inputs if isinstance(t, gs.Constant)), None)
+    if const is None or np.asarray(const.values).shape not in shapes:
+        return None
+    return add, np.asarray(const.values)
+
+
+def _absorb(node: gs.Node, add: gs.Node, bias: np.ndarray) -> None:
+    """``node`` takes ``bias`` as its bias input and the Add's place in the graph."""
+    node.inputs.append(gs.Constant(f"{node.name}_bias_folded", bias.reshape(-1).astype(np.float32)))
+    node.outputs[0] = add.outputs[0]
+    add.outputs.clear()
+
+
+def _fold_matmul_bias_add(graph: gs.Graph) -> None:
+    """MatMul(x, W) -> Add(., c) with x of rank 2, W constant [K, N] and c of shape [N] or
+    [1, N] becomes Gemm(x, W, c)."""
+    for node in list(graph.nodes):
+        if node.op != "MatMul" or not isinstance(node.inputs[1], gs.Constant) or node.inputs[1].values.ndim != 2:
+            continue
+        if node.inputs[0].shape is None or len(node.inputs[0].shape) != 2:
+            continue
+        columns = node.inputs[1].values.shape[1]
+        found = _bias_add(node, graph, ((columns,), (1, columns)))
+        if found is not None:
+            node.op = "Gemm"
+            _absorb(node, *found)
+
+
 def _fold_conv_bias_add(graph: gs.Graph) -> None:
     """Conv(x, W) -> Add(., c) with c of shape [C, 1, ...] or [1, C, 1, ...] (one value per
     output channel, broadcast over the spatial dimensions) becomes Conv(x, W, c)."""
     for node in list(graph.nodes):
         if node.op != "Conv" or len(node.inputs) != 2 or not isinstance(node.inputs[1], gs.Constant):
             continue
-        add = _sole_consumer(node.outputs[0], graph)
-        if add is None or add.op != "Add":
-            continue
-        const = next((t for t in add.inputs if isinstance(t, gs.Constant)), None)
-        if const is None:
-            continue
         weight = node.inputs[1].values
         spatial = (1,) * (weight.ndim - 2)
-        values = np.asarray(const.values)
-        if values.shape not in ((weight.shape[0],) + spatial, (1, weight.shape[0]) + spatial):
-            continue
-        node.inputs.append(gs.Constant(f"{node.name}_bias_folded", values.reshape(-1).astype(np.float32)))
-        node.outputs[0] = add.outputs[0]
-        add.outputs.clear()
+        found = _bias_add(node, graph, ((weight.shape[0],) + spatial, (1, weight.shape[0]) + spatial))
+        if found is not None:
+            _absorb(node, *found)

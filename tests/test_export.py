@@ -20,6 +20,7 @@ from onnx_lapq import ExportError, ModelError, QuantConfig, quantize, save_model
 from onnx_lapq import modelio
 from onnx_lapq.graph import normalize
 from onnx_lapq.qmath import fake_quantize
+from onnx_lapq.verify import integer_layers
 
 CONFIGS = {
     "w8a8": dict(),
@@ -236,6 +237,28 @@ def test_constant_add_after_biasless_conv_folds_into_bias():
     assert len(folded.graph.node[0].input) == 3
     feeds = random_inputs(model, 4)[0]
     np.testing.assert_allclose(ort_run(folded, feeds)[0], ort_run(model, feeds)[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("x_shape, c_shape, folds", [
+    (["N", 8], (5,), True), (["N", 8], (1, 5), True), (["N", 8], (3, 5), False), (["N", 2, 8], (5,), False),
+])
+def test_matmul_bias_add_becomes_a_gemm_that_runs_on_integer_kernels(x_shape, c_shape, folds):
+    """Add(MatMul(x, W), c) with a 2-D x and one c per column becomes Gemm(x, W, c), and then
+    runs as ONNX Runtime's QGemm at W8A8 (it fused the pair into a float Gemm before)."""
+    rng = np.random.default_rng(0)
+    w, c = rng.standard_normal((8, 5)).astype(np.float32), rng.standard_normal(c_shape).astype(np.float32)
+    out_shape = x_shape[:-1] + [5] if c_shape != (3, 5) else [3, 5]
+    model = make_model(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"]), onnx.helper.make_node("Add", ["y", "c"], ["z"])],
+        [("x", TensorProto.FLOAT, x_shape)], [("z", TensorProto.FLOAT, out_shape)], {"w": w, "c": c},
+    )
+    normalized = normalize(model)
+    assert [n.op_type for n in normalized.graph.node] == (["Gemm"] if folds else ["MatMul", "Add"])
+    feeds = {"x": rng.standard_normal([3 if d == "N" else d for d in x_shape]).astype(np.float32)}
+    np.testing.assert_allclose(ort_run(normalized, feeds)[0], ort_run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+    if folds:
+        calib = [{"x": rng.standard_normal((16, 8)).astype(np.float32)}]
+        assert integer_layers(quantize(model, calib).model) == (1, 1)
 
 
 # --------------------------------------------------------------------------- files
