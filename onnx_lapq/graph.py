@@ -142,10 +142,10 @@ def _bias_add(node: gs.Node, graph: gs.Graph, shapes: tuple[tuple[int, ...], ...
     add = _sole_consumer(node.outputs[0], graph)
     if add is None or add.op != "Add":
         return None
-    const = next((t for t in add.inputs if isinstance(t, gs.Constant)), None)
-    if const is None or np.asarray(const.values).shape not in shapes:
+    const = next((np.asarray(t.values) for t in add.inputs if isinstance(t, gs.Constant)), None)
+    if const is None or const.shape not in shapes:
         return None
-    return add, np.asarray(const.values)
+    return add, const
 
 
 def _absorb(node: gs.Node, add: gs.Node, bias: np.ndarray) -> None:

@@ -103,6 +103,7 @@ class ParamSpace:
         ] + [(w.bits, int(w.bits >= 8), read.get(w.tensor, unread), 1, "weight", w.tensor) for w in plan.weights]
         self.coordinates = [(kind, name) for *_, kind, name in sorted(coordinates, key=lambda c: c[:4])]
         self.names = [f"{kind}:{name}" for kind, name in self.coordinates]
+        self.caps = {g: c for g in plan.groups if (c := self._cap(g)) is not None}
 
     @property
     def size(self) -> int:
@@ -112,12 +113,12 @@ class ParamSpace:
     def bounds(self) -> list[tuple[float, float]]:
         """LOG_FACTOR_BOUNDS, the upper one lowered where it would lift a clip past its cap."""
         low, high = LOG_FACTOR_BOUNDS
-        caps = {("act", g): np.log(self._cap(g) / self.initial.activations[g][1]) for g in self.plan.groups if self._cap(g) is not None}
+        caps = {("act", g): np.log(cap / self.initial.activations[g][1]) for g, cap in self.caps.items()}
         return [(low, float(min(high, caps.get(c, high)))) for c in self.coordinates]
 
     def ranges(self, x: np.ndarray) -> SiteRanges:
         factors = dict(zip(self.coordinates, np.exp(np.asarray(x, np.float64))))
-        acts = {g: (lo * factors["act", g], min(hi * factors["act", g], self._cap(g) or np.inf)) for g, (lo, hi) in self.initial.activations.items()}
+        acts = {g: (lo * factors["act", g], min(hi * factors["act", g], self.caps.get(g, np.inf))) for g, (lo, hi) in self.initial.activations.items()}
         weights = {w: (lo * factors["weight", w], hi * factors["weight", w]) for w, (lo, hi) in self.initial.weights.items()}
         return SiteRanges(activations=acts, weights=weights)
 

@@ -107,7 +107,7 @@ def main(argv: list[str]) -> int:
         for method in [a.method, *against]:
             path = task.model_path if method == FP32 else saved[(method, seed)]
             credits[method] = task.credit(task.outputs(measure.make_session(str(path), a.threads)))
-        ort = [m for m in against if m.startswith(runners.ORT_PREFIX)]
+        ort = [m for m in against if runners.tool_of(m) == "ort"]
         best = max(ort, key=lambda m: credits[m].mean()) if ort else None
         for name, other in [*((m, m) for m in against), *([(BEST, best)] if best else [])]:
             result = paired(credits[a.method], credits[other])
