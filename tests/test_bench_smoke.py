@@ -151,8 +151,11 @@ def test_paired_sign_test():
     lopsided = paired.Paired(wins=10, losses=0, net=10.0)
     assert np.isclose(lopsided.p, 2 * 0.5**10)  # exact two-sided binomial
     assert paired.paired(a, a).p == 1.0 and paired.paired(a, a).net == 0.0
-    pooled = result + lopsided
-    assert (pooled.wins, pooled.losses) == (13, 2) and pooled.p < 0.01
+    # pooled over draws: an item counts once, with its differences summed over the draws
+    items = np.array([7, 7, 7, 3, 3, 5, 5, 9])
+    pooled = paired.paired(a, b, items)  # item 7: 0 +1 +1 -> win; 3: -0.5 -> loss; 5: -1 +0 -> loss; 9: +1 -> win
+    assert (pooled.wins, pooled.losses) == (2, 2) and np.isclose(pooled.net, result.net)
+    assert paired.paired(np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.array([4, 4])) == paired.Paired(0, 0, 0.0)
 
 
 @pytest.mark.slow
@@ -173,7 +176,7 @@ def test_paired_compares_bench_models_item_by_item(kit, tmp_path):
     net = float(line.split("net ")[1].split(",")[0])
     assert np.isclose(net, (top1["minmax"] - top1["ort-minmax"]) * 9744 / 100, atol=0.05)
     assert abs(net) <= wins + losses  # ORT's quantized logits tie, so an item may differ by half a point
-    assert "seed 0 vs best (ort-minmax)" in lines and "all 1 seeds vs fp32" in lines
+    assert "seed 0 vs best (ort-minmax)" in lines and "all 1 seeds vs fp32, items counted once" in lines
     missing = subprocess.run([*tool, "--against", "ort-minmax", "--seeds", "0,1"], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "no finished bench row for minmax seed 1, ort-minmax seed 1 (mnist8 w8a8)" in missing.stderr
 

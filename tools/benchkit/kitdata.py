@@ -68,6 +68,7 @@ class Task:
     latency_feed: dict
     kit_score: Callable[[np.ndarray], float] | None = None
     credit: Callable[[np.ndarray], np.ndarray] | None = None  # per scored item, where the metric is their mean
+    items: np.ndarray | None = None  # each scored item's index in its dataset, the same in every draw (vision)
 
     def evaluate(self, sess) -> float:
         """The metric of an ONNX Runtime session on the scored items."""
@@ -139,7 +140,7 @@ def _vision_task(kit: Path, model: str, cache: Path, calib_size: int, quick: boo
     name = _input_names(model_path(kit, model))[0]
     npz = calib_path(cache, model, calib_size, seed)
     split = _imagenet_split if spec["data"][0] == "imagenet_eli1000" else _holdout_split
-    x_eval, y_eval, x_cal = split(ev, kit, spec["data"][0], calib_size, quick, seed, need_calib=not npz.exists())
+    x_eval, y_eval, x_cal, items = split(ev, kit, spec["data"][0], calib_size, quick, seed, need_calib=not npz.exists())
     if x_cal is not None:
         _save_calib(npz, {name: ev.preprocess(x_cal, spec)})
     x = ev.preprocess(x_eval, spec)
@@ -157,7 +158,7 @@ def _vision_task(kit: Path, model: str, cache: Path, calib_size: int, quick: boo
         return 100.0 * ev.topk(scores, y_eval, ks=(1,))["top1"]
 
     return Task(model, model_path(kit, model), "top1", npz, calib_size, len(y_eval), outputs, score,
-                {name: x[:LATENCY_BATCH]}, kit_score, credit)
+                {name: x[:LATENCY_BATCH]}, kit_score, credit, items)
 
 
 def top1_credit(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -174,7 +175,7 @@ def top1_ties_split(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def _imagenet_split(ev, kit: Path, _dataset: str, calib_size: int, quick: bool, seed: int, need_calib: bool):
-    """(scored uint8 images, labels, calibration uint8 images or None)."""
+    """(scored uint8 images, labels, calibration uint8 images or None, scored indices)."""
     x, y = ev.load_dataset(str(kit), "imagenet_acuity1300")
     idx = _quick_subset(np.arange(len(y)), QUICK_EVAL["imagenet"], seed) if quick else np.arange(len(y))
     x_cal = None
@@ -182,11 +183,11 @@ def _imagenet_split(ev, kit: Path, _dataset: str, calib_size: int, quick: bool, 
         x_pool, _ = ev.load_dataset(str(kit), "imagenet_eli1000")
         _check_size(calib_size, len(x_pool) + 1, "imagenet_eli1000")
         x_cal = x_pool[np.sort(np.random.default_rng(seed).choice(len(x_pool), calib_size, replace=False))]
-    return x[idx], y[idx], x_cal
+    return x[idx], y[idx], x_cal, idx
 
 
 def _holdout_split(ev, kit: Path, dataset: str, calib_size: int, quick: bool, seed: int, need_calib: bool):
-    """(scored uint8 images, labels, calibration uint8 images or None) from one test set."""
+    """(scored uint8 images, labels, calibration uint8 images or None, scored indices) from one test set."""
     x, y = ev.load_dataset(str(kit), dataset)
     _check_size(calib_size, len(y), dataset)
     perm = np.random.default_rng(seed).permutation(len(y))
@@ -194,7 +195,7 @@ def _holdout_split(ev, kit: Path, dataset: str, calib_size: int, quick: bool, se
     if quick:
         idx = _quick_subset(idx, QUICK_EVAL["holdout"], seed)
     x_cal = x[np.sort(perm[:calib_size])] if need_calib else None
-    return x[idx], y[idx], x_cal
+    return x[idx], y[idx], x_cal, idx
 
 
 def _input_names(path: Path) -> list[str]:
