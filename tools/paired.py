@@ -102,7 +102,7 @@ def main(argv: list[str]) -> int:
     if missing:
         ap.error(f"no finished bench row for {', '.join(missing)} ({a.model} {a.config}) in {' '.join(map(str, a.results))}: run tools/bench.py for them first")
 
-    pooled: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}  # name -> (items, credit, other's credit) per seed
+    draws = []  # per seed: (scored items, method -> credit per item, with BEST for that seed's best ORT method)
     print(f"{a.model} {a.config}: {a.method} against each method, per seed: top-1 of both, items {a.method} wins / loses, net items, sign-test p")
     for seed in seeds:
         with tempfile.TemporaryDirectory() as cache:
@@ -113,14 +113,18 @@ def main(argv: list[str]) -> int:
             credits[method] = task.credit(task.outputs(measure.make_session(str(path), a.threads)))
         ort = [m for m in against if runners.tool_of(m) == "ort"]
         best = max(ort, key=lambda m: credits[m].mean()) if ort else None
-        for name, other in [*((m, m) for m in against), *([(BEST, best)] if best else [])]:
-            result = paired(credits[a.method], credits[other])
-            pooled.setdefault(name, []).append((task.items, credits[a.method], credits[other]))
+        compared = [*against, *([BEST] if best else [])]
+        if best:
+            credits[BEST] = credits[best]
+        for name in compared:
+            result = paired(credits[a.method], credits[name])
             label = f"{BEST} ({best})" if name == BEST else name
-            print(f"  seed {seed} vs {label}: {100 * credits[a.method].mean():.2f} against {100 * credits[other].mean():.2f}, "
+            print(f"  seed {seed} vs {label}: {100 * credits[a.method].mean():.2f} against {100 * credits[name].mean():.2f}, "
                   f"+{result.wins} / -{result.losses}, net {result.net:+.1f}, p {result.p:.3f}", flush=True)
-    for name, draws in pooled.items():
-        items, mine, theirs = (np.concatenate(parts) for parts in zip(*draws))
+        draws.append((task.items, credits))
+    items = np.concatenate([scored for scored, _ in draws])
+    for name in compared:
+        mine, theirs = (np.concatenate([credits[m] for _, credits in draws]) for m in (a.method, name))
         result = paired(mine, theirs, items)
         print(f"  all {len(seeds)} seeds vs {name}, items counted once: +{result.wins} / -{result.losses}, "
               f"net {result.net:+.1f}, p {result.p:.3f}")
