@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 import traceback
@@ -18,7 +17,7 @@ import traceback
 from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, LOSSES, QUANTIZABLE_OP_TYPES, SEARCH_BIAS_CORRECTION, SEARCHES, QuantConfig
 from .data import npz_batches
 from .errors import LapqError, ModelError
-from .modelio import load_model, output_folder, same_file, save_model_atomic
+from .modelio import load_model, output_folder, same_file, save_model_atomic, save_text_atomic
 from .pipeline import quantize
 from .progress import ProgressBar
 from .verify import integer_layers
@@ -128,14 +127,7 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
     save_model_atomic(result.model, args.output)
     if args.report:
-        tmp = args.report + ".tmp"
-        try:
-            with open(tmp, "w") as fh:
-                json.dump(result.report, fh, indent=1)
-            os.replace(tmp, args.report)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        save_text_atomic(json.dumps(result.report, indent=1), args.report)
     print(_summary(result.report, time.perf_counter() - started, args.output, integer_layers(result.model)))
     return 0
 

@@ -1,13 +1,15 @@
 """Model files: read an ONNX file, and write one atomically (temporary file, then rename).
 
 Writes never touch the input file and never leave a half-written output: the model
-(and, over 2 GB, its external data file ``<out>.data``) is written beside the target
-under a temporary name and renamed into place only when complete.
+(and, over 2 GB, its external data file ``<out>.data``), or a report, is written beside
+the target under a temporary name and renamed into place only when complete.  The file
+gets the permissions any new file gets (0666 less the umask), as if written directly.
 """
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+from contextlib import contextmanager
 
 import onnx
 
@@ -55,25 +57,50 @@ def output_folder(path: str) -> str:
 
 def save_model_atomic(model: onnx.ModelProto, path: str) -> None:
     """Write ``model`` to ``path`` all at once; external data beside it when over 2 GB."""
+    with _staged(path, ".onnx") as tmp:
+        folder = os.path.dirname(tmp)
+        tmp_data = tmp + ".data"
+        try:
+            if model.ByteSize() > PROTOBUF_LIMIT:
+                # a copy: onnx.save moves tensors out of the proto it is given
+                data_name = os.path.basename(path) + ".data"
+                onnx.save(copy_model(model), tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=os.path.basename(tmp_data))
+                _relocate_external_data(tmp, data_name)
+                os.chmod(tmp_data, os.stat(tmp).st_mode & 0o777)  # onnx writes it private
+                os.replace(tmp_data, os.path.join(folder, data_name))
+            else:
+                with open(tmp, "wb") as fh:
+                    fh.write(model.SerializeToString())
+        finally:
+            if os.path.exists(tmp_data):
+                os.remove(tmp_data)
+
+
+def save_text_atomic(text: str, path: str) -> None:
+    """Write ``text`` (a report) to ``path`` all at once."""
+    with _staged(path, ".tmp") as tmp:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+
+
+@contextmanager
+def _staged(path: str, suffix: str):
+    """A new empty file beside ``path`` to write; renamed onto ``path`` when the block ends
+    normally, removed when it raises."""
     folder = output_folder(path)
-    fd, tmp = tempfile.mkstemp(prefix=".onnx_lapq-", suffix=".onnx", dir=folder)
-    os.close(fd)
-    data_name = os.path.basename(path) + ".data"
-    tmp_data = os.path.join(folder, os.path.basename(tmp) + ".data")
+    while True:
+        tmp = os.path.join(folder, f".onnx_lapq-{secrets.token_hex(8)}{suffix}")
+        try:  # O_EXCL: never another's file; mode 0o666, which the umask narrows as for any new file
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
-            # a copy: onnx.save moves tensors out of the proto it is given
-            onnx.save(copy_model(model), tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=os.path.basename(tmp_data))
-            _relocate_external_data(tmp, data_name)
-            os.replace(tmp_data, os.path.join(folder, data_name))
-        else:
-            with open(tmp, "wb") as fh:
-                fh.write(model.SerializeToString())
+        yield tmp
         os.replace(tmp, path)
     finally:
-        for leftover in (tmp, tmp_data):
-            if os.path.exists(leftover):
-                os.remove(leftover)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _relocate_external_data(model_path: str, location: str) -> None:

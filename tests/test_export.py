@@ -17,6 +17,7 @@ from conftest import (
     Net, block_model, make_model, conv_chain_model, init_array, initializer, numpy_forward, ort_run, random_inputs, run_cli, with_outputs,
 )
 from onnx_lapq import ExportError, ModelError, QuantConfig, quantize, save_model_atomic
+from onnx_lapq.modelio import save_text_atomic
 from onnx_lapq import modelio
 from onnx_lapq.graph import normalize
 from onnx_lapq.qmath import fake_quantize
@@ -323,6 +324,25 @@ def test_save_model_atomic_external_data_path(tmp_path, monkeypatch):
     loaded = onnx.load(str(tmp_path / "out.onnx"))
     for a, b in zip(loaded.graph.initializer, expected.graph.initializer):
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+
+
+@pytest.fixture
+def umask_027():
+    """Files created meanwhile get mode 0o640 (0o666 less the umask)."""
+    old = os.umask(0o027)
+    yield 0o640
+    os.umask(old)
+
+
+def test_save_model_atomic_gives_the_mode_of_a_new_file(tmp_path, monkeypatch, umask_027):
+    """The renamed temporary file keeps the mode any new file gets (a private 0o600 from
+    mkstemp would lock other users and services out of the model), external data too."""
+    save_model_atomic(conv_chain_model(), str(tmp_path / "small.onnx"))
+    monkeypatch.setattr(modelio, "PROTOBUF_LIMIT", 100)
+    save_model_atomic(conv_chain_model(), str(tmp_path / "big.onnx"))
+    save_text_atomic("{}", str(tmp_path / "report.json"))
+    modes = {name: os.stat(tmp_path / name).st_mode & 0o777 for name in os.listdir(tmp_path)}
+    assert modes == dict.fromkeys(["small.onnx", "big.onnx", "big.onnx.data", "report.json"], umask_027)
 
 
 def test_save_model_atomic_does_not_modify_model(tmp_path, monkeypatch):
