@@ -8,8 +8,10 @@ traceback and debug logging.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="minmax", choices=[m for m in CALIBRATION_METHODS if m != "lp"], help="clipping: per-tensor calibrators, or lapq (joint loss-aware search; default minmax)")
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="node names (regular expressions) or op types to keep float")
     p.add_argument("--keep-first-last-8bit", action="store_true", help="first and last quantized layers at 8 bits")
-    p.add_argument("--num-samples", type=int, default=None, help="use at most N calibration samples")
+    p.add_argument("--num-samples", type=int, default=None, help="use the first N calibration samples (default: all)")
     p.add_argument("--no-bias-correction", action="store_true", help="keep the float biases (default: correct them for the mean output shift of weight quantization)")
     p.add_argument("--quantize-attention", action="store_true", help="also quantize MatMuls of two activations (attention)")
     p.add_argument("--weight-only", action="store_true", help="quantize only MatMul weights, blockwise (4 bits: ONNX Runtime's MatMulNBits)")
@@ -50,17 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-input", default="auto", metavar="NAME",
                    help="input marking real (1) vs padded (0) positions; 'auto' finds a 2-D integer input named *mask*, 'none' disables")
     p.add_argument("--batch-size", type=int, default=32, help="samples per ONNX Runtime call (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search's random subset (--search-samples), the only random choice (default 0)")
     lapq = p.add_argument_group("lapq search")
     lapq.add_argument("--search", default="powell", choices=SEARCHES, help="powell (default) or coordinate")
     lapq.add_argument("--max-evals", type=int, default=QuantConfig.max_evals, help=f"loss evaluations at most (default {QuantConfig.max_evals})")
     lapq.add_argument("--search-step", type=float, default=QuantConfig.search_step, metavar="LOG_FACTOR",
                       help=f"lattice step of the clip factors in log space (default {QuantConfig.search_step}: 1%%; 0: none)")
+    lapq.add_argument("--search-samples", type=int, default=None, metavar="N",
+                      help="evaluate the search's loss on a random subset of N calibration samples, drawn with --seed (default: all; statistics use all)")
     lapq.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="stop the search after this long (best point kept)")
     lapq.add_argument("--search-bias-correction", default=QuantConfig.search_bias_correction, choices=SEARCH_BIAS_CORRECTION,
                       help="keep bias correction in the search: race (default: search both ways on a quarter of the budget each, "
                            "continue the lower), auto (where it at least halves the min/max start's loss), on, or off")
-    lapq.add_argument("--loss", default="auto", choices=LOSSES, help="search objective: auto (kl for classifiers, else mse), kl, mse, cosine, ce")
+    lapq.add_argument("--loss", default="auto", choices=LOSSES, help="search objective: auto (kl for classifiers, cosine for normalized embeddings, else mse), kl, mse, cosine, ce")
     lapq.add_argument("--labels", default=None, metavar="KEY", help="name of the integer labels array in the calibration npz (for --loss ce)")
     p.add_argument("--report", metavar="REPORT.json", help="write the run's report as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
@@ -76,7 +80,7 @@ def _config(args: argparse.Namespace) -> QuantConfig:
         weight_bits=args.weight_bits, act_bits=args.act_bits, per_channel=not args.per_tensor, method=args.method,
         exclude=patterns, exclude_op_types=exclude_types, keep_first_last_8bit=args.keep_first_last_8bit,
         num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
-        search=args.search, max_evals=args.max_evals, time_limit=args.time_limit, search_step=args.search_step, loss=args.loss, label_key=args.labels,
+        search=args.search, max_evals=args.max_evals, search_samples=args.search_samples, time_limit=args.time_limit, search_step=args.search_step, loss=args.loss, label_key=args.labels,
         search_bias_correction=args.search_bias_correction,
         bias_correction=not args.no_bias_correction, quantize_attention=args.quantize_attention, weight_only=args.weight_only, block_size=args.block_size,
         mask_input=None if args.mask_input.lower() == "none" else args.mask_input,
@@ -112,13 +116,28 @@ def _start(report: dict) -> str:
     return f"{report['start']} start" if report["p_star"] is None else f"Lp start (p*={report['p_star']:.2f})"
 
 
+def _check_output_paths(args: argparse.Namespace) -> None:
+    """Before any work: OUT and --report name two different new or replaceable files, in
+    writable folders, neither of them the input model or a calibration file."""
+    outputs = {"OUT.onnx": args.output}
+    if args.report:
+        outputs["--report"] = args.report
+    inputs = {"the input model": args.input}
+    calib_files = sorted(glob.glob(os.path.join(args.calib, "*.npz"))) if os.path.isdir(args.calib) else [args.calib]
+    inputs.update((f"the calibration file {f!r}", f) for f in calib_files)
+    for flag, path in outputs.items():
+        for what, source in inputs.items():
+            if same_file(path, source):
+                raise ModelError(f"{flag} {path!r} is {what}: choose another path (inputs are never overwritten)")
+        output_folder(path)
+    if args.report and same_file(args.report, args.output):
+        raise ModelError(f"--report {args.report!r} is OUT.onnx: give the report a path of its own")
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config = _config(args)
-    if same_file(args.input, args.output):
-        raise ModelError("OUT.onnx is the input file: choose another output path (the input is never overwritten)")
-    for path in filter(None, (args.output, args.report)):  # before the work, not after it
-        output_folder(path)
+    _check_output_paths(args)
     model = load_model(args.input)
     bar = ProgressBar(sys.stderr)
     try:

@@ -45,7 +45,7 @@ class QuantConfig:
     op_types: op types whose weights and inputs are quantized; add "Gather" to store
         embedding tables (constant 2-D Gather data) as integers too (weights only).
     keep_first_last_8bit: the first and last quantized layers use 8 bits.
-    num_samples: calibration samples to use (None: all given).
+    num_samples: use the first this many calibration samples (None: all given).
     batch_size: rows per ONNX Runtime call when calibration arrays are split.
     seed: seeds every random choice of the run.
     lp_grid: the p values of LAPQ's initialization sweep.

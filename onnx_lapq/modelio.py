@@ -46,7 +46,10 @@ def same_file(a: str, b: str) -> bool:
 
 
 def output_folder(path: str) -> str:
-    """The folder a file at ``path`` would be written to, which must exist and be writable."""
+    """The folder a file at ``path`` would be written to, which must exist and be writable
+    (``path`` itself must not be a folder)."""
+    if os.path.isdir(path):
+        raise ModelError(f"output path {path!r} is a folder: give the path of a file (in it, or elsewhere)")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ModelError(f"output folder {folder!r} does not exist: create it first")

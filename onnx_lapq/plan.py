@@ -25,6 +25,8 @@ rewriting a 4-bit DQ -> MaxPool -> Q pair into a MaxPool on 4-bit integers.
 """
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -33,6 +35,8 @@ from onnx import numpy_helper
 
 from .config import QuantConfig
 from .errors import ModelError
+
+log = logging.getLogger(__name__)
 
 PASS_THROUGH_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout")
 # ONNX Runtime's QDQ propagation moves Q/DQ across these ops and then runs them on the
@@ -222,9 +226,27 @@ def _weight_only_plan(index: _GraphIndex, nodes: list[onnx.NodeProto], config: Q
     return QuantPlan(weights=tuple(weights.values()), activations=(), biases=(), reads=_reading_order(index, weights))
 
 
+def _warn_unused_exclusions(graph: onnx.GraphProto, config: QuantConfig) -> None:
+    """A warning for each exclusion that matches no node: most often a pattern meant to match
+    part of a name (patterns match whole names) or an op type spelled in another case."""
+    names = [n.name for n in graph.node]
+    op_types = {n.op_type for n in graph.node}
+    for pattern in config.exclude:
+        if not any(re.fullmatch(pattern, name) for name in names):
+            hint = f"patterns match whole names: {pattern + '.*'!r} matches names that start with it"
+            spelled = next((t for t in sorted(op_types) if t.lower() == pattern.lower()), None)
+            if spelled:
+                hint += f"; the op type is spelled {spelled!r}"
+            log.warning("exclude pattern %r matches no node name, so it excludes nothing (%s)", pattern, hint)
+    for op_type in config.exclude_op_types:
+        if op_type not in op_types:
+            log.warning("excluded op type %r: the model has no %s node", op_type, op_type)
+
+
 def build_plan(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
     """The sites of a normalized model; ModelError when nothing can be quantized."""
     index = _GraphIndex(model.graph)
+    _warn_unused_exclusions(model.graph, config)
     nodes = _compute_nodes(index, config)
     if config.weight_only:
         return _weight_only_plan(index, nodes, config)

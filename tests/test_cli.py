@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -11,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import DIGITS_CALIB, DIGITS_HELDOUT, DIGITS_MODEL, make_model
+from conftest import DIGITS_CALIB, DIGITS_HELDOUT, DIGITS_MODEL, REPO, make_model
 from conftest import run_cli as cli
 
 
@@ -168,9 +170,38 @@ def test_output_equal_to_input(tmp_path, spelling):
     before = model.read_bytes()
     out = model if spelling == "same" else tmp_path / "." / "model.onnx"
     proc = cli(model, out, "--calib", DIGITS_CALIB)
-    assert_one_error_line(proc, "input file")
+    assert_one_error_line(proc, "is the input model")
     assert model.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
+
+
+OUTPUT_CLASHES = {
+    # name: (OUT, --report or None, expected fragment), paths relative to a folder holding m.onnx, c.npz, calib/, out/
+    "report-is-input": ("out/q.onnx", "m.onnx", "is the input model"),
+    "report-is-output": ("out/q.onnx", "out/q.onnx", "is OUT.onnx"),
+    "output-is-calib": ("c.npz", None, "is the calibration file"),
+    "report-is-calib": ("out/q.onnx", "c.npz", "is the calibration file"),
+    "output-is-file-of-calib-folder": ("calib/a.npz", None, "is the calibration file"),
+    "output-is-folder": ("out", None, "is a folder"),
+    "report-is-folder": ("out/q.onnx", "out", "is a folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTPUT_CLASHES))
+def test_outputs_never_replace_inputs_or_each_other(tmp_path, case):
+    """OUT and --report are checked against the input model, every calibration file and
+    each other, and against being folders, before any work: inputs stay as they were."""
+    out, report, fragment = OUTPUT_CLASHES[case]
+    shutil.copy(DIGITS_MODEL, tmp_path / "m.onnx")
+    shutil.copy(DIGITS_CALIB, tmp_path / "c.npz")
+    (tmp_path / "calib").mkdir()
+    shutil.copy(DIGITS_CALIB, tmp_path / "calib" / "a.npz")
+    (tmp_path / "out").mkdir()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    calib = tmp_path / ("calib" if case == "output-is-file-of-calib-folder" else "c.npz")
+    proc = cli(tmp_path / "m.onnx", tmp_path / out, "--calib", calib, *(["--report", tmp_path / report] if report else []))
+    assert_one_error_line(proc, fragment)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("target", ["output", "report"])
@@ -190,3 +221,32 @@ def test_verbose_allows_traceback(tmp_path):
     assert "Traceback" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("onnx_lapq: error: ")
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_search_samples_subset_follows_the_seed(tmp_path):
+    """--search-samples draws the search's subset with --seed: another seed, another subset
+    (another start loss); the same seed, the same bytes."""
+    def lapq(seed: int, name: str):
+        out, report = tmp_path / f"{name}.onnx", tmp_path / f"{name}.json"
+        proc = cli(DIGITS_MODEL, out, "--calib", DIGITS_CALIB, "--weight-bits", "4", "--act-bits", "4", "--method", "lapq",
+                   "--max-evals", "8", "--search-samples", "32", "--seed", seed, "--report", report)
+        assert proc.returncode == 0, proc.stderr
+        return out.read_bytes(), json.loads(report.read_text())["init_loss"]
+
+    first, again, other = lapq(0, "a"), lapq(0, "b"), lapq(1, "c")
+    assert first == again
+    assert first[1] != other[1]
+
+
+def test_readme_python_api_example_runs(tmp_path):
+    """The README's Python API block, verbatim, beside a link to models/: it writes a model
+    whose exported loss is the search's."""
+    readme = (REPO / "README.md").read_text()
+    code = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "models").symlink_to(REPO / "models")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    final, exported = map(float, proc.stdout.split())
+    assert exported == pytest.approx(final, rel=0.01)
+    onnx.checker.check_model(onnx.load(str(tmp_path / "digits_cnn.w4a4.onnx")), full_check=True)

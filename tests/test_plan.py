@@ -143,6 +143,16 @@ def test_exclude_by_regex_fullmatch():
     assert len(plan_of(block_model(), exclude=("conv",)).weights) == 7
 
 
+def test_exclusions_that_match_nothing_are_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="onnx_lapq.plan"):
+        plan_of(block_model(), exclude=("conv", "gemm", "conv[ab]"), exclude_op_types=("MatMul",))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3, messages
+    assert "'conv' matches no node name" in messages[0] and "'conv.*'" in messages[0] and "spelled 'Conv'" in messages[0]
+    assert "'gemm' matches no node name" in messages[1] and "spelled 'Gemm'" in messages[1]
+    assert "no MatMul node" in messages[2]
+
+
 def test_exclude_by_op_type():
     plan = plan_of(block_model(), exclude_op_types=("Gemm",))
     assert "fc_W" not in {w.tensor for w in plan.weights}
