@@ -113,10 +113,11 @@ def qdq_tensors(
     16/32-bit) containers, except 4-bit weights, which come dequantized (float32
     ``<w>_DequantizeLinear_Output``, bit for bit what DequantizeLinear makes of their codes:
     an 8-bit container would let ONNX Runtime fuse a Gemm or MatMul into an integer kernel
-    that the exported INT4 weight never gets); biases saturated instead of left float when
-    they overflow; activation zero points in their own type (4-bit ones are fed as
+    that the exported INT4 weight never gets); activation zero points in their own type (4-bit ones are fed as
     OrtValues), so that ONNX Runtime fuses the fed graph's layers as it fuses the exported
     graph's.
+    A bias that overflows int32 saturates (params.py widens weight scales so that
+    biases fit, with room for bias correction).
     ``sites`` limits the result to the tensors of those sites.  With ``input_means``
     (per-channel means of layer inputs), biases are corrected for the mean output shift
     of their layer's weight quantization (biascorr.py).
@@ -128,9 +129,8 @@ def qdq_tensors(
             continue
         qp = params[name]
         values = corrected.get(name, weights[name])
-        if qp.fmt.bits == 32 and not fed and np.any(np.abs(np.rint(values / broadcast(qp.scale, values.shape, qp.axis, None))) > 2**31 - 1):
-            log.warning("bias %s overflows int32 at scale s_in*s_w; it stays float", name)
-            continue
+        if qp.fmt.bits == 32 and not fed and np.any(np.abs(np.rint(values / broadcast(qp.scale, values.shape, qp.axis, None))) > qp.fmt.qmax):
+            log.warning("bias %s overflows int32 at scale s_in*s_w even after its weight scale grew (params.py); it saturates", name)
         if fed and container(qp.fmt) in FOUR_BIT:
             out[f"{name}_DequantizeLinear_Output"] = _entry(fake_quantize(values, qp.scale, qp.zero_point, qp.fmt, qp.axis, qp.block_size), None)
             continue

@@ -24,7 +24,7 @@ from .export import export_qdq
 from .graph import INT4_OPSET, MIN_OPSET, default_opset, normalize
 from .lapq import resume, run_lapq
 from .loss import LossEvaluator
-from .params import ParamSpace, QParams, SiteRanges, qparams
+from .params import BIAS_HEADROOM, ParamSpace, QParams, SiteRanges, qparams
 from .plan import QuantPlan, build_plan
 from .qmath import QFormat
 from .stats import TensorStats
@@ -315,7 +315,8 @@ def choose_ranges(model: onnx.ModelProto, plan: QuantPlan, stats: dict[str, Tens
         )
         for site in plan.weights
     }
-    return SiteRanges(activations=acts, weights=weight_ranges)
+    biases = {b.tensor: BIAS_HEADROOM * np.abs(weights[b.tensor]) for b in plan.biases}
+    return SiteRanges(activations=acts, weights=weight_ranges, biases=biases)
 
 
 def _merge(members: list[TensorStats]) -> TensorStats:
