@@ -24,6 +24,8 @@ from .pipeline import quantize
 from .progress import ProgressBar
 from .verify import integer_layers
 
+log = logging.getLogger("onnx_lapq")
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with the CLI's one-line error format."""
@@ -54,17 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="samples per ONNX Runtime call (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the search's random subset (--search-samples), the only random choice (default 0)")
     lapq = p.add_argument_group("lapq search")
-    lapq.add_argument("--search", default="powell", choices=SEARCHES, help="powell (default) or coordinate")
-    lapq.add_argument("--max-evals", type=int, default=QuantConfig.max_evals, help=f"loss evaluations at most (default {QuantConfig.max_evals})")
-    lapq.add_argument("--search-step", type=float, default=QuantConfig.search_step, metavar="LOG_FACTOR",
+    p.search_flags = []
+
+    def search_flag(*names, **options) -> None:
+        p.search_flags.append(lapq.add_argument(*names, **options))
+
+    search_flag("--search", default="powell", choices=SEARCHES, help="powell (default) or coordinate")
+    search_flag("--max-evals", type=int, default=QuantConfig.max_evals, help=f"loss evaluations at most (default {QuantConfig.max_evals})")
+    search_flag("--search-step", type=float, default=QuantConfig.search_step, metavar="LOG_FACTOR",
                       help=f"lattice step of the clip factors in log space (default {QuantConfig.search_step}: 1%%; 0: none)")
-    lapq.add_argument("--search-samples", type=int, default=None, metavar="N",
+    search_flag("--search-samples", type=int, default=None, metavar="N",
                       help="evaluate the search's loss on a random subset of N calibration samples, drawn with --seed (default: all; statistics use all)")
-    lapq.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="stop the search after this long (best point kept)")
-    lapq.add_argument("--search-bias-correction", default=QuantConfig.search_bias_correction, choices=SEARCH_BIAS_CORRECTION,
+    search_flag("--time-limit", type=float, default=None, metavar="SECONDS", help="stop the search after this long (best point kept)")
+    search_flag("--search-bias-correction", default=QuantConfig.search_bias_correction, choices=SEARCH_BIAS_CORRECTION,
                       help="keep bias correction in the search: race (default: search both ways on a quarter of the budget each, "
                            "continue the lower), auto (where it at least halves the min/max start's loss), on, or off")
-    lapq.add_argument("--loss", default="auto", choices=LOSSES, help="search objective: auto (kl for classifiers, cosine for normalized embeddings, else mse), kl, mse, cosine, ce")
+    search_flag("--loss", default="auto", choices=LOSSES, help="search objective: auto (kl for classifiers, cosine for normalized embeddings, else mse), kl, mse, cosine, ce")
     lapq.add_argument("--labels", default=None, metavar="KEY", help="name of the integer labels array in the calibration npz (for --loss ce)")
     p.add_argument("--report", metavar="REPORT.json", help="write the run's report as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
@@ -91,9 +98,11 @@ def _summary(report: dict, seconds: float, output: str, kernels: tuple[int, int]
     sites = report["sites"]
     size = report["size_bytes"]
     bits = report["config"]
+    grid = f"W{bits['weight_bits']}A{bits['act_bits']}" + ("" if bits["per_channel"] else " per-tensor")
+    grid += ", first and last layers 8-bit" if bits["keep_first_last_8bit"] else ""
     line = (
-        f"wrote {output}: {sites['weight_sites']} weight and {sites['activation_sites']} activation sites "
-        f"(W{bits['weight_bits']}A{bits['act_bits']}, {bits['method']}), "
+        f"wrote {output}: {_count(sites['weight_sites'], 'weight site')} and {_count(sites['activation_sites'], 'activation site')} "
+        f"({grid}, {bits['method']}), "
         f"{size['float'] / 1e6:.2f} MB -> {size['quantized'] / 1e6:.2f} MB, "
         f"{report['calibration_samples']} calibration samples, {seconds:.1f} s"
     )
@@ -110,6 +119,10 @@ def _summary(report: dict, seconds: float, output: str, kernels: tuple[int, int]
             if min(bits["weight_bits"], bits["act_bits"]) < 8:
                 line += " (no CPU kernel takes sub-8-bit operands)"
     return line
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _start(report: dict) -> str:
@@ -134,16 +147,26 @@ def _check_output_paths(args: argparse.Namespace) -> None:
         raise ModelError(f"--report {args.report!r} is OUT.onnx: give the report a path of its own")
 
 
+def _warn_unused_search_flags(args: argparse.Namespace) -> None:
+    """A warning naming the lapq-search flags given with another --method, which ignores them."""
+    given = [a.option_strings[0] for a in build_parser().search_flags if getattr(args, a.dest) != a.default]
+    if given and args.method != "lapq":
+        log.warning("%s only tune the lapq search: --method %s ignores them", ", ".join(given), args.method)
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config = _config(args)
+    _warn_unused_search_flags(args)
     _check_output_paths(args)
     model = load_model(args.input)
     bar = ProgressBar(sys.stderr)
     try:
         result = quantize(model, npz_batches(args.calib), config=config, on_step=bar)
-    finally:
-        bar.close()
+    except BaseException:
+        bar.close(finished=False)
+        raise
+    bar.close()
     save_model_atomic(result.model, args.output)
     if args.report:
         save_text_atomic(json.dumps(result.report, indent=1), args.report)

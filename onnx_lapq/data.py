@@ -46,6 +46,18 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+class SourcedItem(dict):
+    """A calibration item read from a file (:func:`npz_batches`): its errors name the file."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], source: str):
+        super().__init__(arrays)
+        self.source = source
+
+
+def _where(item: Any, position: int) -> str:
+    return f"calibration file {item.source!r}" if isinstance(item, SourcedItem) else f"calibration item {position}"
+
+
 def _items(calibration: Any) -> Iterator[Any]:
     if hasattr(calibration, "get_next"):
         while (item := calibration.get_next()) is not None:
@@ -62,33 +74,39 @@ def _items(calibration: Any) -> Iterator[Any]:
 def _check(item: Any, specs: list[InputSpec], position: int, label_key: str | None) -> dict[str, np.ndarray]:
     if not isinstance(item, dict):
         raise CalibrationError(f"calibration item {position} is a {type(item).__name__}, not a {{input_name: array}} dict")
+    where = _where(item, position)
     names = {s.name for s in specs}
     if label_key is not None and label_key not in item:
-        raise CalibrationError(f"calibration item {position} has no labels array {label_key!r}: add it or drop the labels option")
+        raise CalibrationError(f"{where} has no labels array {label_key!r}: add it or drop the labels option")
     missing, extra = names - set(item), set(item) - names - {label_key}
-    if missing or extra:
+    if missing:
         raise CalibrationError(
-            f"calibration item {position} has inputs {sorted(item)} but the model takes {sorted(names)}: "
-            "key each array by the model's input name"
+            f"{where} has arrays {sorted(item)} but the model takes {sorted(names)}: key each array by the model's input name"
+        )
+    if extra:
+        raise CalibrationError(
+            f"{where} has arrays {sorted(extra)} that are no model input (the model takes {sorted(names)}): "
+            "remove them, or name the labels array (--labels KEY, label_key)"
         )
     rows = {np.shape(v)[0] if np.ndim(v) else None for v in item.values()}
     if len(rows) != 1:
-        raise CalibrationError(f"calibration item {position}: arrays have different numbers of samples on axis 0")
+        raise CalibrationError(f"{where}: arrays have different numbers of samples on axis 0")
     batch = {}
     for spec in specs:
         value = np.asarray(item[spec.name])
+        array = f"{spec.name!r} of {where}"
         if value.dtype != spec.dtype:
             raise CalibrationError(
-                f"calibration input {spec.name!r} is {value.dtype} but the model takes {spec.dtype}: convert it with .astype(np.{spec.dtype})"
+                f"calibration input {array} is {value.dtype} but the model takes {spec.dtype}: convert it with .astype(np.{spec.dtype})"
             )
         if value.ndim != len(spec.shape) or any(d is not None and d != v for d, v in zip(spec.shape[1:], value.shape[1:])):
             want = "x".join("?" if d is None else str(d) for d in spec.shape)
             raise CalibrationError(
-                f"calibration input {spec.name!r} has shape {'x'.join(map(str, value.shape))} but the model takes {want}: "
+                f"calibration input {array} has shape {'x'.join(map(str, value.shape))} but the model takes {want}: "
                 "put samples on axis 0 and match the other dimensions"
             )
         if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
-            raise CalibrationError(f"calibration input {spec.name!r} contains NaN or Inf: clean the data before calibrating")
+            raise CalibrationError(f"calibration input {array} contains NaN or Inf: clean the data before calibrating")
         batch[spec.name] = value
     if label_key is not None:
         labels = np.asarray(item[label_key])
@@ -142,7 +160,7 @@ def npz_batches(path: str) -> Iterator[dict[str, np.ndarray]]:
     for file in files:
         try:
             with np.load(file, allow_pickle=False) as npz:
-                item = {key: npz[key] for key in npz.files}
+                item = SourcedItem({key: npz[key] for key in npz.files}, file)
         except Exception as exc:
             raise CalibrationError(f"{file!r} is not a readable .npz ({type(exc).__name__}): save it with numpy.savez") from None
         yield item

@@ -37,11 +37,13 @@ class ProgressBar:
             self.stream.flush()
         self._last = line
 
-    def close(self) -> None:
-        """End the current stage's line."""
+    def close(self, finished: bool = True) -> None:
+        """End the current stage's line.  A stage that did not finish (an error stops the run)
+        leaves no line on a non-interactive stream, so that the error is the only one."""
         if self.stage is not None:
-            if not self.interactive:
-                self.stream.write(getattr(self, "_last", ""))
-            self.stream.write("\n")
+            if not self.interactive and finished:
+                self.stream.write(getattr(self, "_last", "") + "\n")
+            elif self.interactive:
+                self.stream.write("\n")
             self.stream.flush()
             self.stage = None

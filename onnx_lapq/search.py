@@ -125,7 +125,7 @@ def minimize(
             _coordinate_descent(tracked, np.array(x0, np.float64), bounds, iterations, order)
             message = f"completed {tracked.iterations} coordinate sweeps"
     except _BudgetSpent:
-        success, message = False, f"stopped by budget after {tracked.nfev} evaluations"
+        success, message = False, "stopped by its budget (max_evals or time_limit)"  # nfev says after how many
     next_axis = tracked.axis if not success else 0
     return SearchResult(
         x=np.array(x0, np.float64) if tracked.best_x is None else tracked.best_x, fun=tracked.best_f, nfev=tracked.nfev,

@@ -29,7 +29,7 @@ def test_digits_w8a8_with_report(tmp_path):
     proc = cli(DIGITS_MODEL, out, "--calib", DIGITS_CALIB, "--report", report)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert proc.stdout.startswith(f"wrote {out}") and "W8A8" in proc.stdout  # summary
+    assert proc.stdout.startswith(f"wrote {out}: 6 weight sites and ") and "(W8A8, minmax)" in proc.stdout  # summary
     assert "ONNX Runtime (CPU) runs 6 of its 6 quantized layers on integer kernels\n" in proc.stdout
     assert "calibrate" in proc.stderr and "256" in proc.stderr  # progress
     assert sorted(os.listdir(tmp_path)) == ["digits.qdq.onnx", "report.json"]
@@ -63,6 +63,7 @@ def test_digits_w4a4_keep_first_last(tmp_path):
     assert TensorProto.INT4 in types and TensorProto.INT8 in types
     assert top1(out) > 0.8
     assert "run dequantized, in float (no CPU kernel takes sub-8-bit operands)" in proc.stdout
+    assert "6 weight sites and 5 activation sites (W4A4, first and last layers 8-bit, mse)" in proc.stdout
 
 
 # --------------------------------------------------------------------------- bad input
@@ -74,6 +75,14 @@ def _digits_npz(path, **overrides):
     for k in [k for k, v in data.items() if v is None]:
         del data[k]
     np.savez(path, **data)
+    return path
+
+
+def _calib_folder(path, **bad):
+    """A folder of two npz files, the second one with ``bad`` arrays."""
+    path.mkdir()
+    _digits_npz(path / "a.npz")
+    _digits_npz(path / "b.npz", **bad)
     return path
 
 
@@ -128,6 +137,8 @@ BAD_CASES = {
     "calib-nan": (lambda t: (DIGITS_MODEL, _digits_npz(t / "c.npz", input=_nan()), []), "NaN"),
     "calib-inf": (lambda t: (DIGITS_MODEL, _digits_npz(t / "c.npz", input=_inf()), []), "NaN or Inf"),
     "calib-empty": (lambda t: (DIGITS_MODEL, _digits_npz(t / "c.npz", input=np.zeros((0, 1, 8, 8), np.float32)), []), "empty"),
+    "calib-extra-array": (lambda t: (DIGITS_MODEL, _digits_npz(t / "c.npz", label=np.zeros(40, np.int64)), []), "['label'] that are no model input"),
+    "calib-folder-names-the-file": (lambda t: (DIGITS_MODEL, _calib_folder(t / "calib", input=np.zeros((4, 1, 8, 8), np.float64)), []), "b.npz' is float64"),
     "calib-not-npz": (lambda t: (DIGITS_MODEL, _text_file(t / "c.npz"), []), "npz"),
     "opset-99": (lambda t: (_save(_opset99_model(), t / "m.onnx"), _digits_npz(t / "c.npz"), []), "opset 99"),
     "custom-domain-only": (lambda t: (_save(_custom_domain_model(), t / "m.onnx"), _digits_npz(t / "c.npz"), []), "opset"),
@@ -250,3 +261,11 @@ def test_readme_python_api_example_runs(tmp_path):
     final, exported = map(float, proc.stdout.split())
     assert exported == pytest.approx(final, rel=0.01)
     onnx.checker.check_model(onnx.load(str(tmp_path / "digits_cnn.w4a4.onnx")), full_check=True)
+
+
+def test_search_flags_without_lapq_are_warned_about(tmp_path):
+    proc = cli(DIGITS_MODEL, tmp_path / "out.onnx", "--calib", DIGITS_CALIB, "--max-evals", "5", "--loss", "mse")
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING onnx_lapq: --max-evals, --loss only tune the lapq search: --method minmax ignores them" in proc.stderr
+    quiet = cli(DIGITS_MODEL, tmp_path / "out2.onnx", "--calib", DIGITS_CALIB, "--max-evals", "5", "--method", "lapq")
+    assert quiet.returncode == 0 and "WARNING" not in quiet.stderr, quiet.stderr
