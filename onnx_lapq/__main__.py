@@ -8,16 +8,14 @@ traceback and debug logging.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import logging
-import os
 import sys
 import time
 import traceback
 
 from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, LOSSES, QUANTIZABLE_OP_TYPES, SEARCH_BIAS_CORRECTION, SEARCHES, QuantConfig
-from .data import npz_batches
+from .data import calibration_files, npz_batches
 from .errors import LapqError, ModelError
 from .modelio import load_model, output_folder, same_file, save_model_atomic, save_text_atomic
 from .pipeline import quantize
@@ -136,8 +134,7 @@ def _check_output_paths(args: argparse.Namespace) -> None:
     if args.report:
         outputs["--report"] = args.report
     inputs = {"the input model": args.input}
-    calib_files = sorted(glob.glob(os.path.join(args.calib, "*.npz"))) if os.path.isdir(args.calib) else [args.calib]
-    inputs.update((f"the calibration file {f!r}", f) for f in calib_files)
+    inputs.update((f"the calibration file {f!r}", f) for f in calibration_files(args.calib))
     for flag, path in outputs.items():
         for what, source in inputs.items():
             if same_file(path, source):
@@ -169,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     save_model_atomic(result.model, args.output)
     if args.report:
+        if same_file(args.report, args.output):  # only now both exist: names that differ in case only, on a case-insensitive disk
+            raise ModelError(f"--report {args.report!r} is the model just written to OUT.onnx: give the report a path of its own")
         save_text_atomic(json.dumps(result.report, indent=1), args.report)
     print(_summary(result.report, time.perf_counter() - started, args.output, integer_layers(result.model)))
     return 0

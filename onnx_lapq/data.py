@@ -147,10 +147,17 @@ def iter_batches(
         log.warning("only %d calibration samples: ranges may not generalize; a few hundred is typical", seen)
 
 
+def calibration_files(path: str) -> list[str]:
+    """The files a calibration path names: itself, or the .npz files in it (sorted) if a folder."""
+    if os.path.isdir(path):
+        return sorted(glob.glob(os.path.join(glob.escape(path), "*.npz")))
+    return [path]
+
+
 def npz_batches(path: str) -> Iterator[dict[str, np.ndarray]]:
     """The arrays of an .npz file, or of each .npz in a folder (sorted by name), as dicts."""
     if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*.npz")))
+        files = calibration_files(path)
         if not files:
             raise CalibrationError(f"calibration folder {path!r} holds no .npz files")
     elif os.path.isfile(path):

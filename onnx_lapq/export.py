@@ -130,7 +130,7 @@ def qdq_tensors(
         qp = params[name]
         values = corrected.get(name, weights[name])
         if qp.fmt.bits == 32 and not fed and np.any(np.abs(np.rint(values / broadcast(qp.scale, values.shape, qp.axis, None))) > qp.fmt.qmax):
-            log.warning("bias %s overflows int32 at scale s_in*s_w even after its weight scale grew (params.py); it saturates", name)
+            log.warning("bias %s overflows int32 at scale s_in*s_w; it saturates", name)
         if fed and container(qp.fmt) in FOUR_BIT:
             out[f"{name}_DequantizeLinear_Output"] = _entry(fake_quantize(values, qp.scale, qp.zero_point, qp.fmt, qp.axis, qp.block_size), None)
             continue

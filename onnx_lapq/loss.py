@@ -312,6 +312,8 @@ class LossEvaluator:
                 changed.add(name)
         if not changed:
             return
+        if self.input_means:  # a corrected bias moves with its weight's grid, even where its own scale does not
+            changed |= {b.tensor for b in self.plan.biases if b.weight_tensor in changed}
         for name, (value, dtype) in qdq_tensors(self.weights, self.plan, params, fed=True, sites=changed, input_means=self.input_means).items():
             old = self._raw.get(name)
             if old is None or old[0].shape != value.shape or not np.array_equal(old[0], value):

@@ -79,10 +79,8 @@ def _widened_for_biases(plan: QuantPlan, ranges: SiteRanges, formats: dict[str, 
         lo, hi = widened.get(bias.weight_tensor, ranges.weights[bias.weight_tensor])
         s_w = scale_zero_point(lo, hi, formats[bias.weight_tensor])[0].astype(np.float64)
         needed = np.asarray(magnitude, np.float64) / (float(acts[bias.scale_site].scale) * INT32.qmax)
-        if s_w.size == 1:
-            needed = needed.max(initial=0.0)
-        elif s_w.shape != needed.shape:
-            continue  # channels that do not line up with the bias's (grouped ConvTranspose): export saturates
+        # per tensor: the largest channel's need; per channel: a bias of shape (1,) (Gemm broadcasts it) holds for every channel
+        needed = needed.max(initial=0.0) if s_w.size == 1 else np.broadcast_to(needed, s_w.shape)
         factor = np.maximum(needed / s_w, 1.0)
         if np.any(factor > 1.0):
             widened[bias.weight_tensor] = (np.asarray(lo, np.float64) * factor, np.asarray(hi, np.float64) * factor)

@@ -232,12 +232,17 @@ def _warn_unused_exclusions(graph: onnx.GraphProto, config: QuantConfig) -> None
     names = [n.name for n in graph.node]
     op_types = {n.op_type for n in graph.node}
     for pattern in config.exclude:
-        if not any(re.fullmatch(pattern, name) for name in names):
-            hint = f"patterns match whole names: {pattern + '.*'!r} matches names that start with it"
+        if any(re.fullmatch(pattern, name) for name in names):
+            continue
+        if pattern in op_types:
+            hint = "an op type: give it as an excluded op type" if pattern in config.op_types else f"{pattern} nodes are never quantized"
+        else:
+            hint = (f"patterns match whole names, as they are after BatchNormalization folding: {pattern + '.*'!r} "
+                    "matches names that start with it")
             spelled = next((t for t in sorted(op_types) if t.lower() == pattern.lower()), None)
             if spelled:
                 hint += f"; the op type is spelled {spelled!r}"
-            log.warning("exclude pattern %r matches no node name, so it excludes nothing (%s)", pattern, hint)
+        log.warning("exclude pattern %r matches no node name, so it excludes nothing (%s)", pattern, hint)
     for op_type in config.exclude_op_types:
         if op_type not in op_types:
             log.warning("excluded op type %r: the model has no %s node", op_type, op_type)

@@ -138,7 +138,7 @@ BAD_CASES = {
     "calib-inf": (lambda t: (DIGITS_MODEL, _digits_npz(t / "c.npz", input=_inf()), []), "NaN or Inf"),
     "calib-empty": (lambda t: (DIGITS_MODEL, _digits_npz(t / "c.npz", input=np.zeros((0, 1, 8, 8), np.float32)), []), "empty"),
     "calib-extra-array": (lambda t: (DIGITS_MODEL, _digits_npz(t / "c.npz", label=np.zeros(40, np.int64)), []), "['label'] that are no model input"),
-    "calib-folder-names-the-file": (lambda t: (DIGITS_MODEL, _calib_folder(t / "calib", input=np.zeros((4, 1, 8, 8), np.float64)), []), "b.npz' is float64"),
+    "calib-folder-names-the-file": (lambda t: (DIGITS_MODEL, _calib_folder(t / "cal[1]", input=np.zeros((4, 1, 8, 8), np.float64)), []), "b.npz' is float64"),
     "calib-not-npz": (lambda t: (DIGITS_MODEL, _text_file(t / "c.npz"), []), "npz"),
     "opset-99": (lambda t: (_save(_opset99_model(), t / "m.onnx"), _digits_npz(t / "c.npz"), []), "opset 99"),
     "custom-domain-only": (lambda t: (_save(_custom_domain_model(), t / "m.onnx"), _digits_npz(t / "c.npz"), []), "opset"),
@@ -192,7 +192,7 @@ OUTPUT_CLASHES = {
     "report-is-output": ("out/q.onnx", "out/q.onnx", "is OUT.onnx"),
     "output-is-calib": ("c.npz", None, "is the calibration file"),
     "report-is-calib": ("out/q.onnx", "c.npz", "is the calibration file"),
-    "output-is-file-of-calib-folder": ("calib/a.npz", None, "is the calibration file"),
+    "output-is-file-of-calib-folder": ("cal[1]/a.npz", None, "is the calibration file"),
     "output-is-folder": ("out", None, "is a folder"),
     "report-is-folder": ("out/q.onnx", "out", "is a folder"),
 }
@@ -205,11 +205,11 @@ def test_outputs_never_replace_inputs_or_each_other(tmp_path, case):
     out, report, fragment = OUTPUT_CLASHES[case]
     shutil.copy(DIGITS_MODEL, tmp_path / "m.onnx")
     shutil.copy(DIGITS_CALIB, tmp_path / "c.npz")
-    (tmp_path / "calib").mkdir()
-    shutil.copy(DIGITS_CALIB, tmp_path / "calib" / "a.npz")
+    (tmp_path / "cal[1]").mkdir()  # a folder name that is also a glob pattern
+    shutil.copy(DIGITS_CALIB, tmp_path / "cal[1]" / "a.npz")
     (tmp_path / "out").mkdir()
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    calib = tmp_path / ("calib" if case == "output-is-file-of-calib-folder" else "c.npz")
+    calib = tmp_path / ("cal[1]" if case == "output-is-file-of-calib-folder" else "c.npz")
     proc = cli(tmp_path / "m.onnx", tmp_path / out, "--calib", calib, *(["--report", tmp_path / report] if report else []))
     assert_one_error_line(proc, fragment)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

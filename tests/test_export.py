@@ -438,3 +438,17 @@ def test_sixteen_bit_per_channel_biases_fit_int32_by_growing_weight_scales():
         np.testing.assert_allclose(s_w, np.maximum(plain, needed), rtol=1e-6)
         grown += int(np.sum(needed > plain))
     assert grown > 0
+
+
+@pytest.mark.parametrize("bias_shape", [(8,), (1,)])
+def test_a_broadcast_gemm_bias_widens_every_channel(bias_shape):
+    """A Gemm bias of shape (1,) holds for every output channel: with per-channel weights
+    too small for it on the int32 grid, every channel's scale grows, as for a full bias."""
+    rng = np.random.default_rng(0)
+    node = onnx.helper.make_node("Gemm", ["x", "W", "B"], ["y"], name="g", transB=1)
+    model = make_model([node], [("x", TensorProto.FLOAT, [None, 16])], [("y", TensorProto.FLOAT, [None, 8])],
+                       {"W": (rng.standard_normal((8, 16)) * 1e-3).astype(np.float32), "B": np.full(bias_shape, 50.0, np.float32)})
+    x = {"x": rng.standard_normal((64, 16)).astype(np.float32)}
+    result = quantize(model, [x], config=QuantConfig(weight_bits=16, act_bits=16, bias_correction=False))
+    error = np.abs(ort_run(result.model, x)[0] - ort_run(model, x)[0]).mean()
+    assert error < 1e-3 * 50

@@ -1,6 +1,7 @@
 """LAPQ: the loss evaluator, Lp initialization, the budgeted joint search and its report."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -9,14 +10,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import DIGITS_CALIB, DIGITS_MODEL, block_model, conv_chain_model, init_array, ort_session, random_inputs, relu6_model, run_cli
+from conftest import DIGITS_CALIB, DIGITS_MODEL, block_model, conv_chain_model, init_array, make_model, ort_session, random_inputs, relu6_model, run_cli
 
 import onnx_lapq
-from onnx_lapq.calibrate import session
+from onnx_lapq.calibrate import collect_stats, session
 from onnx_lapq.graph import INT4_OPSET, normalize
 from onnx_lapq.lapq import parabola_minimum
 from onnx_lapq.loss import LossEvaluator, distance
 from onnx_lapq.params import ParamSpace, SiteRanges
+from onnx_lapq.pipeline import _qparams, choose_ranges
 from onnx_lapq.plan import build_plan
 from onnx_lapq.search import _Tracked, minimize
 
@@ -107,8 +109,6 @@ def test_cached_evaluation_equals_full_evaluation(bits):
         producer = {o: n.op_type for n in cached.template.graph.node for o in n.output}
         assert {producer.get(t, "input") for c in cached.cuts for t in c.live} <= {"QuantizeLinear", "input"}
     rng = np.random.default_rng(0)
-    from onnx_lapq.pipeline import choose_ranges  # the ranges the result was made from
-    from onnx_lapq.calibrate import collect_stats
     stats, _ = collect_stats(normalized, [a.tensor for a in result.plan.activations], calib, half_bins=2048)
     space = ParamSpace(result.plan, choose_ranges(normalized, result.plan, stats, config))
     for step in range(40):
@@ -705,3 +705,30 @@ def test_w8a8_lapq_keeps_relu6_layers_fused(tmp_path):
     ort_session(result.model, optimize=True, optimized_path=optimized)
     ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
     assert ops.count("QLinearConv") == 3 and "Clip" not in ops and "FusedConv" not in ops
+
+
+def test_corrected_bias_follows_its_weight_when_its_own_scale_stays():
+    """A bias whose weight scale grew to hold it (params._widened_for_biases) keeps s_b = s_in * s_w
+    fixed while the search moves s_in and s_w; its correction still changes with s_w's grid, so
+    an evaluator that moved there from another point gives a fresh evaluator's loss."""
+    rng = np.random.default_rng(0)
+    nodes = [onnx.helper.make_node("Gemm", ["x", "W", "B"], ["h"], name="g1", transB=1),
+             onnx.helper.make_node("Gemm", ["h", "W2", "B2"], ["y"], name="g2", transB=1)]
+    model = normalize(make_model(nodes, [("x", onnx.TensorProto.FLOAT, [None, 16])], [("y", onnx.TensorProto.FLOAT, [None, 4])], {
+        "W": (rng.standard_normal((8, 16)) * 1e-3).astype(np.float32), "B": np.full(8, 50.0, np.float32),
+        "W2": (rng.standard_normal((4, 8)) * 0.1).astype(np.float32), "B2": np.zeros(4, np.float32)}), min_opset=21)
+    config = onnx_lapq.QuantConfig(weight_bits=16, act_bits=16, per_channel=False)
+    plan = build_plan(model, config)
+    batch = {"x": (rng.standard_normal((64, 16)) + 3).astype(np.float32)}
+    inputs = [b.input_tensor for b in plan.biases]
+    stats, _ = collect_stats(model, list(dict.fromkeys([a.tensor for a in plan.activations] + inputs)), [batch],
+                             half_bins=1024, channel_means=frozenset(inputs))
+    means = {t: stats[t].channel_mean for t in inputs}
+    start = choose_ranges(model, plan, stats, config)
+    before = _qparams(plan, start, config)
+    after = _qparams(plan, dataclasses.replace(start, activations={**start.activations, "x": tuple(0.6 * v for v in start.activations["x"])}), config)
+    assert after["B"].scale.tobytes() == before["B"].scale.tobytes() and after["W"].scale != before["W"].scale
+    moved = LossEvaluator(model, plan, [batch], before, loss="mse", input_means=means)
+    moved(before)
+    fresh = LossEvaluator(model, plan, [batch], after, loss="mse", input_means=means)
+    assert moved(after) == fresh(after)

@@ -145,12 +145,14 @@ def test_exclude_by_regex_fullmatch():
 
 def test_exclusions_that_match_nothing_are_warned_about(caplog):
     with caplog.at_level("WARNING", logger="onnx_lapq.plan"):
-        plan_of(block_model(), exclude=("conv", "gemm", "conv[ab]"), exclude_op_types=("MatMul",))
+        plan_of(block_model(), exclude=("conv", "gemm", "conv[ab]", "Gemm", "Relu"), exclude_op_types=("MatMul",))
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 3, messages
+    assert len(messages) == 5, messages
     assert "'conv' matches no node name" in messages[0] and "'conv.*'" in messages[0] and "spelled 'Conv'" in messages[0]
     assert "'gemm' matches no node name" in messages[1] and "spelled 'Gemm'" in messages[1]
-    assert "no MatMul node" in messages[2]
+    assert "'Gemm' matches no node name" in messages[2] and "give it as an excluded op type" in messages[2]
+    assert "Relu nodes are never quantized" in messages[3]
+    assert "no MatMul node" in messages[4]
 
 
 def test_exclude_by_op_type():
