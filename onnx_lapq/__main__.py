@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 import traceback
 
 from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, LOSSES, QUANTIZABLE_OP_TYPES, SEARCH_BIAS_CORRECTION, SEARCHES, QuantConfig
 from .data import calibration_files, npz_batches
-from .errors import LapqError, ModelError
+from .errors import ConfigError, LapqError, ModelError
 from .modelio import load_model, output_folder, same_file, save_model_atomic, save_text_atomic
 from .pipeline import quantize
 from .progress import ProgressBar
@@ -173,6 +174,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _in_flag_words(message: str) -> str:
+    """A QuantConfig error as the CLI's user wrote it: ``weight_bits=9`` reads ``--weight-bits 9``,
+    "None" reads as leaving the flag out."""
+    usage = build_parser().format_usage()
+
+    def flag(match: re.Match) -> str:
+        name = "--" + match.group(1).replace("_", "-")
+        return f"{name} " if re.search(re.escape(name) + r"[\s\]]", usage) else match.group(0)
+
+    message = re.sub(r"\b([a-z][a-z0-9_]*)=", flag, message)
+    return message.replace("(or None for", "(or leave it out for")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -181,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     except LapqError as exc:
         if args.verbose:
             traceback.print_exc()
-        print(f"onnx_lapq: error: {exc}", file=sys.stderr)
+        message = _in_flag_words(str(exc)) if isinstance(exc, ConfigError) else str(exc)
+        print(f"onnx_lapq: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("onnx_lapq: interrupted", file=sys.stderr)

@@ -145,8 +145,9 @@ class QuantConfig:
             raise ConfigError("loss='ce' needs labels: set label_key (CLI: --labels KEY) to the name of the labels array in the calibration data")
         if self.search_bias_correction not in SEARCH_BIAS_CORRECTION:
             raise ConfigError(f"search_bias_correction={self.search_bias_correction!r} is unknown: use one of {', '.join(SEARCH_BIAS_CORRECTION)}")
-        if self.max_evals < 1 or self.search_iterations < 1:
-            raise ConfigError("max_evals and search_iterations must be at least 1")
+        for field in ("max_evals", "search_iterations"):
+            if getattr(self, field) < 1:
+                raise ConfigError(f"{field}={getattr(self, field)} must be at least 1")
         if not 0.0 <= self.search_step <= 0.5:
             raise ConfigError(f"search_step={self.search_step} must be in [0, 0.5] (a log clip factor; 0.01 is 1% of a clip, 0 searches without a lattice)")
         if self.time_limit is not None and self.time_limit <= 0:

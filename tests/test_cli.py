@@ -143,11 +143,12 @@ BAD_CASES = {
     "opset-99": (lambda t: (_save(_opset99_model(), t / "m.onnx"), _digits_npz(t / "c.npz"), []), "opset 99"),
     "custom-domain-only": (lambda t: (_save(_custom_domain_model(), t / "m.onnx"), _digits_npz(t / "c.npz"), []), "opset"),
     "nothing-to-quantize": (lambda t: (_save(_nothing_model(), t / "m.onnx"), _digits_npz(t / "c.npz"), []), "nothing to quantize"),
-    "weight-bits-9": (lambda t: (DIGITS_MODEL, _digits_npz(t / "c.npz"), ["--weight-bits", "9"]), "weight_bits=9"),
-    "weight-bits-1": (lambda t: (DIGITS_MODEL, _digits_npz(t / "c.npz"), ["--weight-bits", "1"]), "weight_bits=1"),
-    "act-bits-32": (lambda t: (DIGITS_MODEL, _digits_npz(t / "c.npz"), ["--act-bits", "32"]), "act_bits=32"),
+    "weight-bits-9": (lambda t: (DIGITS_MODEL, _digits_npz(t / "c.npz"), ["--weight-bits", "9"]), "--weight-bits 9 is not supported"),
+    "weight-bits-1": (lambda t: (DIGITS_MODEL, _digits_npz(t / "c.npz"), ["--weight-bits", "1"]), "--weight-bits 1"),
+    "act-bits-32": (lambda t: (DIGITS_MODEL, _digits_npz(t / "c.npz"), ["--act-bits", "32"]), "--act-bits 32"),
     "bad-exclude-regex": (lambda t: (DIGITS_MODEL, _digits_npz(t / "c.npz"), ["--exclude", "conv("]), "regular expression"),
-    "num-samples-0": (lambda t: (DIGITS_MODEL, _digits_npz(t / "c.npz"), ["--num-samples", "0"]), "num_samples"),
+    "max-evals-0": (lambda t: (DIGITS_MODEL, _digits_npz(t / "c.npz"), ["--max-evals", "0", "--method", "lapq"]), "--max-evals 0 must be at least 1"),
+    "num-samples-0": (lambda t: (DIGITS_MODEL, _digits_npz(t / "c.npz"), ["--num-samples", "0"]), "--num-samples 0 must be at least 1 (or leave it out for all)"),
 }
 
 
