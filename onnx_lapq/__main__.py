@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     search_flag("--time-limit", type=float, default=None, metavar="SECONDS", help="stop the search after this long (best point kept)")
     search_flag("--search-bias-correction", default=QuantConfig.search_bias_correction, choices=SEARCH_BIAS_CORRECTION,
                       help="keep bias correction in the search: race (default: search both ways on a quarter of the budget each, "
-                           "continue the lower), auto (where it at least halves the min/max start's loss), on, or off")
+                           "continue the lower), auto (where it more than halves the min/max start's loss), on, or off")
     search_flag("--loss", default="auto", choices=LOSSES, help="search objective: auto (kl for classifiers, cosine for normalized embeddings, else mse), kl, mse, cosine, ce")
     lapq.add_argument("--labels", default=None, metavar="KEY", help="name of the integer labels array in the calibration npz (for --loss ce)")
     p.add_argument("--report", metavar="REPORT.json", help="write the run's report as JSON")

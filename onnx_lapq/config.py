@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
@@ -17,6 +19,46 @@ LOSSES = ("auto", "kl", "mse", "cosine", "ce")
 SEARCH_BIAS_CORRECTION = ("auto", "on", "off", "race")
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 QUANTIZABLE_OP_TYPES = DEFAULT_OP_TYPES + ("Gather",)  # Gather: embedding tables, weight-only
+
+
+# the type of every field, checked before any value (a new field must join one of these)
+INT_FIELDS = ("weight_bits", "act_bits", "batch_size", "seed", "histogram_bins", "max_evals", "search_iterations", "memory_budget_mb", "block_size")
+OPTIONAL_INT_FIELDS = ("num_samples", "search_samples")
+NUMBER_FIELDS = ("percentile", "lp_norm", "search_step")
+OPTIONAL_NUMBER_FIELDS = ("time_limit",)
+BOOL_FIELDS = ("per_channel", "weight_symmetric", "act_symmetric", "keep_first_last_8bit", "quantize_attention", "bias_correction", "weight_only")
+STR_FIELDS = ("method", "search", "loss", "search_bias_correction")
+OPTIONAL_STR_FIELDS = ("label_key", "mask_input")
+STR_TUPLE_FIELDS = ("exclude", "exclude_op_types", "op_types")
+NUMBER_TUPLE_FIELDS = ("lp_grid",)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, (float, np.floating))) and bool(np.isfinite(value))
+
+
+def _type_error(config: "QuantConfig") -> str | None:
+    """What is wrong with the type of a field, or None."""
+    for names, fits, wanted in (
+        (INT_FIELDS, _is_int, "an int"),
+        (OPTIONAL_INT_FIELDS, lambda v: v is None or _is_int(v), "an int or None"),
+        (NUMBER_FIELDS, _is_number, "a finite number"),
+        (OPTIONAL_NUMBER_FIELDS, lambda v: v is None or _is_number(v), "a finite number or None"),
+        (BOOL_FIELDS, lambda v: isinstance(v, bool), "True or False"),
+        (STR_FIELDS, lambda v: isinstance(v, str), "a string"),
+        (OPTIONAL_STR_FIELDS, lambda v: v is None or isinstance(v, str), "a string or None"),
+        (STR_TUPLE_FIELDS, lambda v: isinstance(v, tuple) and all(isinstance(x, str) for x in v), "a tuple of strings"),
+        (NUMBER_TUPLE_FIELDS, lambda v: isinstance(v, tuple) and all(_is_number(x) for x in v), "a tuple of numbers"),
+    ):
+        for name in names:
+            value = getattr(config, name)
+            if not fits(value):
+                return f"{name}={value!r} must be {wanted}"
+    return None
 
 
 def _check_bits(name: str, value: int) -> None:
@@ -51,13 +93,16 @@ class QuantConfig:
     lp_grid: the p values of LAPQ's initialization sweep.
     search: "powell" (scipy's, over all coordinates) or "coordinate" (one at a time).
     max_evals, time_limit: search budgets (loss evaluations, seconds; None = none);
-        the best point seen is kept when a budget stops the search.
+        the best point seen is kept when a budget stops the search.  They bound the
+        search's own evaluations; LAPQ's start candidates (the Lp sweep and the
+        calibrators, once per side of a bias-correction race) come on top.
     search_iterations: Powell iterations / coordinate sweeps (at most; the budgets
         usually stop the search first).
     search_step: the search moves each log clip factor on a lattice of this step
         (0.01: 1% of a clip) and evaluates each lattice point once; below about 1%
         the calibration loss changes by rounding noise alone.  0: no lattice.
-    loss: the search's objective: auto (kl for classifiers, else mse), kl, mse,
+    loss: the search's objective: auto (kl for classifiers, cosine for normalized
+        embeddings, else mse), kl, mse,
         cosine, or ce (cross-entropy against the calibration labels).
     label_key: name of the labels array in the calibration data (for loss="ce").
     memory_budget_mb: cached activations the loss evaluator may keep.
@@ -74,7 +119,7 @@ class QuantConfig:
     search_bias_correction: whether LAPQ's search keeps bias correction (when it is on):
         "race" (the default) searches both ways with a quarter of ``max_evals`` (and of
         ``time_limit``) each and spends the rest continuing the one with the lower loss;
-        "auto" keeps it only where it at least halves the loss of the min/max start;
+        "auto" keeps it only where it more than halves the loss of the min/max start;
         "on" and "off" decide for every network.
     weight_only: quantize only the weights of MatMuls (activations stay float), in
         blocks of ``block_size`` rows: the form ONNX Runtime runs as MatMulNBits at 4 bits.
@@ -114,6 +159,15 @@ class QuantConfig:
     block_size: int = 32
 
     def __post_init__(self) -> None:
+        for field in STR_TUPLE_FIELDS + NUMBER_TUPLE_FIELDS:  # lists are welcome; frozen fields must hash
+            if isinstance(getattr(self, field), list):
+                object.__setattr__(self, field, tuple(getattr(self, field)))
+        for field in STR_TUPLE_FIELDS:
+            if isinstance(getattr(self, field), str):
+                raise ConfigError(f"{field} must be a tuple of strings, not one string: write {field}=({getattr(self, field)!r},)")
+        problem = _type_error(self)
+        if problem:
+            raise ConfigError(problem)
         _check_bits("weight_bits", self.weight_bits)
         _check_bits("act_bits", self.act_bits)
         if self.method not in CALIBRATION_METHODS:
@@ -122,9 +176,6 @@ class QuantConfig:
             raise ConfigError(f"percentile={self.percentile} must be in (50, 100], e.g. 99.999")
         if not 0.5 <= self.lp_norm <= 8.0:
             raise ConfigError(f"lp_norm={self.lp_norm} must be in [0.5, 8], e.g. 2.4")
-        for field in ("exclude", "exclude_op_types", "op_types"):
-            if isinstance(getattr(self, field), str):
-                raise ConfigError(f"{field} must be a tuple of strings, not one string: write {field}=({getattr(self, field)!r},)")
         for pattern in self.exclude:
             try:
                 re.compile(pattern)

@@ -217,12 +217,17 @@ def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify, input_m
     def space_for(ranges: SiteRanges) -> ParamSpace:
         return ParamSpace(plan, ranges)
 
+    best_shown = [np.inf]  # across the race's two searches and the continuation
+
     def progress(spent: int):
-        return lambda n, best: notify(Progress("search", spent + n, config.max_evals, best))
+        def report(n: int, best: float) -> None:
+            best_shown[0] = min(best_shown[0], best)
+            notify(Progress("search", spent + n, config.max_evals, best_shown[0]))
+        return report
 
     searching = {"search": config.search, "iterations": config.search_iterations, "step": config.search_step}
     race: dict[str, float | bool | int] = {}
-    if input_means and config.search_bias_correction == "race":
+    if input_means and config.search_bias_correction == "race" and config.max_evals >= 2:  # a search each way
         outcome, race = _race_bias_correction(
             evaluator, input_means, config,
             lambda max_evals, time_limit, spent: run_lapq(
@@ -279,9 +284,10 @@ def _release(evaluator: LossEvaluator) -> None:
 def _race_bias_correction(evaluator: LossEvaluator, input_means, config: QuantConfig, search):
     """search_bias_correction="race": LAPQ with and without bias correction, each on a
     quarter of the budgets (``search(max_evals, time_limit, spent)``); the evaluator keeps
-    the setting whose search ended lower.  Returns the winner's outcome and what the race
-    measured: the final loss of each side, whether correction was kept, and the evaluations
-    and seconds the race used."""
+    the setting whose search ended lower.  Returns the winner's outcome, its nfev, trace
+    and seconds those of the whole race (the trace numbered as the evaluations ran), and
+    what the race measured: the final loss of each side, whether correction was kept, and
+    the evaluations and seconds the race used."""
     started = time.perf_counter()
     quarter = max(1, config.max_evals // 4)
     quarter_time = None if config.time_limit is None else config.time_limit / 4
@@ -291,11 +297,17 @@ def _race_bias_correction(evaluator: LossEvaluator, input_means, config: QuantCo
         outcomes[keep] = search(quarter, quarter_time, sum(o.search.nfev for o in outcomes.values()))
     kept = outcomes[True].search.fun < outcomes[False].search.fun
     evaluator.set_input_means(input_means if kept else None)
+    before = 0 if kept else outcomes[True].search.nfev  # the winner's evaluations came after these
+    winner = outcomes[kept]
     race = {
         "on": outcomes[True].search.fun, "off": outcomes[False].search.fun, "kept": kept,
         "evaluations": outcomes[True].search.nfev + outcomes[False].search.nfev, "seconds": time.perf_counter() - started,
     }
-    return outcomes[kept], race
+    counted = replace(  # nfev, trace and seconds of the whole race, as if one search
+        winner.search, nfev=race["evaluations"], trace=[(before + n, v) for n, v in winner.search.trace],
+        seconds=outcomes[True].search.seconds + outcomes[False].search.seconds,
+    )
+    return replace(winner, search=counted), race
 
 
 def choose_ranges(model: onnx.ModelProto, plan: QuantPlan, stats: dict[str, TensorStats], config: QuantConfig) -> SiteRanges:

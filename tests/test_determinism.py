@@ -1,6 +1,8 @@
 """Same inputs and seed, same bytes; every calibration form gives the same model; inputs are never modified."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -9,7 +11,7 @@ from onnx import TensorProto
 
 from conftest import DIGITS_CALIB, DIGITS_MODEL, Net, block_model, conv_chain_model, make_model, random_inputs
 from conftest import run_cli as cli
-from onnx_lapq import CalibrationError, ConfigError, ModelError, QuantConfig, quantize
+from onnx_lapq import CalibrationError, ConfigError, ModelError, QuantConfig, config, quantize
 
 METHODS = ["minmax", "entropy", "mse", "percentile"]
 
@@ -97,6 +99,28 @@ def test_quantize_rejects_bad_calibration_containers(bad):
 def test_quantize_rejects_non_config():
     with pytest.raises(ConfigError):
         quantize(conv_chain_model(), random_inputs(conv_chain_model(), 8), config={"weight_bits": 4})
+
+
+def test_every_config_field_has_a_checked_type():
+    groups = [getattr(config, name) for name in dir(config) if name.endswith("_FIELDS")]
+    listed = [field for group in groups for field in group]
+    assert sorted(listed) == sorted(f.name for f in dataclasses.fields(QuantConfig))
+
+
+@pytest.mark.parametrize("bad", [
+    {"percentile": "99.9"}, {"block_size": 32.0}, {"bias_correction": "no"}, {"per_channel": 0}, {"batch_size": 2.5},
+    {"time_limit": float("nan")}, {"seed": None}, {"lp_grid": 2.0}, {"exclude": (1,)}, {"mask_input": 5}, {"max_evals": 10.5},
+    {"weight_bits": True},
+])
+def test_config_rejects_wrong_types_with_a_config_error(bad):
+    (field, value), = bad.items()
+    with pytest.raises(ConfigError, match=f"^{field}=.* must be "):
+        QuantConfig(**bad)
+
+
+def test_config_takes_lists_and_numpy_ints():
+    config = QuantConfig(exclude=["a.*"], lp_grid=[2, 3.5], weight_bits=np.int64(4))
+    assert config.exclude == ("a.*",) and config.lp_grid == (2, 3.5) and hash(config)
 
 
 # --------------------------------------------------------------------------- inputs untouched

@@ -732,3 +732,21 @@ def test_corrected_bias_follows_its_weight_when_its_own_scale_stays():
     moved(before)
     fresh = LossEvaluator(model, plan, [batch], after, loss="mse", input_means=means)
     assert moved(after) == fresh(after)
+
+
+@pytest.mark.parametrize("max_evals", [1, 2, 9, 40])
+def test_search_counts_agree_with_the_progress_events(max_evals):
+    """nfev, the loss trace and the progress events count the same evaluations, race or not:
+    nfev never passes max_evals, the trace is numbered as the evaluations ran, and the loss
+    shown only falls, ending at final_loss."""
+    model, calib = onnx.load(DIGITS_MODEL), [{"input": np.load(DIGITS_CALIB)["input"][:64]}]
+    events = []
+    config = onnx_lapq.QuantConfig(weight_bits=4, act_bits=4, method="lapq", max_evals=max_evals)
+    report = onnx_lapq.quantize(model, calib, config=config, on_step=events.append).report
+    search = [e for e in events if e.stage == "search"]
+    assert report["nfev"] == len(search) == search[-1].done <= max_evals
+    assert [e.done for e in search] == list(range(1, len(search) + 1))
+    losses = [e.loss for e in search]
+    assert losses == sorted(losses, reverse=True) and losses[-1] == report["final_loss"]
+    for n, value in report["loss_trace"]:
+        assert value == min(e.loss for e in search if e.done <= n)
