@@ -12,7 +12,8 @@ import glob
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -63,16 +64,16 @@ def _items(calibration: Any) -> Iterator[Any]:
         while (item := calibration.get_next()) is not None:
             yield item
         return
-    if isinstance(calibration, (dict, str, bytes, np.ndarray)) or not isinstance(calibration, Iterable):
+    if isinstance(calibration, (Mapping, str, bytes, np.ndarray)) or not isinstance(calibration, Iterable):
         raise CalibrationError(
             f"calibration must be an iterable of {{input_name: array}} dicts or have get_next(), not {type(calibration).__name__}; "
-            "wrap a single dict in a list"
+            "wrap a single dict (or np.load of an .npz) in a list"
         )
     yield from calibration
 
 
 def _check(item: Any, specs: list[InputSpec], position: int, label_key: str | None) -> dict[str, np.ndarray]:
-    if not isinstance(item, dict):
+    if not isinstance(item, Mapping):
         raise CalibrationError(f"calibration item {position} is a {type(item).__name__}, not a {{input_name: array}} dict")
     where = _where(item, position)
     names = {s.name for s in specs}
@@ -142,7 +143,10 @@ def iter_batches(
         if num_samples is not None and seen >= num_samples:
             break
     if seen == 0:
-        raise CalibrationError("calibration data is empty: give at least one sample (a few hundred is typical)")
+        raise CalibrationError(
+            "calibration data is empty: give at least one sample (a few hundred is typical); "
+            "a generator or reader that an earlier run read to its end gives none, so make a new one"
+        )
     if seen < SHORT_CALIBRATION:
         log.warning("only %d calibration samples: ranges may not generalize; a few hundred is typical", seen)
 

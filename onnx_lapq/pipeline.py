@@ -68,6 +68,8 @@ def quantize(
         raise ModelError(f"quantize takes an onnx.ModelProto, not {type(model).__name__}: load the file with onnx.load first")
     if not isinstance(config, QuantConfig):
         raise ConfigError("config must be an onnx_lapq.QuantConfig")
+    if on_step is not None and not callable(on_step):
+        raise ConfigError(f"on_step must be a function of one Progress (or None), not {type(on_step).__name__}")
     notify = on_step or (lambda progress: None)
     times: dict[str, float] = {}
     clock = time.perf_counter()
@@ -361,6 +363,7 @@ def _report(original, quantized, plan, params, ranges, config, times, samples, i
             {
                 "tensor": w.tensor, "node": w.node, "op_type": w.op_type, "bits": w.bits, "axis": w.axis,
                 "scale_min": float(np.min(params[w.tensor].scale)), "scale_max": float(np.max(params[w.tensor].scale)),
+                "initial_scale_min": float(np.min(initial[w.tensor].scale)), "initial_scale_max": float(np.max(initial[w.tensor].scale)),
                 "scale_factor": float(np.mean(params[w.tensor].scale / initial[w.tensor].scale)),
             }
             for w in plan.weights

@@ -76,6 +76,23 @@ def test_calibration_forms_give_same_model(method):
     assert other != as_list
 
 
+def test_npz_files_calibrate_in_a_list_and_are_named_alone():
+    model = onnx.load(DIGITS_MODEL)
+    as_dict = quantize(model, [dict(np.load(DIGITS_CALIB))]).model.SerializeToString()
+    with np.load(DIGITS_CALIB) as npz:
+        assert quantize(model, [npz]).model.SerializeToString() == as_dict
+        with pytest.raises(CalibrationError, match="np.load of an .npz"):
+            quantize(model, npz)
+
+
+def test_a_spent_generator_is_named_as_the_cause_of_empty_calibration():
+    model = conv_chain_model()
+    batches = (b for b in random_inputs(model, 16))
+    quantize(model, batches)
+    with pytest.raises(CalibrationError, match="read to its end gives none"):
+        quantize(model, batches)
+
+
 def test_num_samples_limits_calibration():
     model = conv_chain_model()
     batches = random_inputs(model, 64, batch=16)
@@ -99,6 +116,8 @@ def test_quantize_rejects_bad_calibration_containers(bad):
 def test_quantize_rejects_non_config():
     with pytest.raises(ConfigError):
         quantize(conv_chain_model(), random_inputs(conv_chain_model(), 8), config={"weight_bits": 4})
+    with pytest.raises(ConfigError, match="on_step must be a function"):
+        quantize(conv_chain_model(), random_inputs(conv_chain_model(), 8), on_step=True)
 
 
 def test_every_config_field_has_a_checked_type():

@@ -60,6 +60,9 @@ def test_report_fields(digits_lapq):
     trace_losses = [v for _, v in report["loss_trace"]]
     assert trace_losses == sorted(trace_losses, reverse=True) and trace_losses[-1] == report["final_loss"]
     assert any(a["scale"] != a["initial_scale"] for a in report["activations"])
+    for w in report["weights"]:  # one searched factor per layer on its per-channel scales
+        assert w["scale_min"] == pytest.approx(w["initial_scale_min"] * w["scale_factor"], rel=1e-5)
+        assert w["scale_max"] == pytest.approx(w["initial_scale_max"] * w["scale_factor"], rel=1e-5)
     json.dumps(report)  # JSON-ready
 
 
