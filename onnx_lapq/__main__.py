@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"lattice step of the clip factors in log space (default {QuantConfig.search_step}: 1%%; 0: none)")
     search_flag("--search-samples", type=int, default=None, metavar="N",
                       help="evaluate the search's loss on a random subset of N calibration samples, drawn with --seed (default: all; statistics use all)")
-    search_flag("--time-limit", type=float, default=None, metavar="SECONDS", help="stop the search after this long (best point kept)")
+    search_flag("--time-limit", type=float, default=None, metavar="SECONDS", help="seconds for the start candidates and the search together (best point kept)")
     search_flag("--search-bias-correction", default=QuantConfig.search_bias_correction, choices=SEARCH_BIAS_CORRECTION,
                       help="keep bias correction in the search: race (default: search both ways on a quarter of the budget each, "
                            "continue the lower), auto (where it more than halves the min/max start's loss), on, or off")

@@ -93,9 +93,10 @@ class QuantConfig:
     lp_grid: the p values of LAPQ's initialization sweep.
     search: "powell" (scipy's, over all coordinates) or "coordinate" (one at a time).
     max_evals, time_limit: search budgets (loss evaluations, seconds; None = none);
-        the best point seen is kept when a budget stops the search.  They bound the
+        the best point seen is kept when a budget stops the search.  max_evals bounds the
         search's own evaluations; LAPQ's start candidates (the Lp sweep and the
-        calibrators, once per side of a bias-correction race) come on top.
+        calibrators, once per side of a bias-correction race) come on top.  time_limit
+        covers the start candidates and the search (a start always completes).
     search_iterations: Powell iterations / coordinate sweeps (at most; the budgets
         usually stop the search first).
     search_step: the search moves each log clip factor on a lattice of this step

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -105,7 +106,9 @@ def run_lapq(
     step: float,
     on_eval: Callable[[int, float], None] | None = None,
 ) -> LapqOutcome:
-    """Run the three steps above; ``loss_of`` is the end-to-end calibration loss of ranges."""
+    """Run the three steps above; ``loss_of`` is the end-to-end calibration loss of ranges.
+    ``time_limit`` covers the start candidates' evaluations too: the search gets what they left."""
+    started = time.perf_counter()
     losses = {float(p): loss_of(ranges_at_p(p)) for p in lp_grid}
     best_p = min(losses, key=losses.get)
     p_star = parabola_minimum(list(losses), list(losses.values()))
@@ -120,8 +123,9 @@ def run_lapq(
     for name, loss in start_losses.items():
         if loss < init_loss:
             initial, init_loss, p_star, start = calibrated[name], loss, None, name
+    left = None if time_limit is None else time_limit - (time.perf_counter() - started)
     space, result = _search_from(
-        initial, loss_of, space_for, search=search, max_evals=max_evals, time_limit=time_limit, iterations=iterations, step=step, on_eval=on_eval,
+        initial, loss_of, space_for, search=search, max_evals=max_evals, time_limit=left, iterations=iterations, step=step, on_eval=on_eval,
     )
     if result.fun > init_loss:  # cannot happen (x0 is evaluated first) unless the loss is noisy
         result = dataclasses.replace(result, x=np.zeros(space.size), fun=init_loss)

@@ -415,6 +415,27 @@ def test_lp_start_never_worse_than_best_grid_point():
     assert outcome.p_star == 2.5 and outcome.init_loss == 1.2
 
 
+def test_time_limit_covers_the_start_candidates():
+    """The start's evaluations (five p values, one calibrator) take at least 0.3 s here; with a
+    0.2 s time limit the search gets nothing left and the start is the result."""
+    from onnx_lapq.lapq import run_lapq
+    from onnx_lapq.params import ParamSpace, SiteRanges
+    from onnx_lapq.plan import ActivationSite, QuantPlan
+
+    plan = QuantPlan(weights=(), activations=(ActivationSite("a", 8, "input", "a"),), biases=())
+
+    def slow_loss(ranges):
+        time.sleep(0.05)
+        return abs(ranges.activations["a"][1] - 3.3)
+
+    outcome = run_lapq(
+        lambda p: SiteRanges(activations={"a": (0.0, p)}), {"minmax": SiteRanges(activations={"a": (0.0, 9.0)})}, slow_loss,
+        lambda r: ParamSpace(plan, r), lp_grid=(2.0, 2.5, 3.0, 3.5, 4.0), search="coordinate", max_evals=50, time_limit=0.2,
+        iterations=1, step=0.01,
+    )
+    assert outcome.search.nfev == 0 and outcome.search.fun == outcome.init_loss
+
+
 def test_parabola_minimum():
     ps = [2.0, 2.5, 3.0, 3.5, 4.0]
     assert parabola_minimum(ps, [(p - 2.8) ** 2 + 1 for p in ps]) == pytest.approx(2.8)
