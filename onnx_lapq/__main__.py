@@ -97,7 +97,10 @@ def _summary(report: dict, seconds: float, output: str, kernels: tuple[int, int]
     sites = report["sites"]
     size = report["size_bytes"]
     bits = report["config"]
-    grid = f"W{bits['weight_bits']}A{bits['act_bits']}" + ("" if bits["per_channel"] else " per-tensor")
+    if bits["weight_only"]:
+        grid = f"W{bits['weight_bits']} weights only, blocks of {bits['block_size']}"
+    else:
+        grid = f"W{bits['weight_bits']}A{bits['act_bits']}" + ("" if bits["per_channel"] else " per-tensor")
     grid += ", first and last layers 8-bit" if bits["keep_first_last_8bit"] else ""
     line = (
         f"wrote {output}: {_count(sites['weight_sites'], 'weight site')} and {_count(sites['activation_sites'], 'activation site')} "
@@ -116,7 +119,7 @@ def _summary(report: dict, seconds: float, output: str, kernels: tuple[int, int]
         if integer < layers:
             line += f"; the other {layers - integer} run dequantized, in float"
             if min(bits["weight_bits"], bits["act_bits"]) < 8:
-                line += " (no CPU kernel takes sub-8-bit operands)"
+                line += " (CPU kernels take 8-bit grids only)"
     return line
 
 

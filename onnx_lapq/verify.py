@@ -10,7 +10,7 @@ integer kernels legitimately round differently, by about the quantization error.
 
 :func:`integer_layers` tells how ONNX Runtime will run the exported model: how many of its
 quantized layers its CPU optimizations turn into integer kernels (every one at W8A8; none
-with sub-8-bit operands, which no CPU kernel takes: those run dequantized, in float).
+on sub-8-bit grids, which no CPU kernel keeps: those run dequantized, in float).
 """
 from __future__ import annotations
 
