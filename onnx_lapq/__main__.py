@@ -148,17 +148,17 @@ def _check_output_paths(args: argparse.Namespace) -> None:
         raise ModelError(f"--report {args.report!r} is OUT.onnx: give the report a path of its own")
 
 
-def _warn_unused_search_flags(args: argparse.Namespace) -> None:
+def _warn_unused_search_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """A warning naming the lapq-search flags given with another --method, which ignores them."""
-    given = [a.option_strings[0] for a in build_parser().search_flags if getattr(args, a.dest) != a.default]
+    given = [a.option_strings[0] for a in parser.search_flags if getattr(args, a.dest) != a.default]
     if given and args.method != "lapq":
         log.warning("%s only tune the lapq search: --method %s ignores them", ", ".join(given), args.method)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     started = time.perf_counter()
     config = _config(args)
-    _warn_unused_search_flags(args)
+    _warn_unused_search_flags(args, parser)
     _check_output_paths(args)
     model = load_model(args.input)
     bar = ProgressBar(sys.stderr)
@@ -177,10 +177,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _in_flag_words(message: str) -> str:
+def _in_flag_words(message: str, parser: argparse.ArgumentParser) -> str:
     """A QuantConfig error as the CLI's user wrote it: ``weight_bits=9`` reads ``--weight-bits 9``,
     "None" reads as leaving the flag out."""
-    usage = build_parser().format_usage()
+    usage = parser.format_usage()
 
     def flag(match: re.Match) -> str:
         name = "--" + match.group(1).replace("_", "-")
@@ -191,14 +191,15 @@ def _in_flag_words(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return run(args)
+        return run(args, parser)
     except LapqError as exc:
         if args.verbose:
             traceback.print_exc()
-        message = _in_flag_words(str(exc)) if isinstance(exc, ConfigError) else str(exc)
+        message = _in_flag_words(str(exc), parser) if isinstance(exc, ConfigError) else str(exc)
         print(f"onnx_lapq: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
