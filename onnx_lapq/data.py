@@ -160,14 +160,11 @@ def calibration_files(path: str) -> list[str]:
 
 def npz_batches(path: str) -> Iterator[dict[str, np.ndarray]]:
     """The arrays of an .npz file, or of each .npz in a folder (sorted by name), as dicts."""
-    if os.path.isdir(path):
-        files = calibration_files(path)
-        if not files:
-            raise CalibrationError(f"calibration folder {path!r} holds no .npz files")
-    elif os.path.isfile(path):
-        files = [path]
-    else:
+    if not (os.path.isdir(path) or os.path.isfile(path)):
         raise CalibrationError(f"calibration file {path!r} does not exist: pass an .npz (one array per model input) or a folder of them")
+    files = calibration_files(path)
+    if not files:
+        raise CalibrationError(f"calibration folder {path!r} holds no .npz files")
     for file in files:
         try:
             with np.load(file, allow_pickle=False) as npz:
