@@ -102,6 +102,7 @@ def _summary(report: dict, seconds: float, output: str, kernels: tuple[int, int]
     else:
         grid = f"W{bits['weight_bits']}A{bits['act_bits']}" + ("" if bits["per_channel"] else " per-tensor")
     grid += ", first and last layers 8-bit" if bits["keep_first_last_8bit"] else ""
+    grid += f", {report['float_type']} model quantized in float32" if report.get("float_type", "float32") != "float32" else ""
     line = (
         f"wrote {output}: {_count(sites['weight_sites'], 'weight site')} and {_count(sites['activation_sites'], 'activation site')} "
         f"({grid}, {bits['method']}), "

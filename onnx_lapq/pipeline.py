@@ -26,6 +26,7 @@ from .lapq import resume, run_lapq
 from .loss import LossEvaluator
 from .params import BIAS_HEADROOM, ParamSpace, QParams, SiteRanges, qparams
 from .plan import QuantPlan, build_plan
+from .precision import to_float32
 from .qmath import QFormat
 from .stats import TensorStats
 from .verify import check_exported
@@ -74,14 +75,16 @@ def quantize(
     times: dict[str, float] = {}
     clock = time.perf_counter()
 
-    normalized = normalize(model, min_opset=INT4_OPSET if config.needs_opset21 else MIN_OPSET)
+    widened, interface = to_float32(model)  # float16/bfloat16 models are quantized in float32
+    normalized = normalize(widened, min_opset=INT4_OPSET if config.needs_opset21 else MIN_OPSET)
     plan = build_plan(normalized, config)
     times["prepare"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    batches = iter_batches(
-        calibration, input_specs(normalized), batch_size=config.batch_size, num_samples=config.num_samples, label_key=config.label_key,
-    )
+    batches = interface.widen(iter_batches(
+        calibration, interface.specs(input_specs(normalized)), batch_size=config.batch_size, num_samples=config.num_samples,
+        label_key=config.label_key,
+    ))
     if config.method == "lapq":  # the search evaluates the loss on the same samples many times
         batches = list(batches)
     first: list[dict[str, np.ndarray]] = []  # one batch kept for the exported model's numeric check
@@ -108,14 +111,15 @@ def quantize(
         times["search" if config.method == "lapq" else "clip"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        quantized = export_qdq(normalized, plan, params, input_means=means)
-        exported = check_exported(quantized, normalized, first[0])
+        quantized = interface.restore(export_qdq(normalized, plan, params, input_means=means))
+        exported = check_exported(quantized, interface.restore(normalized), interface.narrow(first[0]))
         if evaluator is not None:
-            search_report["exported_loss"] = evaluator.measure(exported)
+            search_report["exported_loss"] = evaluator.measure(interface.session(exported))
     times["export"] = time.perf_counter() - clock
 
     report = _report(model, quantized, plan, params, ranges, config, times, samples, initial_params)
     report.update(search_report)
+    report["float_type"] = interface.float_type
     return QuantResult(model=quantized, plan=plan, params=params, report=report)
 
 
