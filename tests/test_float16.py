@@ -169,3 +169,16 @@ def test_bfloat16_interface_is_refused_with_the_fix():
 def test_float32_model_passes_through_unchanged(digits):
     widened, kept = to_float32(digits)
     assert widened is digits and kept.float_type == "float32" and kept.restore(digits) is digits
+
+
+def test_float16_output_that_a_node_also_reads(digits_half):
+    """logits is an output and ArgMax's input; the int64 class output keeps its type."""
+    model = onnx.ModelProto()
+    model.CopyFrom(digits_half)
+    model.graph.node.append(helper.make_node("ArgMax", ["logits"], ["label"], axis=1, keepdims=0))
+    model.graph.output.append(helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]))
+    result = onnx_lapq.quantize(model, half_calibration())
+    session = loads_with_all_optimizations(result.model)
+    assert interface(session) == interface(ort_session(model))
+    logits, label = session.run(None, {"input": half_calibration()[0]["input"]})
+    assert logits.dtype == np.float16 and np.array_equal(label, logits.argmax(axis=1))
