@@ -1,18 +1,26 @@
-"""Models that quantize only with care, or not at all: non-finite weights, models already
-quantized, layers inside control-flow subgraphs, initializers a caller may override."""
+"""Models that quantize only with care, or not at all: non-finite weights, linear layers
+under weight-only quantization, ops of custom domains and their libraries, models already
+quantized, layers inside control-flow subgraphs, initializers a caller may override, and
+weight-only quantization without calibration data."""
 from __future__ import annotations
 
+import ctypes
+import json
 import logging
 import os
+import shutil
+import subprocess
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import make_model, ort_run, ort_session, run_cli
+from conftest import Net, make_model, ort_run, ort_session, run_cli
 from onnx_lapq import QuantConfig, quantize
-from onnx_lapq.errors import ModelError
+from onnx_lapq.calibrate import session
+from onnx_lapq.errors import CalibrationError, ConfigError, ModelError
+from onnx_lapq.verify import integer_layers
 
 FEATURES, CLASSES = 64, 16
 
@@ -102,6 +110,125 @@ def test_excluded_layer_may_hold_non_finite_weights():
         quantize(model, _calibration(), config=QuantConfig(exclude=("fc",)))
 
 
+# --------------------------------------------------------------------------- weight-only linear layers
+
+LINEAR_LAYERS = {
+    "matmul": lambda: _matmul_model(bias=False),
+    "matmul-add": lambda: _matmul_model(),
+    "gemm-transB-0": lambda: _gemm_model(trans_b=0),
+    "gemm-transB-1": lambda: _gemm_model(trans_b=1),
+    "gemm-beta": lambda: _gemm_model(beta=0.5),
+}
+
+
+@pytest.mark.parametrize("layer", list(LINEAR_LAYERS))
+def test_weight_only_w4_takes_every_linear_layer_as_matmulnbits(layer):
+    model = LINEAR_LAYERS[layer]()
+    result = quantize(model, _calibration(), config=QuantConfig(weight_only=True, weight_bits=4))
+    assert integer_layers(result.model) == (1, 1)  # one MatMulNBits in ONNX Runtime's graph
+    x = _calibration(8, seed=1)[0]
+    expected = ort_run(model, x)[0]
+    assert np.linalg.norm(ort_run(result.model, x)[0] - expected) < 0.2 * np.linalg.norm(expected)  # 4-bit rounding only
+    assert [i.name for i in result.model.graph.input] == ["x"] and [o.name for o in result.model.graph.output] == ["y"]
+
+
+def test_weight_only_w8_takes_a_gemm():
+    model = _gemm_model(trans_b=1)
+    result = quantize(model, _calibration(), config=QuantConfig(weight_only=True, weight_bits=8))
+    assert result.report["sites"]["weight_sites"] == 1
+    x = _calibration(8, seed=1)[0]
+    expected = ort_run(model, x)[0]
+    assert np.linalg.norm(ort_run(result.model, x)[0] - expected) < 0.02 * np.linalg.norm(expected)  # 8-bit rounding only
+
+
+# --------------------------------------------------------------------------- custom-domain ops
+
+def _custom_op_model():
+    """x -> MatMul mm -> com.example:Magic magic -> y."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"),
+             helper.make_node("Magic", ["m"], ["y"], name="magic", domain="com.example")]
+    return make_model(nodes, [("x", TensorProto.FLOAT, ["N", FEATURES])], [("y", TensorProto.FLOAT, ["N", CLASSES])],
+                      {"W": rng.standard_normal((FEATURES, CLASSES)).astype(np.float32)}, extra_opsets=[("com.example", 1)], check=False)
+
+
+@pytest.fixture(scope="module")
+def counting_library(tmp_path_factory):
+    """A real custom op library that registers no op and counts its registrations."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build a custom op library")
+    folder = tmp_path_factory.mktemp("customop")
+    source = folder / "count.c"
+    source.write_text(
+        "static int calls = 0;\n"
+        "void *RegisterCustomOps(void *options, const void *api) { (void)options; (void)api; calls++; return 0; }\n"
+        "int registrations(void) { return calls; }\n"
+    )
+    library = folder / "libcount.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    return str(library)
+
+
+def test_custom_domain_op_names_op_domain_and_flag():
+    with pytest.raises(ModelError) as err:
+        quantize(_custom_op_model(), _calibration())
+    message = str(err.value)
+    assert "Magic" in message and "'com.example'" in message and "--custom-op-library PATH" in message
+
+
+def test_custom_domain_op_cli_exits_2(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = run_cli(_save(_custom_op_model(), tmp_path / "m.onnx"), out / "q.onnx", "--calib", _calib_npz(tmp_path / "c.npz"))
+    _assert_one_error_line(proc, "Magic", "com.example", "--custom-op-library")
+    assert os.listdir(out) == []
+
+
+def test_every_session_of_the_run_loads_the_custom_op_libraries(counting_library):
+    registrations = ctypes.CDLL(counting_library).registrations
+    before = registrations()
+    quantize(_gemm_model(), _calibration(), config=QuantConfig(custom_op_libraries=(counting_library,)))
+    # one check up front, then the calibration session and the exported model's three checking sessions
+    assert registrations() - before >= 5
+    during = registrations()
+    session(_gemm_model())  # after the run: no library
+    assert registrations() == during
+
+
+def test_library_without_the_op_still_names_the_op(counting_library):
+    with pytest.raises(ModelError, match="Magic"):
+        quantize(_custom_op_model(), _calibration(), config=QuantConfig(custom_op_libraries=(counting_library,)))
+
+
+def test_missing_custom_op_library_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        QuantConfig(custom_op_libraries=(str(tmp_path / "absent.so"),))
+    with pytest.raises(ConfigError, match="tuple of strings"):
+        QuantConfig(custom_op_libraries=(tmp_path,))
+
+
+def test_invalid_custom_op_library_is_a_config_error_before_any_work(tmp_path):
+    fake = tmp_path / "fake.so"
+    fake.write_text("not a library\n")
+    with pytest.raises(ConfigError, match="cannot load the custom op library"):
+        quantize(_gemm_model(), _calibration(), config=QuantConfig(custom_op_libraries=(str(fake),)))
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = run_cli(_save(_gemm_model(), tmp_path / "m.onnx"), out / "q.onnx", "--calib", _calib_npz(tmp_path / "c.npz"),
+                   "--custom-op-library", fake)
+    _assert_one_error_line(proc, "fake.so")
+    assert os.listdir(out) == []
+
+
+def test_custom_op_library_flag_is_repeatable(tmp_path, counting_library):
+    out = tmp_path / "q.onnx"
+    proc = run_cli(_save(_gemm_model(), tmp_path / "m.onnx"), out, "--calib", _calib_npz(tmp_path / "c.npz"),
+                   "--custom-op-library", counting_library, "--custom-op-library", counting_library, "--report", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["config"]["custom_op_libraries"] == [counting_library] * 2
+
+
 # --------------------------------------------------------------------------- already quantized
 
 @pytest.mark.parametrize("weight_only", [False, True])
@@ -187,3 +314,49 @@ def test_ir3_initializers_listed_as_inputs_are_constants():
     result = quantize(model, _calibration())
     assert [i.name for i in result.model.graph.input] == [i.name for i in ort_session(model).get_inputs()] == ["x"]
     assert result.report["sites"]["weight_sites"] == 1
+
+
+# --------------------------------------------------------------------------- weight-only without calibration
+
+def test_weight_only_needs_no_calibration():
+    config = QuantConfig(weight_only=True, weight_bits=4)
+    result = quantize(_matmul_model(), None, config=config)
+    assert result.report["calibration_samples"] == 0
+    assert integer_layers(result.model) == (1, 1)
+    again = quantize(_matmul_model(), None, config=config)
+    assert again.model.SerializeToString() == result.model.SerializeToString()
+    given = quantize(_matmul_model(), _calibration(), config=config)
+    assert given.model.SerializeToString() == result.model.SerializeToString()  # the data changes nothing
+
+
+def test_weight_only_without_calibration_on_integer_inputs():
+    """An embedding model's token ids: the synthetic sample must be valid indices."""
+    net = Net(np.random.default_rng(0))
+    net.inits["table"] = net.rng.standard_normal((50, 32)).astype(np.float32)
+    emb = net.op("Gather", "embed", ["table", "ids"])
+    masked = net.op("Mul", "masked", [emb, net.op("Unsqueeze", "mask3", [net.op("Cast", "maskf", ["mask"], to=TensorProto.FLOAT), "axis"])])
+    net.inits["axis"] = np.array([2], np.int64)
+    net.matmul("fc", masked, 32, 8)
+    model = net.model([("ids", TensorProto.INT64, ["N", "T"]), ("mask", TensorProto.INT64, ["N", "T"])], [("fc", TensorProto.FLOAT, ["N", "T", 8])])
+    result = quantize(model, None, config=QuantConfig(weight_only=True, weight_bits=4))
+    assert integer_layers(result.model) == (1, 1)
+
+
+def test_calibration_none_without_weight_only_says_what_to_do():
+    with pytest.raises(CalibrationError, match="only weight_only"):
+        quantize(_matmul_model(), None)
+
+
+def test_cli_weight_only_without_calib(tmp_path):
+    out = tmp_path / "q.onnx"
+    proc = run_cli(_save(_matmul_model(), tmp_path / "m.onnx"), out, "--weight-only", "--weight-bits", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "MatMulNBits" not in proc.stderr and out.exists()
+
+
+def test_cli_without_calib_names_the_flag(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = run_cli(_save(_matmul_model(), tmp_path / "m.onnx"), out / "q.onnx")
+    _assert_one_error_line(proc, "--calib CALIB.npz is required", "--weight-only")
+    assert os.listdir(out) == []
