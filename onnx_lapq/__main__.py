@@ -15,6 +15,7 @@ import sys
 import time
 import traceback
 
+from .calibrate import custom_ops
 from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, LOSSES, QUANTIZABLE_OP_TYPES, SEARCH_BIAS_CORRECTION, SEARCHES, QuantConfig
 from .data import calibration_files, npz_batches
 from .errors import ConfigError, LapqError, ModelError
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m onnx_lapq", description="Quantize a float ONNX model into an integer-ready QDQ model.")
     p.add_argument("input", metavar="IN.onnx", help="float ONNX model (never modified)")
     p.add_argument("output", metavar="OUT.onnx", help="where to write the QDQ model")
-    p.add_argument("--calib", required=True, metavar="CALIB.npz", help=".npz with one array per model input (samples on axis 0), or a folder of them")
+    p.add_argument("--calib", metavar="CALIB.npz", help=".npz with one array per model input (samples on axis 0), or a folder of them (required, except with --weight-only)")
     p.add_argument("--weight-bits", type=int, default=8, help="weight bits: 2..8 or 16 (default 8)")
     p.add_argument("--act-bits", type=int, default=8, help="activation bits: 2..8 or 16 (default 8)")
     p.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per output channel")
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "continue the lower), auto (where it more than halves the min/max start's loss), on, or off")
     search_flag("--loss", default="auto", choices=LOSSES, help="search objective: auto (kl for classifiers, cosine for normalized embeddings, else mse), kl, mse, cosine, ce")
     lapq.add_argument("--labels", default=None, metavar="KEY", help="name of the integer labels array in the calibration npz (for --loss ce)")
+    p.add_argument("--custom-op-library", action="append", default=[], metavar="PATH",
+                   help="shared library of custom ops that ONNX Runtime loads for the model's ops of custom domains (repeatable)")
     p.add_argument("--report", metavar="REPORT.json", help="write the run's report as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     return p
@@ -89,7 +92,7 @@ def _config(args: argparse.Namespace) -> QuantConfig:
         search=args.search, max_evals=args.max_evals, search_samples=args.search_samples, time_limit=args.time_limit, search_step=args.search_step, loss=args.loss, label_key=args.labels,
         search_bias_correction=args.search_bias_correction,
         bias_correction=not args.no_bias_correction, quantize_attention=args.quantize_attention, weight_only=args.weight_only, block_size=args.block_size,
-        mask_input=None if args.mask_input.lower() == "none" else args.mask_input,
+        mask_input=None if args.mask_input.lower() == "none" else args.mask_input, custom_op_libraries=tuple(args.custom_op_library),
     )
 
 
@@ -139,7 +142,7 @@ def _check_output_paths(args: argparse.Namespace) -> None:
     if args.report:
         outputs["--report"] = args.report
     inputs = {"the input model": args.input}
-    inputs.update((f"the calibration file {f!r}", f) for f in calibration_files(args.calib))
+    inputs.update((f"the calibration file {f!r}", f) for f in (calibration_files(args.calib) if args.calib else []))
     for flag, path in outputs.items():
         for what, source in inputs.items():
             if same_file(path, source):
@@ -158,13 +161,15 @@ def _warn_unused_search_flags(args: argparse.Namespace, parser: argparse.Argumen
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     started = time.perf_counter()
+    if args.calib is None and not args.weight_only:
+        raise ConfigError("--calib CALIB.npz is required (only --weight-only runs without calibration data): give the calibration file or folder")
     config = _config(args)
     _warn_unused_search_flags(args, parser)
     _check_output_paths(args)
     model = load_model(args.input)
     bar = ProgressBar(sys.stderr)
     try:
-        result = quantize(model, npz_batches(args.calib), config=config, on_step=bar)
+        result = quantize(model, npz_batches(args.calib) if args.calib else None, config=config, on_step=bar)
     except BaseException:
         bar.close(finished=False)
         raise
@@ -174,7 +179,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if same_file(args.report, args.output):  # only now both exist: names that differ in case only, on a case-insensitive disk
             raise ModelError(f"--report {args.report!r} is the model just written to OUT.onnx: give the report a path of its own")
         save_text_atomic(json.dumps(result.report, indent=1), args.report)
-    print(_summary(result.report, time.perf_counter() - started, args.output, integer_layers(result.model)))
+    with custom_ops(config.custom_op_libraries):
+        kernels = integer_layers(result.model)
+    print(_summary(result.report, time.perf_counter() - started, args.output, kernels))
     return 0
 
 

@@ -4,22 +4,71 @@ The float model is run with the observed tensors added as graph outputs; each ba
 outputs are folded into a :class:`TensorStats` and dropped, so memory is bounded by
 one batch of activations plus a fixed-size histogram per tensor, whatever the number
 of samples.
+
+:func:`session` is the one factory of ONNX Runtime sessions for the whole run; inside
+``with custom_ops(libraries):`` every session it opens loads those custom op libraries.
 """
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Callable, Iterable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import CalibrationError
+from .errors import CalibrationError, ConfigError, ModelError
 from .modelio import copy_model
 from .stats import TensorStats
 
 OUTPUT_BUDGET = 128 << 20  # bytes of observed tensors one ONNX Runtime run may return
 ARENAS = ("own", "none", "shared")
+# op domains whose ops ONNX Runtime implements itself; others need a custom op library
+ORT_DOMAINS = (
+    "", "ai.onnx", "ai.onnx.ml", "ai.onnx.training", "ai.onnx.preview.training",
+    "com.microsoft", "com.microsoft.nchwc", "com.microsoft.experimental", "com.ms.internal.nhwc",
+)
+# The custom op libraries of the run in progress, set by custom_ops for its block: a
+# context variable, so that runs in other threads or tasks never see each other's.
+_LIBRARIES: ContextVar[tuple[str, ...]] = ContextVar("custom_op_libraries", default=())
+
+
+@contextmanager
+def custom_ops(libraries: tuple[str, ...]):
+    """Every :func:`session` opened in the block (in this thread or task) loads ``libraries``;
+    ConfigError up front when ONNX Runtime cannot load one."""
+    for library in libraries:
+        try:
+            ort.SessionOptions().register_custom_ops_library(library)
+        except Exception as exc:  # ONNX Runtime raises its own exception types
+            raise ConfigError(
+                f"ONNX Runtime cannot load the custom op library {library!r} ({str(exc).splitlines()[0]}): "
+                f"give a shared library built for ONNX Runtime {ort.__version__}"
+            ) from None
+    token = _LIBRARIES.set(tuple(libraries))
+    try:
+        yield
+    finally:
+        _LIBRARIES.reset(token)
+
+
+def require_custom_ops(model: onnx.ModelProto) -> None:
+    """ModelError naming the op and its domain when ``model`` has an op of a domain ONNX
+    Runtime does not implement and the custom op libraries of the run do not either."""
+    custom = [n for n in model.graph.node if n.domain not in ORT_DOMAINS]
+    if not custom:
+        return
+    try:
+        session(model, optimize=False)
+    except Exception as exc:  # ONNX Runtime raises its own exception types
+        message = str(exc)
+        node = next((n for n in custom if n.op_type in message), custom[0])
+        raise ModelError(
+            f"ONNX Runtime cannot run op {node.op_type} of domain {node.domain!r} (node {node.name!r}): load the shared library "
+            "that implements it with --custom-op-library PATH (API: QuantConfig(custom_op_libraries=...))"
+        ) from None
 
 
 def session(model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True, arena: str = "own", optimized_path: str | None = None) -> ort.InferenceSession:
@@ -40,6 +89,8 @@ def session(model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True, 
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if optimized_path is not None:
         options.optimized_model_filepath = optimized_path
+    for library in _LIBRARIES.get():
+        options.register_custom_ops_library(library)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

@@ -5,6 +5,7 @@ Every field has a default that gives W8A8 with per-channel weights; each check i
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ OPTIONAL_NUMBER_FIELDS = ("time_limit",)
 BOOL_FIELDS = ("per_channel", "weight_symmetric", "act_symmetric", "keep_first_last_8bit", "quantize_attention", "bias_correction", "weight_only")
 STR_FIELDS = ("method", "search", "loss", "search_bias_correction")
 OPTIONAL_STR_FIELDS = ("label_key", "mask_input")
-STR_TUPLE_FIELDS = ("exclude", "exclude_op_types", "op_types")
+STR_TUPLE_FIELDS = ("exclude", "exclude_op_types", "op_types", "custom_op_libraries")
 NUMBER_TUPLE_FIELDS = ("lp_grid",)
 
 
@@ -124,6 +125,10 @@ class QuantConfig:
         "on" and "off" decide for every network.
     weight_only: quantize only the weights of MatMuls (activations stay float), in
         blocks of ``block_size`` rows: the form ONNX Runtime runs as MatMulNBits at 4 bits.
+        It needs no calibration data (quantize may be given None).
+    custom_op_libraries: paths of shared libraries of custom ops (ONNX Runtime's
+        register_custom_ops_library) that every ONNX Runtime session of the run loads:
+        for models with ops of custom domains.
     """
 
     weight_bits: int = 8
@@ -158,6 +163,7 @@ class QuantConfig:
     search_bias_correction: str = "race"
     weight_only: bool = False
     block_size: int = 32
+    custom_op_libraries: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for field in STR_TUPLE_FIELDS + NUMBER_TUPLE_FIELDS:  # lists are welcome; frozen fields must hash
@@ -214,6 +220,9 @@ class QuantConfig:
             raise ConfigError(f"weight_only quantizes weights alone: use method minmax, mse or lp, not {self.method!r}")
         if self.memory_budget_mb < 0:
             raise ConfigError("memory_budget_mb must be >= 0")
+        for library in self.custom_op_libraries:
+            if not os.path.isfile(library):
+                raise ConfigError(f"custom op library {library!r} does not exist: give the path of the shared library that implements the model's custom ops")
         if self.histogram_bins not in tuple(2**k for k in range(8, 17)):
             raise ConfigError(f"histogram_bins={self.histogram_bins} must be a power of two from 256 to 65536")
 

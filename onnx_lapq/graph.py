@@ -11,6 +11,14 @@ normalize(model) returns a new ModelProto that is numerically the same network w
     with a constant weight followed by a constant per-column Add made one Gemm (which
     ONNX Runtime runs as an integer QGemm; it fuses the pair into a float Gemm itself
     otherwise, as it did with mnist-8's last layer).
+With ``linear_as_matmul`` (weight-only quantization, whose 4-bit form is ONNX Runtime's
+MatMulNBits) linear layers go the other way: MatMul + Add stays as it is and a Gemm with a
+constant weight, transA=0 and alpha=1 becomes MatMul (its weight transposed where transB=1)
+followed by an Add of beta * C.
+Initializers that are also graph inputs stay both in models of IR version 4 or later, where
+ONNX Runtime lets a caller override them: they are not folded into anything, and the graph
+inputs keep their names, types and order.  (Under IR 3 every initializer had to be listed
+as an input and ONNX Runtime treats them as constants, so they are constants here too.)
 The input ModelProto is never modified.  (File reading and writing live in modelio.)
 """
 from __future__ import annotations
@@ -44,9 +52,20 @@ def default_opset(model: onnx.ModelProto) -> int:
     raise ModelError("the model imports no default-domain opset: it is not a standard ONNX model")
 
 
-def normalize(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET) -> onnx.ModelProto:
+def overridable_initializers(model: onnx.ModelProto) -> list[str]:
+    """Initializers that ONNX Runtime lets a caller override: those listed among the graph
+    inputs, in a model of IR version 4 or later."""
+    if model.ir_version < 4:
+        return []
+    inputs = {i.name for i in model.graph.input}
+    return [t.name for t in model.graph.initializer if t.name in inputs]
+
+
+def normalize(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET, linear_as_matmul: bool = False) -> onnx.ModelProto:
     """The normalized copy of ``model`` described in the module docstring."""
+    overridable = overridable_initializers(model)
     model = _convert_opset(model, min_opset)
+    defaults = _detach_initializers(model, overridable)
     graph = gs.import_onnx(model)
     _name_nodes(graph)
     try:
@@ -56,9 +75,13 @@ def normalize(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET) -> onnx.Mod
     graph.cleanup().toposort()
     _fold_batchnorm(graph)
     _fold_conv_bias_add(graph)
-    _fold_matmul_bias_add(graph)
+    if linear_as_matmul:
+        _unfold_gemm(graph)
+    else:
+        _fold_matmul_bias_add(graph)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
+    out.graph.initializer.extend(defaults)
     out.ir_version = min(max(model.ir_version, _IR_FOR_OPSET[default_opset(out)]), MAX_IR)
     out.producer_name = model.producer_name
     del out.opset_import[:]
@@ -81,6 +104,18 @@ def _convert_opset(model: onnx.ModelProto, min_opset: int) -> onnx.ModelProto:
         raise ModelError(f"cannot convert opset {current} to {min_opset} ({exc}): re-export the model at opset {min_opset} or newer") from None
     converted.ir_version = max(converted.ir_version, _IR_FOR_OPSET[min_opset])
     return converted
+
+
+def _detach_initializers(model: onnx.ModelProto, names: list[str]) -> list[onnx.TensorProto]:
+    """Remove the initializers ``names`` from ``model`` (a copy of the input) and return
+    them: onnx-graphsurgeon then sees plain graph inputs, which it neither folds nor drops."""
+    if not names:
+        return []
+    detached = [t for t in model.graph.initializer if t.name in names]
+    kept = [t for t in model.graph.initializer if t.name not in names]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return detached
 
 
 def _name_nodes(graph: gs.Graph) -> None:
@@ -168,6 +203,34 @@ def _fold_matmul_bias_add(graph: gs.Graph) -> None:
         if found is not None:
             node.op = "Gemm"
             _absorb(node, *found)
+
+
+def _unfold_gemm(graph: gs.Graph) -> None:
+    """Gemm(x, B, C) with B constant, transA=0 and alpha=1 becomes MatMul(x, B or B^T) and,
+    with a C, Add(., beta * C); the MatMul keeps the Gemm's name."""
+    for node in list(graph.nodes):
+        attrs = node.attrs
+        if node.op != "Gemm" or not isinstance(node.inputs[1], gs.Constant) or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+            continue
+        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        beta = attrs.get("beta", 1.0)
+        if bias is not None and beta != 1.0 and not isinstance(bias, gs.Constant):
+            continue
+        weight = node.inputs[1]
+        if attrs.get("transB", 0):
+            weight = gs.Constant(f"{weight.name}_transposed", np.ascontiguousarray(weight.values.T))
+        output = node.outputs[0]
+        node.op, node.attrs = "MatMul", {}
+        node.inputs[1] = weight
+        if len(node.inputs) > 2:
+            node.inputs.pop()
+        if bias is None:
+            continue
+        if beta != 1.0:
+            bias = gs.Constant(f"{bias.name}_beta", (bias.values * np.float32(beta)).astype(bias.values.dtype))
+        product = gs.Variable(f"{node.name}_MatMul_Output", dtype=output.dtype)
+        node.outputs[0] = product
+        graph.nodes.append(gs.Node("Add", f"{node.name}_bias", inputs=[product, bias], outputs=[output]))
 
 
 def _fold_conv_bias_add(graph: gs.Graph) -> None:

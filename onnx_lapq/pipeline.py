@@ -3,6 +3,10 @@
     result = quantize(model, calibration, config=QuantConfig(...), on_step=callback)
     result.model   # integer-ready QDQ onnx.ModelProto (checked with onnx.checker and ONNX Runtime)
     result.report  # JSON-ready dict: sites, bits, ranges and scales per site, sizes, times
+
+Weight-only quantization gathers no statistics: its calibration may be None (the exported
+model's numeric check then runs on one synthetic sample).  Every ONNX Runtime session of
+the run loads ``config.custom_op_libraries``.
 """
 from __future__ import annotations
 
@@ -16,10 +20,10 @@ import onnx
 from onnx import numpy_helper
 
 from . import clip
-from .calibrate import collect_stats, release_shared_arena
+from .calibrate import collect_stats, custom_ops, release_shared_arena, require_custom_ops
 from .config import QuantConfig
 from .data import input_specs, iter_batches
-from .errors import ConfigError, ModelError
+from .errors import CalibrationError, ConfigError, ModelError
 from .export import export_qdq
 from .graph import INT4_OPSET, MIN_OPSET, default_opset, normalize
 from .lapq import resume, run_lapq
@@ -64,37 +68,51 @@ def quantize(
     config: QuantConfig = QuantConfig(),
     on_step: Callable[[Progress], None] | None = None,
 ) -> QuantResult:
-    """Quantize a float ModelProto with the given calibration data (see data.py for its forms)."""
+    """Quantize a float ModelProto with the given calibration data (see data.py for its forms;
+    None for weight-only quantization)."""
     if not isinstance(model, onnx.ModelProto):
         raise ModelError(f"quantize takes an onnx.ModelProto, not {type(model).__name__}: load the file with onnx.load first")
     if not isinstance(config, QuantConfig):
         raise ConfigError("config must be an onnx_lapq.QuantConfig")
     if on_step is not None and not callable(on_step):
         raise ConfigError(f"on_step must be a function of one Progress (or None), not {type(on_step).__name__}")
+    if calibration is None and not config.weight_only:
+        raise CalibrationError("no calibration data (None): give calibration batches; only weight_only quantization runs without them")
     notify = on_step or (lambda progress: None)
+    with custom_ops(config.custom_op_libraries):
+        return _quantize(model, calibration, config, notify)
+
+
+def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, notify: Callable[[Progress], None]) -> QuantResult:
     times: dict[str, float] = {}
     clock = time.perf_counter()
 
     widened, interface = to_float32(model)  # float16/bfloat16 models are quantized in float32
-    normalized = normalize(widened, min_opset=INT4_OPSET if config.needs_opset21 else MIN_OPSET)
+    normalized = normalize(widened, min_opset=INT4_OPSET if config.needs_opset21 else MIN_OPSET, linear_as_matmul=config.weight_only)
     plan = build_plan(normalized, config)
+    require_custom_ops(normalized)
     times["prepare"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    batches = interface.widen(iter_batches(
+    batches = None if calibration is None else interface.widen(iter_batches(
         calibration, interface.specs(input_specs(normalized)), batch_size=config.batch_size, num_samples=config.num_samples,
         label_key=config.label_key,
     ))
-    if config.method == "lapq":  # the search evaluates the loss on the same samples many times
-        batches = list(batches)
     first: list[dict[str, np.ndarray]] = []  # one batch kept for the exported model's numeric check
-    layer_inputs = [b.input_tensor for b in plan.biases] if config.bias_correction else []  # for their channel means
-    stats, samples = collect_stats(
-        normalized, list(dict.fromkeys([a.tensor for a in plan.activations] + layer_inputs)),
-        _keep_first(_without(batches, config.label_key), first),
-        half_bins=config.histogram_bins // 2, channel_means=frozenset(layer_inputs),
-        mask_input=padding_mask(normalized, config.mask_input), on_batch=lambda done: notify(Progress("calibrate", done, config.num_samples)),
-    )
+    if config.weight_only:  # rounds the weights alone: no statistics to gather
+        stats, samples = {}, 0
+        first.append(_synthetic_sample(normalized, padding_mask(normalized, config.mask_input), config.seed) if calibration is None
+                     else next(_without(batches, config.label_key)))
+    else:
+        if config.method == "lapq":  # the search evaluates the loss on the same samples many times
+            batches = list(batches)
+        layer_inputs = [b.input_tensor for b in plan.biases] if config.bias_correction else []  # for their channel means
+        stats, samples = collect_stats(
+            normalized, list(dict.fromkeys([a.tensor for a in plan.activations] + layer_inputs)),
+            _keep_first(_without(batches, config.label_key), first),
+            half_bins=config.histogram_bins // 2, channel_means=frozenset(layer_inputs),
+            mask_input=padding_mask(normalized, config.mask_input), on_batch=lambda done: notify(Progress("calibrate", done, config.num_samples)),
+        )
     times["calibrate"] = time.perf_counter() - clock
 
     means = {b.input_tensor: stats[b.input_tensor].channel_mean for b in plan.biases} if config.bias_correction else None
@@ -121,6 +139,21 @@ def quantize(
     report.update(search_report)
     report["float_type"] = interface.float_type
     return QuantResult(model=quantized, plan=plan, params=params, report=report)
+
+
+def _synthetic_sample(model: onnx.ModelProto, mask_input: str | None, seed: int) -> dict[str, np.ndarray]:
+    """One deterministic sample of the model's inputs, symbolic dimensions 1: seeded normal
+    floats, zeros for other inputs (a valid index into any table) and ones for the padding
+    mask (every position real)."""
+    rng = np.random.default_rng(seed)
+    sample = {}
+    for spec in input_specs(model):
+        shape = tuple(d or 1 for d in spec.shape)
+        if spec.dtype.kind == "f":
+            sample[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        else:
+            sample[spec.name] = (np.ones if spec.name == mask_input else np.zeros)(shape, spec.dtype)
+    return sample
 
 
 def padding_mask(model: onnx.ModelProto, mask_input: str | None) -> str | None:

@@ -17,6 +17,10 @@ Sites:
                 scale s_in * s_w and zero point 0.
 With quantize_attention, MatMuls of two activations get input sites on both sides.
 With weight_only, the plan is the blockwise weights of 2-D MatMuls alone.
+Refused (ModelError): a weight or bias to quantize that holds NaN or Inf, or that is an
+initializer a caller may override (a graph input: quantizing would freeze it), and a
+model with nothing to quantize (named as already quantized when it holds Q/DQ or
+integer-kernel ops).  Layers inside Loop/If/Scan subgraphs stay float, with a warning.
 Activation sites share one parameter group when ONNX Runtime needs equal scales: the
 output of a value-preserving op (MaxPool, Reshape, Flatten, Transpose, ...) with its
 input, and Concat with its inputs.  At other than 8 bits such an output site is dropped
@@ -45,6 +49,11 @@ PASS_THROUGH_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Un
 # (same grid, same numbers) so the model loads at ENABLE_ALL.
 WIDE_CONTAINER_OPS = PASS_THROUGH_OPS + ("Slice", "Gather", "Resize", "Expand", "Split", "Tile", "DepthToSpace", "SpaceToDepth", "Clip")
 FUSABLE_ACTIVATIONS = ("Relu", "Clip")
+# ops that only a quantized model holds: ONNX's Q/DQ pair and ONNX Runtime's integer kernels
+QUANTIZED_OPS = (
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QGemm",
+    "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "GatherBlockQuantized", "QAttention",
+)
 
 
 @dataclass(frozen=True)
@@ -222,7 +231,8 @@ def _weight_only_plan(index: _GraphIndex, nodes: list[onnx.NodeProto], config: Q
         if node.op_type == "MatMul" and len(index.initializers[node.input[1]].dims) == 2 and node.input[1] not in weights:
             weights[node.input[1]] = WeightSite(node.input[1], node.name, node.op_type, 0, config.weight_bits, config.block_size)
     if not weights:
-        raise ModelError("weight-only quantization found no MatMul with a constant 2-D weight: drop --weight-only or check the model")
+        _refuse_quantized(index.graph)
+        raise ModelError("weight-only quantization found no linear layer (MatMul, or Gemm with transA=0 and alpha=1) with a constant 2-D weight: drop --weight-only or check the model")
     return QuantPlan(weights=tuple(weights.values()), activations=(), biases=(), reads=_reading_order(index, weights))
 
 
@@ -248,15 +258,73 @@ def _warn_unused_exclusions(graph: onnx.GraphProto, config: QuantConfig) -> None
             log.warning("excluded op type %r: the model has no %s node", op_type, op_type)
 
 
+def _refuse_quantized(graph: onnx.GraphProto) -> None:
+    """ModelError when ``graph`` holds ops only a quantized model has."""
+    found = sorted({n.op_type for n in graph.node if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear")})
+    if found:
+        raise ModelError(f"the model is already quantized (it has {', '.join(found)} nodes): give onnx_lapq the float model it was made from")
+
+
+def _subgraphs(node: onnx.NodeProto):
+    """The graphs that ``node``'s attributes hold (Loop and Scan bodies, If branches)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _nested_layers(node: onnx.NodeProto, op_types) -> int:
+    """How many nodes of ``op_types`` the subgraphs of ``node`` hold, at any depth."""
+    inner = [n for g in _subgraphs(node) for n in g.node]
+    return sum(n.op_type in op_types for n in inner) + sum(_nested_layers(n, op_types) for n in inner)
+
+
+def _warn_subgraph_layers(graph: onnx.GraphProto, config: QuantConfig) -> None:
+    """A warning for each Loop/If/Scan node whose subgraphs hold layers: they stay float."""
+    for node in graph.node:
+        layers = _nested_layers(node, config.op_types)
+        if layers:
+            log.warning(
+                "%d %s layer%s inside the subgraphs of %s node %r stay%s float: onnx_lapq quantizes the main graph only",
+                layers, "/".join(config.op_types), "" if layers == 1 else "s", node.op_type, node.name, "s" if layers == 1 else "",
+            )
+
+
+def _check_weights(index: _GraphIndex, plan: QuantPlan) -> QuantPlan:
+    """``plan``, once every weight and bias it quantizes is finite and constant; ModelError naming the first that is not."""
+    inputs = {i.name for i in index.graph.input}
+    for tensor, node in [(w.tensor, w.node) for w in plan.weights] + [(b.tensor, b.node) for b in plan.biases]:
+        kind = "bias" if any(b.tensor == tensor for b in plan.biases) else "weight"
+        if tensor in inputs:
+            raise ModelError(
+                f"{kind} {tensor!r} of node {node!r} is also a graph input, which ONNX Runtime lets a caller override, and a "
+                "quantized one cannot be: remove the weights from the graph inputs (onnxruntime/tools/python/"
+                f"remove_initializer_from_input.py does it) or keep the layer float with --exclude {node}"
+            )
+        values = index.constant(tensor)
+        bad = {"NaN": int(np.isnan(values).sum()), "Inf": int(np.isinf(values).sum())}
+        if any(bad.values()):
+            found = " and ".join(f"{n} {what}" for what, n in bad.items() if n)
+            raise ModelError(
+                f"{kind} {tensor!r} of node {node!r} holds {found} of {values.size} values, which quantization cannot "
+                f"represent: fix the model's weights (a trained model has finite ones) or keep the layer float with --exclude {node}"
+            )
+    return plan
+
+
 def build_plan(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
-    """The sites of a normalized model; ModelError when nothing can be quantized."""
+    """The sites of a normalized model; ModelError when nothing can be quantized or a
+    weight to quantize is not finite or can be overridden."""
     index = _GraphIndex(model.graph)
     _warn_unused_exclusions(model.graph, config)
+    _warn_subgraph_layers(model.graph, config)
     nodes = _compute_nodes(index, config)
     if config.weight_only:
-        return _weight_only_plan(index, nodes, config)
+        return _check_weights(index, _weight_only_plan(index, nodes, config))
     attention = _attention_nodes(index, config) if config.quantize_attention else []
     if not nodes and not attention and not _embedding_sites(index, config):
+        _refuse_quantized(model.graph)
         raise ModelError(
             f"nothing to quantize: no {'/'.join(config.op_types)} node with a constant float weight "
             "outside the excluded ones; check --exclude or the model"
@@ -292,13 +360,13 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
     order = {name: i for i, name in enumerate(_tensor_order(index))}
     for site in _embedding_sites(index, config):
         weights.setdefault(site.tensor, site)
-    return QuantPlan(
+    return _check_weights(index, QuantPlan(
         weights=tuple(weights.values()),
         activations=tuple(sorted(acts.values(), key=lambda a: order.get(a.tensor, -1))),
         biases=tuple(biases),
         reads=_reading_order(index, [*acts, *weights]),
         ceilings=_clip_ceilings(index, acts.values()),
-    )
+    ))
 
 
 def _clip_ceilings(index: _GraphIndex, sites) -> tuple[tuple[str, float], ...]:
