@@ -221,10 +221,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     bar = ProgressBar(sys.stderr)
     try:
         result = quantize(model, npz_batches(args.calib), config=config, on_step=bar, journal=None if checkpoint is None else checkpoint.journal)
-    except BaseException:
+    except BaseException as exc:
         bar.close(finished=False)
         if checkpoint is not None:
             checkpoint.save()
+            if checkpoint.saved and not isinstance(exc, LapqError):
+                log.warning("the search's progress is kept in %s: the same command plus --resume continues it", args.checkpoint)
         raise
     bar.close()
     save_model_atomic(result.model, args.output)

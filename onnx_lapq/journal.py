@@ -69,7 +69,7 @@ class SearchJournal:
     def bind(self, binding: dict[str, Any]) -> None:
         """Bind a new journal to the run described by ``binding`` (see ``run_binding``), or
         check that a bound one describes the same run: CheckpointError saying what differs."""
-        binding = json.loads(json.dumps(binding))  # as it reads back from to_text
+        binding = json.loads(json.dumps(binding, default=_number))  # as it reads back from to_text
         if self.binding is None:
             self.binding = binding
             return
@@ -168,13 +168,13 @@ def _difference(recorded: dict[str, Any], current: dict[str, Any]) -> str | None
     """What differs between a journal's binding and this run's, in words; None if nothing."""
     if recorded.get("versions") != current["versions"]:
         return f"it was written by {_versions(recorded.get('versions'))}, this is {_versions(current['versions'])}"
-    for what in ("model", "calibration"):
-        if recorded.get(what) != current[what]:
-            return f"it was made with another {'model' if what == 'model' else 'calibration data'}"
     old, new = recorded.get("config", {}), current["config"]
     for name in new:
         if old.get(name, "(absent)") != new[name]:
             return f"it was made with {name}={_shown(old.get(name, '(absent)'))}, this run has {name}={_shown(new[name])}"
+    for what, words in (("model", "another model"), ("calibration", "other calibration data")):
+        if recorded.get(what) != current[what]:
+            return f"it was made from {words}"
     return None
 
 
@@ -187,6 +187,13 @@ def _versions(versions) -> str:
 def _shown(value) -> str:
     """A config value as its QuantConfig field would read (lists were tuples)."""
     return repr(tuple(value)) if isinstance(value, list) else repr(value)
+
+
+def _number(value):
+    """A numpy scalar (config fields may be numpy integers) as the Python number JSON takes."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _digest_field(digest) -> str:
