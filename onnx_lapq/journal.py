@@ -59,7 +59,9 @@ class SearchJournal:
             data = json.loads(text)
             if data["format"] != FORMAT or data["version"] != FORMAT_VERSION or not isinstance(data["binding"], dict):
                 raise ValueError
-            entries = [(_digest_field(digest), float.fromhex(loss)) for digest, loss in data["entries"]]
+            entries = [(digest, float.fromhex(loss)) for digest, loss in data["entries"]]
+            if not all(isinstance(digest, str) for digest, _ in entries):
+                raise ValueError
         except (ValueError, TypeError, KeyError):  # json's errors (UnicodeDecodeError too) are ValueErrors
             raise CheckpointError(
                 f"{source} is not a readable onnx_lapq checkpoint (damaged, truncated or another file): delete it and start over without resuming"
@@ -194,9 +196,3 @@ def _number(value):
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def _digest_field(digest) -> str:
-    if not isinstance(digest, str):
-        raise TypeError("a point digest is a string")
-    return digest
