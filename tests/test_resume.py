@@ -12,12 +12,15 @@ import time
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
+from onnx import numpy_helper
 
 from conftest import DIGITS_CALIB, DIGITS_MODEL, REPO
 from conftest import run_cli as cli
-from onnx_lapq.__main__ import main
+import onnx_lapq
 from onnx_lapq import CheckpointError, ConfigError, QuantConfig, SearchJournal, quantize
+from onnx_lapq.__main__ import main
 
 MAX_EVALS = 60
 CONFIG = QuantConfig(weight_bits=4, act_bits=4, method="lapq", max_evals=MAX_EVALS)
@@ -76,17 +79,34 @@ def test_api_resume_gives_the_uninterrupted_bytes(uninterrupted, interrupted_jou
     assert resumed.report["replayed_evaluations"] == recorded
 
 
+def _with_one_weight_changed(model: onnx.ModelProto) -> onnx.ModelProto:
+    changed = onnx.ModelProto.FromString(model.SerializeToString())
+    weight = changed.graph.initializer[0]
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(1.01), weight.name))
+    return changed
+
+
 def test_journal_of_another_run_is_refused(interrupted_journal):
     model, calibration = _digits()
     other = {**calibration[0], "input": calibration[0]["input"][::-1].copy()}
     for kwargs, words in (
-        ({"calibration": [other]}, "other calibration data"),
-        ({"config": QuantConfig(weight_bits=4, act_bits=4, method="lapq", max_evals=80)}, "max_evals=60, this run has max_evals=80"),
+        ({"model": _with_one_weight_changed(model)}, "it was made from another model"),
+        ({"calibration": [other]}, "it was made from other calibration data"),
+        ({"config": QuantConfig(weight_bits=4, act_bits=4, method="lapq", max_evals=80)}, "it was made with max_evals=60, this run has max_evals=80"),
     ):
         journal = SearchJournal.from_text(interrupted_journal.to_text())
-        args = {"calibration": calibration, "config": CONFIG, **kwargs}
-        with pytest.raises(CheckpointError, match=words):
-            quantize(model, args["calibration"], config=args["config"], journal=journal)
+        args = {"model": model, "calibration": calibration, "config": CONFIG, **kwargs}
+        with pytest.raises(CheckpointError, match=f"^the checkpoint belongs to another run: {words}; "):
+            quantize(args["model"], args["calibration"], config=args["config"], journal=journal)
+
+
+def test_journal_of_another_onnxruntime_is_refused(interrupted_journal):
+    journal = SearchJournal.from_text(interrupted_journal.to_text())
+    journal.binding["versions"]["onnxruntime"] = "1.0.0"
+    model, calibration = _digits()
+    with pytest.raises(CheckpointError, match=f"it was written by onnx_lapq {onnx_lapq.__version__} with onnxruntime 1.0.0, "
+                                              f"this is onnx_lapq {onnx_lapq.__version__} with onnxruntime {onnxruntime.__version__}"):
+        quantize(model, calibration, config=CONFIG, journal=journal)
 
 
 def test_numpy_config_values_bind_as_the_python_numbers(interrupted_journal):
