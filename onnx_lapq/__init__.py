@@ -7,11 +7,12 @@
 __version__ = "0.1.0"
 
 from .config import QuantConfig
-from .errors import CalibrationError, ConfigError, ExportError, LapqError, ModelError
+from .errors import CalibrationError, CheckpointError, ConfigError, ExportError, LapqError, ModelError
+from .journal import SearchJournal
 from .modelio import load_model, save_model_atomic
 from .pipeline import Progress, QuantResult, quantize
 
 __all__ = [
-    "QuantConfig", "QuantResult", "Progress", "quantize", "load_model", "save_model_atomic",
-    "LapqError", "ConfigError", "ModelError", "CalibrationError", "ExportError",
+    "QuantConfig", "QuantResult", "Progress", "quantize", "load_model", "save_model_atomic", "SearchJournal",
+    "LapqError", "ConfigError", "ModelError", "CalibrationError", "ExportError", "CheckpointError",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -18,13 +19,15 @@ import traceback
 from .calibrate import custom_ops
 from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, LOSSES, QUANTIZABLE_OP_TYPES, SEARCH_BIAS_CORRECTION, SEARCHES, QuantConfig
 from .data import calibration_files, npz_batches
-from .errors import ConfigError, LapqError, ModelError
+from .errors import CheckpointError, ConfigError, LapqError, ModelError
+from .journal import SearchJournal
 from .modelio import load_model, output_folder, same_file, save_model_atomic, save_text_atomic
 from .pipeline import quantize
 from .progress import ProgressBar
 from .verify import integer_layers
 
 log = logging.getLogger("onnx_lapq")
+CHECKPOINT_EVERY = 10
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep bias correction in the search: race (default: search both ways on a quarter of the budget each, "
                            "continue the lower), auto (where it more than halves the min/max start's loss), on, or off")
     search_flag("--loss", default="auto", choices=LOSSES, help="search objective: auto (kl for classifiers, cosine for normalized embeddings, else mse), kl, mse, cosine, ce")
+    search_flag("--checkpoint", metavar="PATH",
+                help="keep the search's progress in PATH (written every --checkpoint-every evaluations and when interrupted; removed once OUT is written)")
+    search_flag("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="N", help=f"evaluations between checkpoint writes (default {CHECKPOINT_EVERY})")
+    search_flag("--resume", action="store_true",
+                help="continue the interrupted run whose --checkpoint PATH is given (the same command plus --resume): same output as a run never stopped")
     lapq.add_argument("--labels", default=None, metavar="KEY", help="name of the integer labels array in the calibration npz (for --loss ce)")
     p.add_argument("--custom-op-library", action="append", default=[], metavar="PATH",
                    help="shared library of custom ops that ONNX Runtime loads for the model's ops of custom domains (repeatable)")
@@ -159,6 +167,54 @@ def _warn_unused_search_flags(args: argparse.Namespace, parser: argparse.Argumen
         log.warning("%s only tune the lapq search: --method %s ignores them", ", ".join(given), args.method)
 
 
+class _Checkpoint:
+    """The --checkpoint file of a lapq run: its search journal, read back with --resume, and
+    written atomically every ``every`` evaluations it records and when the run stops early."""
+
+    def __init__(self, path: str, every: int, resume: bool):
+        self.path, self.every = path, every
+        self.journal = self._read() if resume else SearchJournal()
+        self.journal.on_record = self._recorded
+        self.saved = len(self.journal.entries)
+        if not resume and os.path.exists(path):
+            log.warning("--checkpoint %r holds an earlier run, which this one replaces: add --resume to continue that run instead", path)
+
+    def _read(self) -> SearchJournal:
+        if not os.path.isfile(self.path):
+            raise CheckpointError(f"--resume: there is no checkpoint at {self.path!r} to resume: check the path, or start over without --resume")
+        try:
+            with open(self.path, "rb") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise CheckpointError(f"--checkpoint {self.path!r} cannot be read ({exc.strerror}): check its permissions") from None
+        return SearchJournal.from_text(text, source=f"--checkpoint {self.path!r}")
+
+    def _recorded(self, journal: SearchJournal) -> None:
+        if len(journal.entries) % self.every == 0:
+            self.save()
+
+    def save(self) -> None:
+        """Write the journal if it recorded evaluations since it was last read or written."""
+        if len(self.journal.entries) > self.saved:
+            save_text_atomic(self.journal.to_text(), self.path)
+            self.saved = len(self.journal.entries)
+
+    def remove(self) -> None:
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def _checkpoint(args: argparse.Namespace) -> _Checkpoint | None:
+    """The run's checkpoint: with --checkpoint PATH for a lapq search, else None."""
+    if args.resume and not args.checkpoint:
+        raise ConfigError("--resume continues the run kept in a checkpoint: give its path with --checkpoint PATH")
+    if args.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every {args.checkpoint_every} must be at least 1")
+    if not args.checkpoint or args.method != "lapq":
+        return None
+    return _Checkpoint(args.checkpoint, args.checkpoint_every, args.resume)
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     started = time.perf_counter()
     if args.calib is None and not args.weight_only:
@@ -166,12 +222,18 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     config = _config(args)
     _warn_unused_search_flags(args, parser)
     _check_output_paths(args)
+    checkpoint = _checkpoint(args)
     model = load_model(args.input)
     bar = ProgressBar(sys.stderr)
     try:
-        result = quantize(model, npz_batches(args.calib) if args.calib else None, config=config, on_step=bar)
-    except BaseException:
+        result = quantize(model, npz_batches(args.calib) if args.calib else None, config=config, on_step=bar,
+                          journal=None if checkpoint is None else checkpoint.journal)
+    except BaseException as exc:
         bar.close(finished=False)
+        if checkpoint is not None:
+            checkpoint.save()
+            if checkpoint.saved and not isinstance(exc, LapqError):
+                log.warning("the search's progress is kept in %s: the same command plus --resume continues it", args.checkpoint)
         raise
     bar.close()
     save_model_atomic(result.model, args.output)
@@ -179,9 +241,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if same_file(args.report, args.output):  # only now both exist: names that differ in case only, on a case-insensitive disk
             raise ModelError(f"--report {args.report!r} is the model just written to OUT.onnx: give the report a path of its own")
         save_text_atomic(json.dumps(result.report, indent=1), args.report)
+    if checkpoint is not None:
+        checkpoint.remove()
     with custom_ops(config.custom_op_libraries):
         kernels = integer_layers(result.model)
     print(_summary(result.report, time.perf_counter() - started, args.output, kernels))
+    if args.resume and checkpoint is not None:
+        print(f"resumed from {args.checkpoint}: {_count(result.report['replayed_evaluations'], 'evaluation')} replayed, the rest measured")
     return 0
 
 

@@ -19,3 +19,7 @@ class CalibrationError(LapqError):
 
 class ExportError(LapqError):
     """The quantized model failed its own checks (onnx.checker, ONNX Runtime load)."""
+
+
+class CheckpointError(ConfigError):
+    """A search journal (checkpoint) cannot be read or does not belong to the run resuming it."""

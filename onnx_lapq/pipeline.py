@@ -10,6 +10,7 @@ the run loads ``config.custom_op_libraries``.
 """
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
@@ -26,6 +27,7 @@ from .data import input_specs, iter_batches
 from .errors import CalibrationError, ConfigError, ModelError
 from .export import export_qdq
 from .graph import INT4_OPSET, MIN_OPSET, default_opset, normalize
+from .journal import JournaledLoss, SearchJournal, run_binding
 from .lapq import resume, run_lapq
 from .loss import LossEvaluator
 from .params import BIAS_HEADROOM, ParamSpace, QParams, SiteRanges, qparams
@@ -67,9 +69,14 @@ def quantize(
     *,
     config: QuantConfig = QuantConfig(),
     on_step: Callable[[Progress], None] | None = None,
+    journal: SearchJournal | None = None,
 ) -> QuantResult:
     """Quantize a float ModelProto with the given calibration data (see data.py for its forms;
-    None for weight-only quantization)."""
+    None for weight-only quantization).
+
+    ``journal`` (method="lapq" only): the run's loss evaluations are recorded in it, and
+    those it already holds, from an interrupted run of the same inputs, are replayed
+    instead of measured (see journal.py): the run resumes and ends as if never stopped."""
     if not isinstance(model, onnx.ModelProto):
         raise ModelError(f"quantize takes an onnx.ModelProto, not {type(model).__name__}: load the file with onnx.load first")
     if not isinstance(config, QuantConfig):
@@ -78,12 +85,14 @@ def quantize(
         raise ConfigError(f"on_step must be a function of one Progress (or None), not {type(on_step).__name__}")
     if calibration is None and not config.weight_only:
         raise CalibrationError("no calibration data (None): give calibration batches; only weight_only quantization runs without them")
+    _check_journal(journal, config)
     notify = on_step or (lambda progress: None)
     with custom_ops(config.custom_op_libraries):
-        return _quantize(model, calibration, config, notify)
+        return _quantize(model, calibration, config, notify, journal)
 
 
-def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, notify: Callable[[Progress], None]) -> QuantResult:
+def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, notify: Callable[[Progress], None],
+              journal: SearchJournal | None) -> QuantResult:
     times: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -106,6 +115,8 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
     else:
         if config.method == "lapq":  # the search evaluates the loss on the same samples many times
             batches = list(batches)
+            if journal is not None:
+                journal.bind(run_binding(model, batches, config))
         layer_inputs = [b.input_tensor for b in plan.biases] if config.bias_correction else []  # for their channel means
         stats, samples = collect_stats(
             normalized, list(dict.fromkeys([a.tensor for a in plan.activations] + layer_inputs)),
@@ -122,7 +133,7 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
     with ExitStack() as cleanup:  # the search's evaluator is released however the search or the export ends
         clock = time.perf_counter()
         if config.method == "lapq":
-            ranges, initial_params, evaluator, search_report, means = _lapq(normalized, plan, stats, batches, config, notify, means, cleanup)
+            ranges, initial_params, evaluator, search_report, means = _lapq(normalized, plan, stats, batches, config, notify, means, cleanup, journal)
         else:
             ranges = choose_ranges(normalized, plan, stats, config)
         params = _qparams(plan, ranges, config)
@@ -154,6 +165,21 @@ def _synthetic_sample(model: onnx.ModelProto, mask_input: str | None, seed: int)
         else:
             sample[spec.name] = (np.ones if spec.name == mask_input else np.zeros)(shape, spec.dtype)
     return sample
+
+
+def _check_journal(journal: SearchJournal | None, config: QuantConfig) -> None:
+    """A journal is a SearchJournal, for a lapq run that no time limit makes machine-dependent."""
+    if journal is None:
+        return
+    if not isinstance(journal, SearchJournal):
+        raise ConfigError(f"journal must be an onnx_lapq.SearchJournal (or None), not {type(journal).__name__}")
+    if config.method != "lapq":
+        raise ConfigError(f"a journal records a lapq search, and method={config.method!r} makes none: pass it with method='lapq' only")
+    if config.time_limit is not None:
+        raise ConfigError(
+            f"time_limit={config.time_limit} makes the search depend on the machine's speed, so it could not resume the same: "
+            "bound the search with max_evals alone"
+        )
 
 
 def padding_mask(model: onnx.ModelProto, mask_input: str | None) -> str | None:
@@ -208,9 +234,10 @@ def _subset(batches: list[dict[str, np.ndarray]], size: int | None, batch_size: 
     return [{k: v[chosen[i:i + batch_size]] for k, v in joined.items()} for i in range(0, size, batch_size)]
 
 
-def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify, input_means, cleanup: ExitStack):
+def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify, input_means, cleanup: ExitStack, journal: SearchJournal | None = None):
     """LAPQ's ranges, the start parameters, the evaluator (released when ``cleanup`` closes),
-    the report entries, and the input means if bias correction stays on.
+    the report entries, and the input means if bias correction stays on.  Every loss
+    evaluation goes through ``journal`` when there is one.
 
     Whether bias correction stays on in the search is network-specific: it hurts
     cifar10_resnet20 W4A4 (search loss 0.558 and 69.4% with, 0.450 and 75.4% without, 1000
@@ -227,6 +254,7 @@ def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify, input_m
     labels = np.concatenate([b[config.label_key] for b in batches]) if config.label_key else None
     inputs = list(_without(batches, config.label_key))
 
+    @functools.cache  # each side of the race sweeps the same grid, and a resumed run sweeps it again
     def ranges_at_p(p: float) -> SiteRanges:
         return choose_ranges(normalized, plan, stats, replace(config, method="lp", lp_norm=float(p)))
 
@@ -238,12 +266,13 @@ def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify, input_m
         input_means=input_means,
     )
     cleanup.callback(_release, evaluator)
+    evaluate = evaluator if journal is None else JournaledLoss(evaluator, journal)
     starts = {m: choose_ranges(normalized, plan, stats, replace(config, method=m)) for m in START_CALIBRATORS}
     if input_means and config.search_bias_correction in ("auto", "race"):  # the min/max start with and without
         start = _qparams(plan, starts["minmax"], config)
-        corrected = evaluator(start)
+        corrected = evaluate(start)
         evaluator.set_input_means(None)
-        plain = evaluator(start)
+        plain = evaluate(start)
         needed = plain > BIAS_CORRECTION_ESSENTIAL * corrected if config.search_bias_correction == "auto" else plain != corrected
         if needed:
             evaluator.set_input_means(input_means)
@@ -251,7 +280,7 @@ def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify, input_m
             input_means = None
 
     def loss_of(ranges: SiteRanges) -> float:
-        return evaluator(_qparams(plan, ranges, config))
+        return evaluate(_qparams(plan, ranges, config))
 
     def space_for(ranges: SiteRanges) -> ParamSpace:
         return ParamSpace(plan, ranges)
@@ -311,6 +340,8 @@ def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify, input_m
     report["bias_correction"] = input_means is not None
     if race:
         report["bias_correction_race"] = race
+    if journal is not None:
+        report["replayed_evaluations"] = evaluate.replayed
     return outcome.ranges, _qparams(plan, outcome.initial_ranges, config), evaluator, report, input_means
 
 
