@@ -18,7 +18,7 @@ import traceback
 from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, LOSSES, QUANTIZABLE_OP_TYPES, SEARCH_BIAS_CORRECTION, SEARCHES, QuantConfig
 from .data import calibration_files, npz_batches
 from .errors import ConfigError, LapqError, ModelError
-from .modelio import load_model, output_folder, same_file, save_model_atomic, save_text_atomic
+from .modelio import external_data_files, load_external_data, output_folder, read_model, same_file, save_model_atomic, save_text_atomic
 from .pipeline import quantize
 from .progress import ProgressBar
 from .verify import integer_layers
@@ -131,21 +131,29 @@ def _start(report: dict) -> str:
     return f"{report['start']} start" if report["p_star"] is None else f"Lp start (p*={report['p_star']:.2f})"
 
 
-def _check_output_paths(args: argparse.Namespace) -> None:
-    """Before any work: OUT and --report name two different new or replaceable files, in
-    writable folders, neither of them the input model or a calibration file."""
-    outputs = {"OUT.onnx": args.output}
-    if args.report:
-        outputs["--report"] = args.report
+def _check_output_paths(args: argparse.Namespace, model_data: list[str]) -> None:
+    """Before any work: every file the run writes (OUT, its external data file, the report,
+    a checkpoint) is none of the files it reads (the model, its external data files
+    ``model_data``, the calibration files) nor another of them, and each but the external
+    data file (written only over 2 GB) is new or replaceable, in a writable folder."""
+    out_data = "the external data file of OUT.onnx (written over 2 GB)"
+    outputs = {"OUT.onnx": args.output, out_data: args.output + ".data"}
+    outputs.update((f"--{flag}", getattr(args, flag)) for flag in ("report", "checkpoint") if getattr(args, flag, None))
     inputs = {"the input model": args.input}
+    inputs.update((f"the input model's external data file {f!r}", f) for f in model_data)
     inputs.update((f"the calibration file {f!r}", f) for f in calibration_files(args.calib))
+    written: dict[str, str] = {}
     for flag, path in outputs.items():
         for what, source in inputs.items():
             if same_file(path, source):
                 raise ModelError(f"{flag} {path!r} is {what}: choose another path (inputs are never overwritten)")
-        output_folder(path)
-    if args.report and same_file(args.report, args.output):
-        raise ModelError(f"--report {args.report!r} is OUT.onnx: give the report a path of its own")
+        for what, other in written.items():
+            if same_file(path, other):
+                raise ModelError(f"{flag} {path!r} is {what}: give each output a path of its own")
+        written[flag] = path
+    for flag, path in outputs.items():
+        if flag != out_data:
+            output_folder(path)
 
 
 def _warn_unused_search_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -159,8 +167,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     started = time.perf_counter()
     config = _config(args)
     _warn_unused_search_flags(args, parser)
-    _check_output_paths(args)
-    model = load_model(args.input)
+    model = read_model(args.input)
+    _check_output_paths(args, external_data_files(model, args.input))
+    load_external_data(model, args.input)
     bar = ProgressBar(sys.stderr)
     try:
         result = quantize(model, npz_batches(args.calib), config=config, on_step=bar)
