@@ -3,7 +3,8 @@
 Reads the model and calibration files, runs :func:`onnx_lapq.quantize`, writes the
 quantized model atomically (and the report as JSON with --report), and prints a
 summary.  Errors print one line and exit non-zero (2 for bad input); -v adds the
-traceback and debug logging.
+traceback and debug logging.  Ctrl-C (exit 130) and SIGTERM (exit 143) stop the run
+with one line and leave no temporary file.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import argparse
 import json
 import logging
 import re
+import signal
 import sys
 import time
 import traceback
@@ -199,12 +201,24 @@ def _in_flag_words(message: str, parser: argparse.ArgumentParser) -> str:
     return message.replace("(or None for", "(or leave it out for")
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds the run as Ctrl-C does, removing temporary files."""
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return run(args, parser)
+    except Terminated:
+        print("onnx_lapq: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except LapqError as exc:
         if args.verbose:
             traceback.print_exc()
@@ -219,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"onnx_lapq: internal error: {type(exc).__name__}: {exc} (rerun with -v and report it)", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
