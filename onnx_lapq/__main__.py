@@ -9,6 +9,7 @@ with one line and leave no temporary file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -17,6 +18,7 @@ import sys
 import time
 import traceback
 
+from . import __version__
 from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, LOSSES, QUANTIZABLE_OP_TYPES, SEARCH_BIAS_CORRECTION, SEARCHES, QuantConfig
 from .data import calibration_files, npz_batches
 from .errors import ConfigError, LapqError, ModelError
@@ -76,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     lapq.add_argument("--labels", default=None, metavar="KEY", help="name of the integer labels array in the calibration npz (for --loss ce)")
     p.add_argument("--report", metavar="REPORT.json", help="write the run's report as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    p.add_argument("--version", action="version", version=f"onnx_lapq {__version__}")
     return p
+
+
+# QuantConfig fields whose flag is not named after them
+RENAMED_FIELDS = {"label_key": "--labels", "exclude_op_types": "--exclude"}
 
 
 def _config(args: argparse.Namespace) -> QuantConfig:
@@ -190,14 +197,18 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _in_flag_words(message: str, parser: argparse.ArgumentParser) -> str:
     """A QuantConfig error as the CLI's user wrote it: ``weight_bits=9`` reads ``--weight-bits 9``,
+    ``mask_input`` reads ``--mask-input``, ``label_key (CLI: --labels KEY)`` reads ``--labels KEY``,
     "None" reads as leaving the flag out."""
     usage = parser.format_usage()
 
-    def flag(match: re.Match) -> str:
-        name = "--" + match.group(1).replace("_", "-")
-        return f"{name} " if re.search(re.escape(name) + r"[\s\]]", usage) else match.group(0)
+    def flag_of(field: str) -> str | None:
+        name = RENAMED_FIELDS.get(field, "--" + field.replace("_", "-"))
+        return name if re.search(re.escape(name) + r"[\s\]]", usage) else None
 
-    message = re.sub(r"\b([a-z][a-z0-9_]*)=", flag, message)
+    message = re.sub(r"\b([a-z][a-z0-9_]*) \(CLI: ([^)]*)\)", lambda m: m.group(2) if flag_of(m.group(1)) else m.group(0), message)
+    message = re.sub(r"\b([a-z][a-z0-9_]*)=", lambda m: f"{flag_of(m.group(1))} " if flag_of(m.group(1)) else m.group(0), message)
+    fields = "|".join(f.name for f in dataclasses.fields(QuantConfig) if "_" in f.name)
+    message = re.sub(rf"(?<![\w-])({fields})\b", lambda m: flag_of(m.group(1)) or m.group(0), message)
     return message.replace("(or None for", "(or leave it out for")
 
 
