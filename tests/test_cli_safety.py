@@ -15,11 +15,21 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import DIGITS_CALIB, DIGITS_MODEL, REPO
-from conftest import run_cli as cli
+from conftest import DIGITS_CALIB, DIGITS_MODEL, REPO, run_cli
 from onnx_lapq import __version__
+from onnx_lapq.__main__ import main
 from onnx_lapq.pipeline import Progress
 from onnx_lapq.progress import ProgressBar
+
+
+@pytest.fixture
+def cli(capsys):
+    """``python -m onnx_lapq ARGS`` run in this process (for runs that stop before the work)."""
+    def run(*args) -> subprocess.CompletedProcess:
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+    return run
 
 
 def assert_one_error_line(proc, fragment):
@@ -55,7 +65,7 @@ DATA_CLASHES = {
 
 
 @pytest.mark.parametrize("case", list(DATA_CLASHES))
-def test_outputs_never_replace_the_inputs_external_data(tmp_path, case):
+def test_outputs_never_replace_the_inputs_external_data(cli, tmp_path, case):
     location, out, report, flag = DATA_CLASHES[case]
     (tmp_path / "weights").mkdir()
     model = external_data_model(tmp_path, location)
@@ -67,15 +77,16 @@ def test_outputs_never_replace_the_inputs_external_data(tmp_path, case):
     onnx.load(str(model))  # still loads with its weights
 
 
+@pytest.mark.slow
 def test_model_with_external_data_in_a_subfolder_quantizes(tmp_path):
     (tmp_path / "weights").mkdir()
     model = external_data_model(tmp_path, "weights/m.bin")
-    proc = cli(model, tmp_path / "q.onnx", "--calib", DIGITS_CALIB)
+    proc = run_cli(model, tmp_path / "q.onnx", "--calib", DIGITS_CALIB)
     assert proc.returncode == 0, proc.stderr
     onnx.checker.check_model(onnx.load(str(tmp_path / "q.onnx")))
 
 
-def test_report_is_the_output_model_external_data(tmp_path):
+def test_report_is_the_output_model_external_data(cli, tmp_path):
     proc = cli(DIGITS_MODEL, tmp_path / "q.onnx", "--calib", DIGITS_CALIB, "--report", tmp_path / "q.onnx.data")
     assert_one_error_line(proc, "--report")
     assert "is the external data file of OUT.onnx" in proc.stderr and "give each output a path of its own" in proc.stderr
@@ -119,7 +130,7 @@ BAD_EXTERNAL_DATA = {
 
 @pytest.mark.parametrize("case", list(BAD_EXTERNAL_DATA))
 @pytest.mark.parametrize("verbose", [False, True])
-def test_bad_external_data_names_its_cause(tmp_path, case, verbose):
+def test_bad_external_data_names_its_cause(cli, tmp_path, case, verbose):
     build, fragment = BAD_EXTERNAL_DATA[case]
     (tmp_path / "in").mkdir()
     model = build(tmp_path / "in")
@@ -157,7 +168,7 @@ UNREPLACEABLE = {
 
 @pytest.mark.parametrize("flag", ["OUT", "--report"])
 @pytest.mark.parametrize("case", list(UNREPLACEABLE))
-def test_unreplaceable_output_fails_before_the_work(tmp_path, case, flag):
+def test_unreplaceable_output_fails_before_the_work(cli, tmp_path, case, flag):
     """Each of these failed only at the final rename, after all the work, as an internal
     error (exit 1), or (a pipe) was replaced by the model."""
     make, fragment = UNREPLACEABLE[case]
@@ -210,6 +221,7 @@ def _terminate(proc):
     return out
 
 
+@pytest.mark.slow
 def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path):
     proc = _popen([DIGITS_MODEL, tmp_path / "q.onnx", "--calib", DIGITS_CALIB, "--report", tmp_path / "r.json"], SLOW_WRITE)
     _wait_for(lambda: any(p.startswith(".onnx_lapq-") and os.path.getsize(tmp_path / p) > 0 for p in os.listdir(tmp_path)), proc)
@@ -217,6 +229,7 @@ def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_search_stops_cleanly(tmp_path):
     proc = _popen([DIGITS_MODEL, tmp_path / "q.onnx", "--calib", DIGITS_CALIB, "--method", "lapq", "--weight-bits", "4",
                    "--act-bits", "4", "--max-evals", "100000"])
@@ -268,7 +281,7 @@ def test_progress_bar_on_a_terminal_draws_in_place():
 # --------------------------------------------------------------------------- item 9b, 9c: messages
 
 
-def test_object_dtype_npz_is_told_how_to_fix_it(tmp_path):
+def test_object_dtype_npz_is_told_how_to_fix_it(cli, tmp_path):
     calib = tmp_path / "c.npz"
     ragged = np.empty(2, dtype=object)
     ragged[:] = [np.zeros((1, 8, 8), np.float32), np.zeros((1, 8, 7), np.float32)]
@@ -288,7 +301,7 @@ FIELD_MESSAGES = {
 
 
 @pytest.mark.parametrize("case", list(FIELD_MESSAGES))
-def test_config_errors_name_the_flags(tmp_path, case):
+def test_config_errors_name_the_flags(cli, tmp_path, case):
     extra, fragment, fields = FIELD_MESSAGES[case]
     proc = cli(DIGITS_MODEL, tmp_path / "q.onnx", "--calib", DIGITS_CALIB, *extra)
     assert_one_error_line(proc, fragment)
@@ -298,8 +311,9 @@ def test_config_errors_name_the_flags(tmp_path, case):
 # --------------------------------------------------------------------------- item 11: --version
 
 
-def test_version():
-    proc = cli("--version")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == f"onnx_lapq {__version__}\n"
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out == f"onnx_lapq {__version__}\n"
     assert re.fullmatch(r"\d+\.\d+\.\d+", __version__)
