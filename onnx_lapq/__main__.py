@@ -3,25 +3,29 @@
 Reads the model and calibration files, runs :func:`onnx_lapq.quantize`, writes the
 quantized model atomically (and the report as JSON with --report), and prints a
 summary.  Errors print one line and exit non-zero (2 for bad input); -v adds the
-traceback and debug logging.
+traceback and debug logging.  Ctrl-C (exit 130) and SIGTERM (exit 143) stop the run
+with one line and leave no temporary file.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 import traceback
 
+from . import __version__
 from .calibrate import custom_ops
 from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, LOSSES, QUANTIZABLE_OP_TYPES, SEARCH_BIAS_CORRECTION, SEARCHES, QuantConfig
 from .data import calibration_files, npz_batches
 from .errors import CheckpointError, ConfigError, LapqError, ModelError
 from .journal import SearchJournal
-from .modelio import load_model, output_folder, same_file, save_model_atomic, save_text_atomic
+from .modelio import external_data_files, load_external_data, output_folder, read_model, same_file, save_model_atomic, save_text_atomic
 from .pipeline import quantize
 from .progress import ProgressBar
 from .verify import integer_layers
@@ -85,7 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shared library of custom ops that ONNX Runtime loads for the model's ops of custom domains (repeatable)")
     p.add_argument("--report", metavar="REPORT.json", help="write the run's report as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    p.add_argument("--version", action="version", version=f"onnx_lapq {__version__}")
     return p
+
+
+# QuantConfig fields whose flag is not named after them
+RENAMED_FIELDS = {"label_key": "--labels", "exclude_op_types": "--exclude"}
 
 
 def _config(args: argparse.Namespace) -> QuantConfig:
@@ -143,21 +152,29 @@ def _start(report: dict) -> str:
     return f"{report['start']} start" if report["p_star"] is None else f"Lp start (p*={report['p_star']:.2f})"
 
 
-def _check_output_paths(args: argparse.Namespace) -> None:
-    """Before any work: OUT and --report name two different new or replaceable files, in
-    writable folders, neither of them the input model or a calibration file."""
-    outputs = {"OUT.onnx": args.output}
-    if args.report:
-        outputs["--report"] = args.report
+def _check_output_paths(args: argparse.Namespace, model_data: list[str]) -> None:
+    """Before any work: every file the run writes (OUT, its external data file, the report,
+    a checkpoint) is none of the files it reads (the model, its external data files
+    ``model_data``, the calibration files) nor another of them, and each but the external
+    data file (written only over 2 GB) is new or replaceable, in a writable folder."""
+    out_data = "the external data file of OUT.onnx (written over 2 GB)"
+    outputs = {"OUT.onnx": args.output, out_data: args.output + ".data"}
+    outputs.update((f"--{flag}", getattr(args, flag)) for flag in ("report", "checkpoint") if getattr(args, flag, None))
     inputs = {"the input model": args.input}
+    inputs.update((f"the input model's external data file {f!r}", f) for f in model_data)
     inputs.update((f"the calibration file {f!r}", f) for f in (calibration_files(args.calib) if args.calib else []))
+    written: dict[str, str] = {}
     for flag, path in outputs.items():
         for what, source in inputs.items():
             if same_file(path, source):
                 raise ModelError(f"{flag} {path!r} is {what}: choose another path (inputs are never overwritten)")
-        output_folder(path)
-    if args.report and same_file(args.report, args.output):
-        raise ModelError(f"--report {args.report!r} is OUT.onnx: give the report a path of its own")
+        for what, other in written.items():
+            if same_file(path, other):
+                raise ModelError(f"{flag} {path!r} is {what}: give each output a path of its own")
+        written[flag] = path
+    for flag, path in outputs.items():
+        if flag != out_data:
+            output_folder(path)
 
 
 def _warn_unused_search_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -221,9 +238,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         raise ConfigError("--calib CALIB.npz is required (only --weight-only runs without calibration data): give the calibration file or folder")
     config = _config(args)
     _warn_unused_search_flags(args, parser)
-    _check_output_paths(args)
+    model = read_model(args.input)
+    _check_output_paths(args, external_data_files(model, args.input))
     checkpoint = _checkpoint(args)
-    model = load_model(args.input)
+    load_external_data(model, args.input)
     bar = ProgressBar(sys.stderr)
     try:
         result = quantize(model, npz_batches(args.calib) if args.calib else None, config=config, on_step=bar,
@@ -253,23 +271,39 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _in_flag_words(message: str, parser: argparse.ArgumentParser) -> str:
     """A QuantConfig error as the CLI's user wrote it: ``weight_bits=9`` reads ``--weight-bits 9``,
+    ``mask_input`` reads ``--mask-input``, ``label_key (CLI: --labels KEY)`` reads ``--labels KEY``,
     "None" reads as leaving the flag out."""
     usage = parser.format_usage()
 
-    def flag(match: re.Match) -> str:
-        name = "--" + match.group(1).replace("_", "-")
-        return f"{name} " if re.search(re.escape(name) + r"[\s\]]", usage) else match.group(0)
+    def flag_of(field: str) -> str | None:
+        name = RENAMED_FIELDS.get(field, "--" + field.replace("_", "-"))
+        return name if re.search(re.escape(name) + r"[\s\]]", usage) else None
 
-    message = re.sub(r"\b([a-z][a-z0-9_]*)=", flag, message)
+    message = re.sub(r"\b([a-z][a-z0-9_]*) \(CLI: ([^)]*)\)", lambda m: m.group(2) if flag_of(m.group(1)) else m.group(0), message)
+    message = re.sub(r"\b([a-z][a-z0-9_]*)=", lambda m: f"{flag_of(m.group(1))} " if flag_of(m.group(1)) else m.group(0), message)
+    fields = "|".join(f.name for f in dataclasses.fields(QuantConfig) if "_" in f.name)
+    message = re.sub(rf"(?<![\w-])({fields})\b", lambda m: flag_of(m.group(1)) or m.group(0), message)
     return message.replace("(or None for", "(or leave it out for")
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds the run as Ctrl-C does, removing temporary files."""
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return run(args, parser)
+    except Terminated:
+        print("onnx_lapq: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except LapqError as exc:
         if args.verbose:
             traceback.print_exc()
@@ -284,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"onnx_lapq: internal error: {type(exc).__name__}: {exc} (rerun with -v and report it)", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

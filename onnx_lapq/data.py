@@ -168,7 +168,25 @@ def npz_batches(path: str) -> Iterator[dict[str, np.ndarray]]:
     for file in files:
         try:
             with np.load(file, allow_pickle=False) as npz:
+                _refuse_object_arrays(npz, file)
                 item = SourcedItem({key: npz[key] for key in npz.files}, file)
+        except CalibrationError:
+            raise
         except Exception as exc:
             raise CalibrationError(f"{file!r} is not a readable .npz ({type(exc).__name__}): save it with numpy.savez") from None
         yield item
+
+
+def _refuse_object_arrays(npz: Any, file: str) -> None:
+    """CalibrationError naming an array stored with dtype object (never unpickled)."""
+    members = set(npz.zip.namelist())
+    for key in npz.files:
+        with npz.zip.open(f"{key}.npy" if f"{key}.npy" in members else key) as fp:
+            version = np.lib.format.read_magic(fp)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            dtype = read_header(fp)[2]
+        if dtype.hasobject:
+            raise CalibrationError(
+                f"array {key!r} of calibration file {file!r} has dtype object (ragged samples or Python objects): "
+                "stack the samples into one numeric array per input, e.g. np.stack(samples).astype(np.float32), and save that"
+            )

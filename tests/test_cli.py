@@ -54,6 +54,7 @@ def test_digits_w8a8_with_report(tmp_path):
     assert abs(quant_acc - float_acc) <= 0.01
 
 
+@pytest.mark.slow
 def test_digits_w4a4_keep_first_last(tmp_path):
     out = tmp_path / "digits.w4.onnx"
     proc = cli(DIGITS_MODEL, out, "--calib", DIGITS_CALIB, "--weight-bits", "4", "--act-bits", "4", "--keep-first-last-8bit", "--method", "mse")
@@ -162,6 +163,7 @@ def assert_one_error_line(proc, fragment):
 
 
 @pytest.mark.parametrize("case", list(BAD_CASES))
+@pytest.mark.slow
 def test_bad_input_one_line_exit_2(tmp_path, case):
     build, fragment = BAD_CASES[case]
     work = tmp_path / "work"
@@ -176,6 +178,7 @@ def test_bad_input_one_line_exit_2(tmp_path, case):
 
 
 @pytest.mark.parametrize("spelling", ["same", "dot-relative"])
+@pytest.mark.slow
 def test_output_equal_to_input(tmp_path, spelling):
     model = tmp_path / "model.onnx"
     shutil.copy(DIGITS_MODEL, model)
@@ -200,6 +203,7 @@ OUTPUT_CLASHES = {
 
 
 @pytest.mark.parametrize("case", list(OUTPUT_CLASHES))
+@pytest.mark.slow
 def test_outputs_never_replace_inputs_or_each_other(tmp_path, case):
     """OUT and --report are checked against the input model, every calibration file and
     each other, and against being folders, before any work: inputs stay as they were."""
@@ -217,6 +221,7 @@ def test_outputs_never_replace_inputs_or_each_other(tmp_path, case):
 
 
 @pytest.mark.parametrize("target", ["output", "report"])
+@pytest.mark.slow
 def test_missing_output_folder_fails_before_the_work(tmp_path, target):
     """A folder that is not there is reported before calibration starts, not after it."""
     absent = tmp_path / "absent"
@@ -227,6 +232,7 @@ def test_missing_output_folder_fails_before_the_work(tmp_path, target):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_verbose_allows_traceback(tmp_path):
     proc = cli(tmp_path / "absent.onnx", tmp_path / "out.onnx", "--calib", DIGITS_CALIB, "-v")
     assert proc.returncode == 2
@@ -235,6 +241,7 @@ def test_verbose_allows_traceback(tmp_path):
     assert not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.slow
 def test_search_samples_subset_follows_the_seed(tmp_path):
     """--search-samples draws the search's subset with --seed: another seed, another subset
     (another start loss); the same seed, the same bytes."""
@@ -250,6 +257,7 @@ def test_search_samples_subset_follows_the_seed(tmp_path):
     assert first[1] != other[1]
 
 
+@pytest.mark.slow
 def test_readme_python_api_example_runs(tmp_path):
     """The README's Python API block, verbatim, beside a link to models/: it writes a model
     whose exported loss is the search's."""
@@ -264,6 +272,7 @@ def test_readme_python_api_example_runs(tmp_path):
     onnx.checker.check_model(onnx.load(str(tmp_path / "digits_cnn.w4a4.onnx")), full_check=True)
 
 
+@pytest.mark.slow
 def test_search_flags_without_lapq_are_warned_about(tmp_path):
     proc = cli(DIGITS_MODEL, tmp_path / "out.onnx", "--calib", DIGITS_CALIB, "--max-evals", "5", "--loss", "mse")
     assert proc.returncode == 0, proc.stderr

@@ -17,6 +17,7 @@ METHODS = ["minmax", "entropy", "mse", "percentile"]
 
 
 @pytest.mark.parametrize("method", ["minmax", "entropy"])
+@pytest.mark.slow
 def test_cli_runs_give_identical_bytes(tmp_path, method):
     outputs = []
     for run in range(2):

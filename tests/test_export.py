@@ -265,6 +265,7 @@ def test_matmul_bias_add_becomes_a_gemm_that_runs_on_integer_kernels(x_shape, c_
 # --------------------------------------------------------------------------- files
 
 
+@pytest.mark.slow
 def test_cli_reads_external_data_model(tmp_path):
     model = conv_chain_model()
     src = tmp_path / "src"

@@ -39,17 +39,20 @@ def digits_lapq():
     return onnx_lapq.quantize(model, calib, config=lapq_config())
 
 
+@pytest.mark.slow
 def test_search_lowers_loss_below_lp_init(digits_lapq):
     report = digits_lapq.report
     assert report["final_loss"] < 0.8 * report["init_loss"]
     assert report["init_loss"] == min([*report["p_losses"].values(), *report["start_losses"].values()])  # the best start
 
 
+@pytest.mark.slow
 def test_exported_loss_matches_search(digits_lapq):
     report = digits_lapq.report
     assert abs(report["exported_loss"] - report["final_loss"]) <= 0.01 * report["final_loss"]
 
 
+@pytest.mark.slow
 def test_report_fields(digits_lapq):
     report = digits_lapq.report
     for key in ("final_loss", "exported_loss", "init_loss", "p_star", "nfev", "seconds", "loss_trace", "activations", "weights"):
@@ -66,6 +69,7 @@ def test_report_fields(digits_lapq):
     json.dumps(report)  # JSON-ready
 
 
+@pytest.mark.slow
 def test_max_evals_stops_search():
     model, calib = digits()
     result = onnx_lapq.quantize(model, calib, config=lapq_config(max_evals=15))
@@ -84,6 +88,7 @@ def test_time_limit_stops_search():
 
 
 @pytest.mark.parametrize("search", ["powell", "coordinate"])
+@pytest.mark.slow
 def test_lapq_is_deterministic(search):
     model, calib = digits()
     a = onnx_lapq.quantize(model, calib, config=lapq_config(search=search, max_evals=60))
@@ -92,6 +97,7 @@ def test_lapq_is_deterministic(search):
     assert a.report["final_loss"] == b.report["final_loss"]
 
 
+@pytest.mark.slow
 def test_coordinate_search_lowers_loss():
     model, calib = digits()
     result = onnx_lapq.quantize(model, calib, config=lapq_config(search="coordinate", max_evals=150))
@@ -99,6 +105,7 @@ def test_coordinate_search_lowers_loss():
 
 
 @pytest.mark.parametrize("bits", [(8, 8), (4, 4), (3, 3)])
+@pytest.mark.slow
 def test_cached_evaluation_equals_full_evaluation(bits):
     """The prefix cache never changes a loss: compare with a fresh evaluator (no cache) on the same params."""
     model = block_model(opset=21)
@@ -292,6 +299,7 @@ def test_evaluations_run_batches_concurrently_with_the_sequential_result(monkeyp
 
 
 @pytest.mark.parametrize("bits", [(4, 4), (8, 8)])
+@pytest.mark.slow
 def test_stale_value_info_of_the_model_does_not_fix_the_batch(bits):
     """A model whose value_info still records batch 1 (an export at a fixed batch made
     dynamic later) runs at any batch; so do the evaluator's sessions."""
@@ -528,6 +536,7 @@ def test_a_continued_search_takes_up_the_coordinate_it_stopped_on(method):
     assert done.success and done.next_axis == 0
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_coordinate_the_race_winner_stopped_on(monkeypatch):
     """After the bias-correction race the winner's search goes on from the coordinate it
     had reached, not from the first one again."""
@@ -549,6 +558,7 @@ def test_resume_continues_from_the_coordinate_the_race_winner_stopped_on(monkeyp
     assert calls[2][0] == winner.next_axis > 0
 
 
+@pytest.mark.slow
 def test_a_failed_export_still_closes_the_evaluator(monkeypatch):
     """The search's evaluator stops its threads and gives its memory back even when the
     export after the search fails."""
@@ -586,6 +596,7 @@ def test_an_interrupted_search_releases_the_evaluator(monkeypatch):
     assert all(cut.values is None for cut in evaluator.cuts)
 
 
+@pytest.mark.slow
 def test_cross_entropy_with_labels(tmp_path):
     model, (calib,) = digits()
     labels = session(model).run(None, calib)[0].argmax(axis=1)  # the float model's own answers
@@ -596,6 +607,7 @@ def test_cross_entropy_with_labels(tmp_path):
         onnx_lapq.QuantConfig(method="lapq", loss="ce")
 
 
+@pytest.mark.slow
 def test_search_bias_correction_forced_on_and_off():
     """"on" and "off" decide whether the searched model's biases are corrected, whatever auto would."""
     model, calib = digits()
@@ -612,6 +624,7 @@ def test_search_bias_correction_forced_on_and_off():
             lapq_config(search_step=step)
 
 
+@pytest.mark.slow
 def test_search_bias_correction_race_keeps_the_side_with_the_lower_loss():
     """Each side searches a quarter of the budget, the lower one goes on with the rest, and
     the export carries that side's biases (its loss is the search's)."""
@@ -649,6 +662,7 @@ def _grid_mlp() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
+@pytest.mark.slow
 def test_no_race_where_bias_correction_changes_nothing():
     """When correction leaves the min/max start's loss exactly as it is, both sides of a race
     would search alike: the search runs once, with the whole budget, uncorrected."""
@@ -660,6 +674,7 @@ def test_no_race_where_bias_correction_changes_nothing():
     assert raced["bias_correction_race"]["evaluations"] == 20
 
 
+@pytest.mark.slow
 def test_cli_lapq_writes_report(tmp_path):
     out, report = tmp_path / "q.onnx", tmp_path / "r.json"
     proc = run_cli(DIGITS_MODEL, out, "--calib", DIGITS_CALIB, "--method", "lapq", "--weight-bits", "3", "--act-bits", "3",
@@ -759,6 +774,7 @@ def test_corrected_bias_follows_its_weight_when_its_own_scale_stays():
 
 
 @pytest.mark.parametrize("max_evals", [1, 2, 9, 40])
+@pytest.mark.slow
 def test_search_counts_agree_with_the_progress_events(max_evals):
     """nfev, the loss trace and the progress events count the same evaluations, race or not:
     nfev never passes max_evals, the trace is numbered as the evaluations ran, and the loss

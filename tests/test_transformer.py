@@ -120,6 +120,7 @@ def test_padding_does_not_widen_ranges(block):
     assert x_unmasked[1] == pytest.approx(50.0)
 
 
+@pytest.mark.slow
 def test_calibration_folder_with_different_lengths(block, tmp_path):
     folder = tmp_path / "calib"
     folder.mkdir()
@@ -132,6 +133,7 @@ def test_calibration_folder_with_different_lengths(block, tmp_path):
     assert "24 calibration samples" in proc.stdout
 
 
+@pytest.mark.slow
 def test_embedding_loss_is_mse_and_lapq_lowers_it(block):
     config = onnx_lapq.QuantConfig(weight_bits=4, act_bits=4, method="lapq", max_evals=60)
     report = onnx_lapq.quantize(block, [padded_batch(32, 8)], config=config).report
