@@ -11,7 +11,6 @@ the umask), as if written directly.
 from __future__ import annotations
 
 import array
-import fcntl
 import os
 import secrets
 import stat
@@ -153,6 +152,10 @@ def _unreplaceable(path: str, folder: str) -> str | None:
 
 def _file_flags(path: str) -> int:
     """The file attributes of ``path`` (Linux chattr flags; 0 where the system has none)."""
+    try:
+        import fcntl  # Unix only
+    except ImportError:
+        return 0
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:

@@ -170,7 +170,7 @@ def uninterrupted_cli(tmp_path_factory):
     return out.read_bytes()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["SIGKILL", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["SIGKILL", "SIGTERM", "SIGINT"])
 def test_cli_killed_then_resumed_writes_the_uninterrupted_bytes(tmp_path, uninterrupted_cli, sig):
     out, checkpoint = tmp_path / "digits.w4a4.onnx", tmp_path / "search.ckpt"
     command = [DIGITS_MODEL, out, "--calib", DIGITS_CALIB, *LAPQ_W4A4, "--checkpoint", checkpoint, "--checkpoint-every", 7]
@@ -178,7 +178,7 @@ def test_cli_killed_then_resumed_writes_the_uninterrupted_bytes(tmp_path, uninte
     seen = _wait_for(checkpoint, 56, proc)  # of 77: the race is over (47), the search goes on
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), stderr
+    assert proc.returncode == {signal.SIGKILL: -signal.SIGKILL, signal.SIGTERM: 143, signal.SIGINT: 130}[sig], stderr
     assert not out.exists()
     entries = _entries(checkpoint)
     if sig == signal.SIGKILL:
