@@ -18,6 +18,7 @@ import traceback
 from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, LOSSES, QUANTIZABLE_OP_TYPES, SEARCH_BIAS_CORRECTION, SEARCHES, QuantConfig
 from .data import calibration_files, npz_batches
 from .errors import ConfigError, LapqError, ModelError
+from .fidelity import describe as describe_fidelity
 from .modelio import load_model, output_folder, same_file, save_model_atomic, save_text_atomic
 from .pipeline import quantize
 from .progress import ProgressBar
@@ -120,6 +121,8 @@ def _summary(report: dict, seconds: float, output: str, kernels: tuple[int, int]
             line += f"; the other {layers - integer} run dequantized, in float"
             if min(bits["weight_bits"], bits["act_bits"]) < 8:
                 line += " (CPU kernels take 8-bit grids only)"
+    if "fidelity" in report:
+        line += "\n" + describe_fidelity(report["fidelity"])
     return line
 
 

@@ -21,6 +21,8 @@ from .config import QuantConfig
 from .data import input_specs, iter_batches
 from .errors import ConfigError, ModelError
 from .export import export_qdq
+from .fidelity import Fidelity, keep_head, warn_if_poor
+from .fidelity import measure as measure_fidelity
 from .graph import INT4_OPSET, MIN_OPSET, default_opset, normalize
 from .lapq import resume, run_lapq
 from .loss import LossEvaluator
@@ -48,12 +50,14 @@ class Progress:
 
 @dataclass(frozen=True)
 class QuantResult:
-    """A quantized model with the plan and parameters that made it, and a report."""
+    """A quantized model with the plan and parameters that made it, a report, and its
+    fidelity to the float model on calibration samples (None without calibration data)."""
 
     model: onnx.ModelProto
     plan: QuantPlan
     params: dict[str, QParams]
     report: dict[str, Any]
+    fidelity: Fidelity | None = None
 
 
 def quantize(
@@ -84,11 +88,11 @@ def quantize(
     )
     if config.method == "lapq":  # the search evaluates the loss on the same samples many times
         batches = list(batches)
-    first: list[dict[str, np.ndarray]] = []  # one batch kept for the exported model's numeric check
+    kept: list[dict[str, np.ndarray]] = []  # the first samples, for the exported model's check and fidelity
     layer_inputs = [b.input_tensor for b in plan.biases] if config.bias_correction else []  # for their channel means
     stats, samples = collect_stats(
         normalized, list(dict.fromkeys([a.tensor for a in plan.activations] + layer_inputs)),
-        _keep_first(_without(batches, config.label_key), first),
+        keep_head(_without(batches, config.label_key), kept),
         half_bins=config.histogram_bins // 2, channel_means=frozenset(layer_inputs),
         mask_input=padding_mask(normalized, config.mask_input), on_batch=lambda done: notify(Progress("calibrate", done, config.num_samples)),
     )
@@ -109,14 +113,20 @@ def quantize(
 
         clock = time.perf_counter()
         quantized = export_qdq(normalized, plan, params, input_means=means)
-        exported = check_exported(quantized, normalized, first[0])
+        exported = check_exported(quantized, normalized, kept[0])
         if evaluator is not None:
             search_report["exported_loss"] = evaluator.measure(exported)
     times["export"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    fidelity = measure_fidelity(normalized, exported, kept, evaluator.kind if evaluator is not None else config.loss)
+    times["fidelity"] = time.perf_counter() - clock
+    warn_if_poor(fidelity, config, samples)
 
     report = _report(model, quantized, plan, params, ranges, config, times, samples, initial_params)
     report.update(search_report)
-    return QuantResult(model=quantized, plan=plan, params=params, report=report)
+    if fidelity is not None:
+        report["fidelity"] = fidelity.as_report()
+    return QuantResult(model=quantized, plan=plan, params=params, report=report, fidelity=fidelity)
 
 
 def padding_mask(model: onnx.ModelProto, mask_input: str | None) -> str | None:
@@ -134,14 +144,6 @@ def padding_mask(model: onnx.ModelProto, mask_input: str | None) -> str | None:
 
 def _qparams(plan: QuantPlan, ranges: SiteRanges, config: QuantConfig) -> dict[str, QParams]:
     return qparams(plan, ranges, weight_symmetric=config.weight_symmetric, act_symmetric=config.act_symmetric)
-
-
-def _keep_first(batches, kept: list):
-    """The batches, unchanged; the first one is also appended to ``kept``."""
-    for batch in batches:
-        if not kept:
-            kept.append(batch)
-        yield batch
 
 
 def _without(batches, label_key: str | None):
