@@ -61,13 +61,15 @@ def keep_head(batches: Iterable[dict[str, np.ndarray]], kept: list) -> Iterator[
     most KEPT_BYTES (the first batch whatever its size), are also appended to ``kept``."""
     samples = size = 0
     for batch in batches:
-        head = {k: v[:KEPT_SAMPLES - samples] for k, v in batch.items()} if samples < KEPT_SAMPLES else None
-        if head is not None and (not kept or size + sum(v.nbytes for v in head.values()) <= KEPT_BYTES):
-            kept.append({k: v.copy() for k, v in head.items()})  # a view would hold the whole calibration file
-            samples += len(next(iter(head.values())))
-            size += sum(v.nbytes for v in head.values())
-        else:
-            samples = KEPT_SAMPLES  # the kept samples stay the first ones
+        if samples < KEPT_SAMPLES:
+            head = {k: v[:KEPT_SAMPLES - samples] for k, v in batch.items()}
+            head_bytes = sum(v.nbytes for v in head.values())
+            if kept and size + head_bytes > KEPT_BYTES:
+                samples = KEPT_SAMPLES  # no more, so that the kept samples are the first ones
+            else:
+                kept.append({k: v.copy() for k, v in head.items()})  # a view would hold the whole calibration file
+                samples += len(next(iter(head.values())))
+                size += head_bytes
         yield batch
 
 
