@@ -26,10 +26,10 @@ from .config import QuantConfig
 from .loss import auto_loss, distance, outputs_probabilities, resolve_loss
 
 log = logging.getLogger(__name__)
-KEPT_SAMPLES = 256  # calibration samples measured at most ...
+KEPT_SAMPLES = 128  # calibration samples measured at most ...
 KEPT_BYTES = 64 << 20  # ... and bytes of them kept (the first batch always)
 POOR_AGREEMENT = 0.90
-POOR_COSINE = 0.95
+POOR_COSINE = 0.8
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import DIGITS_CALIB, DIGITS_HELDOUT, DIGITS_MODEL, Net, make_model, run_cli
 from onnx_lapq import QuantConfig, quantize
-from onnx_lapq.fidelity import KEPT_SAMPLES, remedies
+from onnx_lapq.fidelity import KEPT_SAMPLES, POOR_COSINE, remedies
 
 
 def outputs(model, inputs: np.ndarray) -> np.ndarray:
@@ -52,8 +52,9 @@ def test_digits_w8a8_agrees_with_fp32_and_does_not_warn(caplog):
     calib = digits_calibration()
     result = digits_quantized(caplog, calib)
     fidelity = result.fidelity
-    reference, quantized = outputs(DIGITS_MODEL, calib), outputs(result.model, calib)
-    assert fidelity.samples == len(calib) == 256
+    head = calib[:KEPT_SAMPLES]  # the first samples are measured
+    reference, quantized = outputs(DIGITS_MODEL, head), outputs(result.model, head)
+    assert fidelity.samples == KEPT_SAMPLES < len(calib)
     assert fidelity.loss_kind == "kl" and fidelity.cosine is None
     assert fidelity.top1_agreement == top1_agreement(reference, quantized) >= 0.97
     assert fidelity.loss == pytest.approx(kl(reference, quantized), rel=1e-3)
@@ -65,7 +66,8 @@ def test_digits_w8a8_agrees_with_fp32_and_does_not_warn(caplog):
 def test_digits_w2a2_minmax_warns_with_remedies_in_order(caplog):
     calib = digits_calibration()
     result = digits_quantized(caplog, calib, weight_bits=2, act_bits=2)
-    agreement = top1_agreement(outputs(DIGITS_MODEL, calib), outputs(result.model, calib))
+    head = calib[:KEPT_SAMPLES]
+    agreement = top1_agreement(outputs(DIGITS_MODEL, head), outputs(result.model, head))
     assert result.fidelity.top1_agreement == agreement < 0.9 and result.fidelity.poor
     [warning] = fidelity_warnings(caplog)
     assert f"top-1 agrees with FP32 on {100 * agreement:.1f}%" in warning
@@ -78,11 +80,11 @@ def test_cli_w2a2_minmax_warns_on_stderr_and_ends_the_summary_with_fidelity(tmp_
     out, report = tmp_path / "digits.w2.onnx", tmp_path / "report.json"
     proc = run_cli(DIGITS_MODEL, out, "--calib", DIGITS_CALIB, "--weight-bits", "2", "--act-bits", "2", "--report", report)
     assert proc.returncode == 0, proc.stderr
-    calib = digits_calibration()
-    agreement = top1_agreement(outputs(DIGITS_MODEL, calib), outputs(out, calib))
+    head = digits_calibration(KEPT_SAMPLES)
+    agreement = top1_agreement(outputs(DIGITS_MODEL, head), outputs(out, head))
     measured = f"top-1 agrees with FP32 on {100 * agreement:.1f}%"
     last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith(f"fidelity on 256 calibration samples: {measured}, kl loss ") and last.endswith("(poor: see the warning)")
+    assert last.startswith(f"fidelity on {KEPT_SAMPLES} calibration samples: {measured}, kl loss ") and last.endswith("(poor: see the warning)")
     warning = [line for line in proc.stderr.splitlines() if line.startswith("WARNING onnx_lapq.fidelity:")]
     assert len(warning) == 1 and measured in warning[0] and "likely remedies, in order: the loss-aware search (--method lapq)" in warning[0]
     assert json.loads(report.read_text())["fidelity"]["top1_agreement"] == agreement
@@ -92,12 +94,12 @@ def test_cli_w8a8_summary_ends_with_fidelity_and_no_warning(tmp_path):
     proc = run_cli(DIGITS_MODEL, tmp_path / "digits.onnx", "--calib", DIGITS_CALIB)
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("fidelity on 256 calibration samples: top-1 agrees with FP32 on ") and "poor" not in last
+    assert last.startswith(f"fidelity on {KEPT_SAMPLES} calibration samples: top-1 agrees with FP32 on ") and "poor" not in last
     assert "WARNING" not in proc.stderr
 
 
 def test_measured_on_the_first_samples_only():
-    data = np.load(DIGITS_HELDOUT)["input"]  # 300 samples, more than are measured
+    data = np.load(DIGITS_HELDOUT)["input"]  # 300 samples, more than are measured, in batches that do not end at KEPT_SAMPLES
     assert len(data) > KEPT_SAMPLES
     result = quantize(onnx.load(str(DIGITS_MODEL)), [{"input": data}], config=QuantConfig(weight_bits=3, act_bits=3, batch_size=48))
     head = data[:KEPT_SAMPLES]
@@ -108,7 +110,8 @@ def test_measured_on_the_first_samples_only():
 
 def test_lapq_fidelity_is_the_search_loss_of_the_exported_model():
     result = quantize(
-        onnx.load(str(DIGITS_MODEL)), [{"input": digits_calibration()}], config=QuantConfig(weight_bits=4, act_bits=4, method="lapq", max_evals=12),
+        onnx.load(str(DIGITS_MODEL)), [{"input": digits_calibration(KEPT_SAMPLES)}],  # the search's samples are the ones measured
+        config=QuantConfig(weight_bits=4, act_bits=4, method="lapq", max_evals=12),
     )
     assert result.fidelity.loss_kind == result.report["loss"]
     assert result.fidelity.loss == pytest.approx(result.report["exported_loss"], rel=1e-9)
@@ -154,7 +157,7 @@ def test_one_value_per_sample_gets_the_cosine_of_the_column(caplog):
     column = reference @ quantized / (np.linalg.norm(reference) * np.linalg.norm(quantized))
     assert result.fidelity.loss_kind == "mse"
     assert result.fidelity.cosine == pytest.approx(column, abs=1e-6)
-    assert column < 0.95 and result.fidelity.poor  # two bits are far too few here
+    assert column < POOR_COSINE and result.fidelity.poor  # two bits are far too few here
     [warning] = fidelity_warnings(caplog)
     assert f"mean cosine similarity to FP32 {column:.4f}" in warning
 
