@@ -25,6 +25,7 @@ from .calibrate import custom_ops
 from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, LOSSES, QUANTIZABLE_OP_TYPES, SEARCH_BIAS_CORRECTION, SEARCHES, QuantConfig
 from .data import calibration_files, npz_batches
 from .errors import CheckpointError, ConfigError, LapqError, ModelError
+from .fidelity import describe as describe_fidelity
 from .journal import SearchJournal
 from .modelio import external_data_files, load_external_data, output_folder, read_model, same_file, save_model_atomic, save_text_atomic
 from .pipeline import quantize
@@ -142,6 +143,8 @@ def _summary(report: dict, seconds: float, output: str, kernels: tuple[int, int]
             line += f"; the other {layers - integer} run dequantized, in float"
             if min(bits["weight_bits"], bits["act_bits"]) < 8:
                 line += " (CPU kernels take 8-bit grids only)"
+    if "fidelity" in report:
+        line += "\n" + describe_fidelity(report["fidelity"])
     return line
 
 

@@ -88,6 +88,16 @@ def auto_loss(model: onnx.ModelProto) -> str:
     return "kl" if classifier and len(model.graph.output) == 1 else "mse"
 
 
+def resolve_loss(loss: str, model: onnx.ModelProto, reference: list[np.ndarray]) -> str:
+    """The distance ``loss`` names for ``model`` whose first output on the calibration
+    batches is ``reference``: ``auto`` is :func:`auto_loss`, with ``mse`` instead of
+    ``kl`` where the reference softmax is saturated."""
+    if loss != "auto":
+        return loss
+    kind = auto_loss(model)
+    return "mse" if kind == "kl" and not outputs_probabilities(model) and _saturated(reference) else kind
+
+
 def outputs_probabilities(model: onnx.ModelProto) -> bool:
     """Whether the first output is already a probability distribution (made by a Softmax)."""
     return _last_op(model) == "Softmax"
@@ -161,7 +171,6 @@ class LossEvaluator:
             raise ConfigError(f"loss={loss!r} is unknown: use one of {', '.join(LOSSES)}")
         if loss == "ce" and labels is None:
             raise ConfigError("loss='ce' needs labels: name the labels array of the calibration data with label_key (CLI: --labels KEY) or choose kl/mse/cosine")
-        self.kind = auto_loss(model) if loss == "auto" else loss
         self.probabilities = outputs_probabilities(model)
         self.plan = carried_in_bytes(model, plan)
         self.batches = batches
@@ -172,8 +181,7 @@ class LossEvaluator:
         self.reference = [self._fp32.run([self.output], b)[0] for b in batches]
         self.fp32_passes = [_timed_pass(self._fp32, self.output, batches) for _ in range(FP32_TIMINGS)]
         self.samples = sum(len(r) for r in self.reference)
-        if loss == "auto" and self.kind == "kl" and not self.probabilities and _saturated(self.reference):
-            self.kind = "mse"
+        self.kind = resolve_loss(loss, model, self.reference)
         self.input_means = input_means
         self.fused = all(a.bits == 8 for a in plan.activations) and all(w.bits == 8 for w in plan.weights) if fused is None else fused
         self._build(model, init_params)

@@ -26,6 +26,8 @@ from .config import QuantConfig
 from .data import input_specs, iter_batches
 from .errors import CalibrationError, ConfigError, ModelError
 from .export import export_qdq
+from .fidelity import Fidelity, head, keep_head, warn_if_poor
+from .fidelity import measure as measure_fidelity
 from .graph import INT4_OPSET, MIN_OPSET, default_opset, normalize
 from .journal import JournaledLoss, SearchJournal, run_binding
 from .lapq import resume, run_lapq
@@ -55,12 +57,14 @@ class Progress:
 
 @dataclass(frozen=True)
 class QuantResult:
-    """A quantized model with the plan and parameters that made it, and a report."""
+    """A quantized model with the plan and parameters that made it, a report, and its
+    fidelity to the float model on calibration samples (None without calibration data)."""
 
     model: onnx.ModelProto
     plan: QuantPlan
     params: dict[str, QParams]
     report: dict[str, Any]
+    fidelity: Fidelity | None = None
 
 
 def quantize(
@@ -107,11 +111,11 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
         calibration, interface.specs(input_specs(normalized)), batch_size=config.batch_size, num_samples=config.num_samples,
         label_key=config.label_key,
     ))
-    first: list[dict[str, np.ndarray]] = []  # one batch kept for the exported model's numeric check
+    kept: list[dict[str, np.ndarray]] = []  # the first samples, for the exported model's check and fidelity
     if config.weight_only:  # rounds the weights alone: no statistics to gather
         stats, samples = {}, 0
-        first.append(_synthetic_sample(normalized, padding_mask(normalized, config.mask_input), config.seed) if calibration is None
-                     else next(_without(batches, config.label_key)))
+        kept = [_synthetic_sample(normalized, padding_mask(normalized, config.mask_input), config.seed)] if calibration is None \
+            else head(_without(batches, config.label_key))
     else:
         if config.method == "lapq":  # the search evaluates the loss on the same samples many times
             batches = list(batches)
@@ -120,7 +124,7 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
         layer_inputs = [b.input_tensor for b in plan.biases] if config.bias_correction else []  # for their channel means
         stats, samples = collect_stats(
             normalized, list(dict.fromkeys([a.tensor for a in plan.activations] + layer_inputs)),
-            _keep_first(_without(batches, config.label_key), first),
+            keep_head(_without(batches, config.label_key), kept),
             half_bins=config.histogram_bins // 2, channel_means=frozenset(layer_inputs),
             mask_input=padding_mask(normalized, config.mask_input), on_batch=lambda done: notify(Progress("calibrate", done, config.num_samples)),
         )
@@ -141,15 +145,22 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
 
         clock = time.perf_counter()
         quantized = interface.restore(export_qdq(normalized, plan, params, input_means=means))
-        exported = check_exported(quantized, interface.restore(normalized), interface.narrow(first[0]))
+        exported = interface.session(check_exported(quantized, interface.restore(normalized), interface.narrow(kept[0])))
         if evaluator is not None:
-            search_report["exported_loss"] = evaluator.measure(interface.session(exported))
+            search_report["exported_loss"] = evaluator.measure(exported)
     times["export"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    measured = [] if calibration is None else kept  # a synthetic sample says nothing of fidelity
+    fidelity = measure_fidelity(normalized, exported, measured, evaluator.kind if evaluator is not None else config.loss)
+    times["fidelity"] = time.perf_counter() - clock
+    warn_if_poor(fidelity, config, samples)
 
     report = _report(model, quantized, plan, params, ranges, config, times, samples, initial_params)
     report.update(search_report)
     report["float_type"] = interface.float_type
-    return QuantResult(model=quantized, plan=plan, params=params, report=report)
+    if fidelity is not None:
+        report["fidelity"] = fidelity.as_report()
+    return QuantResult(model=quantized, plan=plan, params=params, report=report, fidelity=fidelity)
 
 
 def _synthetic_sample(model: onnx.ModelProto, mask_input: str | None, seed: int) -> dict[str, np.ndarray]:
@@ -197,14 +208,6 @@ def padding_mask(model: onnx.ModelProto, mask_input: str | None) -> str | None:
 
 def _qparams(plan: QuantPlan, ranges: SiteRanges, config: QuantConfig) -> dict[str, QParams]:
     return qparams(plan, ranges, weight_symmetric=config.weight_symmetric, act_symmetric=config.act_symmetric)
-
-
-def _keep_first(batches, kept: list):
-    """The batches, unchanged; the first one is also appended to ``kept``."""
-    for batch in batches:
-        if not kept:
-            kept.append(batch)
-        yield batch
 
 
 def _without(batches, label_key: str | None):
