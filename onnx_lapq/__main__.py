@@ -125,11 +125,13 @@ def _summary(report: dict, seconds: float, output: str, kernels: tuple[int, int]
         grid = f"W{bits['weight_bits']}A{bits['act_bits']}" + ("" if bits["per_channel"] else " per-tensor")
     grid += ", first and last layers 8-bit" if bits["keep_first_last_8bit"] else ""
     grid += f", {report['float_type']} model quantized in float32" if report.get("float_type", "float32") != "float32" else ""
+    quantized = _count(sites["weight_sites"], "weight site")
+    if not bits["weight_only"]:  # weight-only runs quantize no activations and calibrate nothing
+        quantized += f" and {_count(sites['activation_sites'], 'activation site')}"
+    data = "" if bits["weight_only"] else f"{report['calibration_samples']} calibration samples, "
     line = (
-        f"wrote {output}: {_count(sites['weight_sites'], 'weight site')} and {_count(sites['activation_sites'], 'activation site')} "
-        f"({grid}, {bits['method']}), "
-        f"{size['float'] / 1e6:.2f} MB -> {size['quantized'] / 1e6:.2f} MB, "
-        f"{report['calibration_samples']} calibration samples, {seconds:.1f} s"
+        f"wrote {output}: {quantized} ({grid}, {bits['method']}), "
+        f"{size['float'] / 1e6:.2f} MB -> {size['quantized'] / 1e6:.2f} MB, {data}{seconds:.1f} s"
     )
     if "final_loss" in report:
         line += (
@@ -145,6 +147,8 @@ def _summary(report: dict, seconds: float, output: str, kernels: tuple[int, int]
                 line += " (CPU kernels take 8-bit grids only)"
     if "fidelity" in report:
         line += "\n" + describe_fidelity(report["fidelity"])
+    else:
+        line += "\nfidelity not measured: no calibration data (--calib measures it)"
     return line
 
 

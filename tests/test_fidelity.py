@@ -98,6 +98,19 @@ def test_cli_w8a8_summary_ends_with_fidelity_and_no_warning(tmp_path):
     assert "WARNING" not in proc.stderr
 
 
+@pytest.mark.parametrize("calibrated", [False, True], ids=["no-calib", "calib"])
+def test_cli_weight_only_summary_counts_no_calibration_and_says_whether_fidelity_was_measured(tmp_path, calibrated):
+    calib = ["--calib", DIGITS_CALIB] if calibrated else []
+    proc = run_cli(DIGITS_MODEL, tmp_path / "digits.w4.onnx", "--weight-only", "--weight-bits", "4", *calib)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert "activation site" not in lines[0] and "calibration samples" not in lines[0]
+    if calibrated:
+        assert lines[-1].startswith(f"fidelity on {KEPT_SAMPLES} calibration samples: top-1 agrees with FP32 on ")
+    else:
+        assert lines[-1] == "fidelity not measured: no calibration data (--calib measures it)"
+
+
 def test_measured_on_the_first_samples_only():
     data = np.load(DIGITS_HELDOUT)["input"]  # 300 samples, more than are measured, in batches that do not end at KEPT_SAMPLES
     assert len(data) > KEPT_SAMPLES
