@@ -87,7 +87,8 @@ def expected_refusal(case: Case) -> bool:
     layers = [n for n in case.model.graph.node if n.name in case.layers]
     if config.get("weight_only"):
         layers = [n for n in layers if n.op_type == "MatMul"]
-    return all(n.name in config.get("exclude", ()) or n.op_type in config.get("exclude_op_types", ()) for n in layers)
+    excluded = [re.compile(p) for p in config.get("exclude", ())]
+    return all(any(p.fullmatch(n.name) for p in excluded) or n.op_type in config.get("exclude_op_types", ()) for n in layers)
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:

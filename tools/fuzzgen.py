@@ -430,6 +430,8 @@ def random_config(rng: np.random.Generator, family: str, layers: list[str], atte
     if layers and rng.random() < 0.2:
         chosen = rng.choice(layers, size=int(rng.integers(1, min(2, len(layers)) + 1)), replace=False)
         config["exclude"] = [str(n) for n in chosen]
+    elif layers and rng.random() < 0.05:  # a pattern over one kind of layer, or one that matches nothing
+        config["exclude"] = [str(rng.choice([f"{layers[0].rstrip('0123456789')}.*", "(conv|gemm)[0-3]", "nothing_named_so"]))]
     if rng.random() < 0.08:
         config["exclude_op_types"] = [str(rng.choice(LAYER_OPS))]
     if rng.random() < 0.1:
