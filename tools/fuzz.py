@@ -11,10 +11,12 @@ returns a model that
   * leaves the input ModelProto unchanged,
   * where a search ran, has report["exported_loss"] equal to report["final_loss"]
     (relative difference at most LOSS_TOLERANCE),
-or refuses with a LapqError (counted by reason: a refusal of a valid graph and config
-deserves a look).  Anything else is a failure: its model, calibration, config and
-traceback go to ``--failures/<seed>/``.  A summary ends the run; the exit status is 1
-when a case failed.
+or refuses with a LapqError, counted by reason: "refused" where the config excludes every
+layer it could quantize, "refused-unexpected" otherwise (a refusal of a valid graph and
+config deserves a look).  Anything else is a failure: its model, calibration, config and
+traceback go to ``--failures/<seed>/``.  A summary ends the run: counts, refusals and
+failures grouped by their message with numbers and names blanked, each failure's seed and
+cause, and the RuntimeWarnings seen; the exit status is 1 when a case failed.
 """
 from __future__ import annotations
 

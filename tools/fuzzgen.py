@@ -88,8 +88,6 @@ class _Builder:
         if kind == "none":
             return x
         low, high = {"relu6": (0.0, 6.0), "clip_sym": (-1.0, 1.0), "clip_max": (None, 2.0)}[kind]
-        if self.opset < 11:
-            return self.node("Clip", [x], min=low if low is not None else -3.4e38, max=high)
         low_name = "" if low is None else self.const("lo", np.float32(low))
         return self.node("Clip", [x, low_name, self.const("hi", np.float32(high))])
 
@@ -292,7 +290,7 @@ def _dense_residual(b: _Builder, x: _Seq) -> _Seq:
 
 def _dense_concat(b: _Builder, x: _Seq) -> _Seq:
     left, right = _linear(b, x), (x if b.rng.random() < 0.3 else _linear(b, x))
-    return _Seq(b.node("Concat", [left.name, right.name], axis=-1 if b.opset >= 11 else len(x.shape) - 1), left.d + right.d, x.t)
+    return _Seq(b.node("Concat", [left.name, right.name], axis=-1), left.d + right.d, x.t)
 
 
 def _softmax(b: _Builder, x: _Seq) -> _Seq:
