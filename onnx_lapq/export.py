@@ -94,7 +94,14 @@ def _dq_node(prefix: str, source: str, qp: QParams) -> onnx.NodeProto:
 def _clipped(site, qp: QParams) -> bool:
     """Whether the site's QuantizeLinear gets a Clip: grids narrower than their container,
     such as 3-bit codes in int8 or symmetric -127..127 in int8."""
-    return (qp.fmt.qmin, qp.fmt.qmax) != _code_range(container(qp.fmt, site.wide))
+    return (qp.fmt.qmin, qp.fmt.qmax) != _code_range(container(qp.fmt, _wide(site, qp)))
+
+
+def _wide(site, qp: QParams) -> bool:
+    """Whether an activation site's codes go in an 8-bit container: the plan's wide sites, and
+    4-bit grids narrower than their 4-bit type (symmetric -7..7), whose Clip before a 4-bit
+    QuantizeLinear ONNX Runtime's Clip/QuantizeLinear fusion refuses to load."""
+    return site.wide or (container(qp.fmt) in FOUR_BIT and (qp.fmt.qmin, qp.fmt.qmax) != _code_range(container(qp.fmt)))
 
 
 def qdq_tensors(
@@ -146,7 +153,7 @@ def qdq_tensors(
             out[f"{t}_clip_min"] = _entry((qp.fmt.qmin - int(qp.zero_point)) * float(qp.scale), None)
             out[f"{t}_clip_max"] = _entry((qp.fmt.qmax - int(qp.zero_point)) * float(qp.scale), None)
         out[f"{t}_scale"] = _entry(qp.scale, None)
-        out[f"{t}_zero_point"] = _entry(qp.zero_point, qp.fmt, site.wide)
+        out[f"{t}_zero_point"] = _entry(qp.zero_point, qp.fmt, _wide(site, qp))
     return out
 
 
