@@ -58,7 +58,7 @@ from onnx import helper, numpy_helper
 
 from .calibrate import session
 from .config import LOSSES
-from .errors import ConfigError
+from .errors import ConfigError, ExportError
 from .export import FOUR_BIT, export_qdq, proto, qdq_tensors
 from .modelio import copy_model
 from .params import QParams
@@ -195,9 +195,7 @@ class LossEvaluator:
         self._workers = min(len(batches), MAX_CONCURRENT_BATCHES, cores)
         self._threads = max(1, cores // self._workers)
         self._pool = ThreadPoolExecutor(self._workers)  # its threads end when the evaluator is collected
-        self._fed_sessions = [] if self.fused else [
-            session(self._suffix(c, self._refreshed_after(i)), threads=self._threads, arena="shared") for i, c in enumerate(self.cuts)
-        ]
+        self._fed_sessions = [] if self.fused else [self._suffix_session(c, self._refreshed_after(i)) for i, c in enumerate(self.cuts)]
         self.evaluations = 0
         self.suffix_nodes = 0
         self.eval_seconds = 0.0
@@ -237,6 +235,17 @@ class LossEvaluator:
         fused = skipped([pos for pos, _ in self._cut_candidates(first_use)])
         return bool(sites) and fused * FUSED_DEPTH_TOLERANCE >= skipped([p for p in sites if p > 0])
 
+    def _suffix_session(self, cut, later) -> ort.InferenceSession:
+        """A session of the graph after ``cut``; ExportError where ONNX Runtime cannot build it
+        (its own graph rewrites can make an invalid graph of a valid quantized model)."""
+        try:
+            return session(self._suffix(cut, later), threads=self._threads, arena="shared")
+        except Exception as exc:
+            raise ExportError(
+                f"ONNX Runtime cannot load the quantized model the search evaluates ({str(exc).splitlines()[0]}); please report "
+                "this with the model; other bit-widths, or --exclude on the layers its message names, may avoid it"
+            ) from None
+
     # ----------------------------------------------------------------- public
     def __call__(self, params: dict[str, QParams]) -> float:
         started = time.perf_counter()
@@ -244,7 +253,7 @@ class LossEvaluator:
         start = self._deepest_valid_cut()
         cut = self.cuts[start]
         later = self._refreshed_after(start)
-        sess = session(self._suffix(cut, later), threads=self._threads, arena="shared") if self.fused else self._fed_sessions[start]
+        sess = self._suffix_session(cut, later) if self.fused else self._fed_sessions[start]
         names = [self.output] + [self._boundary(t) for c in later for t in c.live]
         fed = {i.name: self._feeds[i.name] for i in sess.get_inputs() if i.name in self._feeds}
 
