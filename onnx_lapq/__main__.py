@@ -202,6 +202,12 @@ class _Checkpoint:
         self.journal.on_record = self._recorded
         self.saved = len(self.journal.entries)
         if not resume and os.path.exists(path):
+            try:
+                self._read()
+            except CheckpointError:
+                raise CheckpointError(
+                    f"--checkpoint {path!r} exists and is not an onnx_lapq checkpoint: choose another path (only an earlier checkpoint is replaced)"
+                ) from None
             log.warning("--checkpoint %r holds an earlier run, which this one replaces: add --resume to continue that run instead", path)
 
     def _read(self) -> SearchJournal:

@@ -53,7 +53,7 @@ class SearchJournal:
         return json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "binding": self.binding, "entries": entries})
 
     @classmethod
-    def from_text(cls, text: str | bytes, *, source: str = "the journal", on_record=None) -> "SearchJournal":
+    def from_text(cls, text: str | bytes, *, source: str = "the journal") -> "SearchJournal":
         """A journal from ``to_text``'s JSON; CheckpointError naming ``source`` if it is not one."""
         try:
             data = json.loads(text)
@@ -66,7 +66,7 @@ class SearchJournal:
             raise CheckpointError(
                 f"{source} is not a readable onnx_lapq checkpoint (damaged, truncated or another file): delete it and start over without resuming"
             ) from None
-        return cls(entries=entries, binding=data["binding"], on_record=on_record)
+        return cls(entries=entries, binding=data["binding"])
 
     def bind(self, binding: dict[str, Any]) -> None:
         """Bind a new journal to the run described by ``binding`` (see ``run_binding``), or

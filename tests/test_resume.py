@@ -249,3 +249,12 @@ def test_cli_checkpoint_flag_errors(tmp_path, capsys, flags, words):
     stderr = _error_of(capsys, DIGITS_MODEL, tmp_path / "out.onnx", "--calib", DIGITS_CALIB, *LAPQ_W4A4, *flags)
     assert words in stderr and stderr.count("\n") == 1, stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_cli_checkpoint_never_replaces_a_file_that_is_no_checkpoint(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    stderr = _error_of(capsys, DIGITS_MODEL, tmp_path / "out.onnx", "--calib", DIGITS_CALIB, *LAPQ_W4A4, "--checkpoint", notes)
+    assert "exists and is not an onnx_lapq checkpoint: choose another path" in stderr and stderr.count("\n") == 1, stderr
+    assert notes.read_text() == "my notes\n"
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
