@@ -56,30 +56,45 @@ class Fidelity:
         return entry
 
 
+class _Head:
+    """The first calibration samples, copied: up to KEPT_SAMPLES samples in at most KEPT_BYTES
+    (the first batch whatever its size)."""
+
+    def __init__(self, kept: list):
+        self.kept, self.samples, self.size, self.full = kept, 0, 0, False
+
+    def offer(self, batch: dict[str, np.ndarray]) -> None:
+        """Keep what the head still takes of ``batch``; ``full`` once it takes no more."""
+        if self.full:
+            return
+        head = {k: v[:KEPT_SAMPLES - self.samples] for k, v in batch.items()}
+        head_bytes = sum(v.nbytes for v in head.values())
+        if self.kept and self.size + head_bytes > KEPT_BYTES:
+            self.full = True  # no more, so that the kept samples are the first ones
+            return
+        self.kept.append({k: v.copy() for k, v in head.items()})  # a view would hold the whole calibration file
+        self.samples += len(next(iter(head.values())))
+        self.size += head_bytes
+        self.full = self.samples >= KEPT_SAMPLES
+
+
 def keep_head(batches: Iterable[dict[str, np.ndarray]], kept: list) -> Iterator[dict[str, np.ndarray]]:
-    """The batches, unchanged; copies of the first ones, up to KEPT_SAMPLES samples in at
-    most KEPT_BYTES (the first batch whatever its size), are also appended to ``kept``."""
-    samples = size = 0
+    """The batches, unchanged; copies of the first samples (see :class:`_Head`) are also
+    appended to ``kept``."""
+    head = _Head(kept)
     for batch in batches:
-        if samples < KEPT_SAMPLES:
-            head = {k: v[:KEPT_SAMPLES - samples] for k, v in batch.items()}
-            head_bytes = sum(v.nbytes for v in head.values())
-            if kept and size + head_bytes > KEPT_BYTES:
-                samples = KEPT_SAMPLES  # no more, so that the kept samples are the first ones
-            else:
-                kept.append({k: v.copy() for k, v in head.items()})  # a view would hold the whole calibration file
-                samples += len(next(iter(head.values())))
-                size += head_bytes
+        head.offer(batch)
         yield batch
 
 
 def head(batches: Iterable[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """What :func:`keep_head` keeps of ``batches``, reading no batch past the kept samples."""
-    kept: list[dict[str, np.ndarray]] = []
-    for _ in keep_head(batches, kept):
-        if sum(len(next(iter(b.values()))) for b in kept) >= KEPT_SAMPLES:
+    taken = _Head([])
+    for batch in batches:
+        taken.offer(batch)
+        if taken.full:
             break
-    return kept
+    return taken.kept
 
 
 def measure(reference: onnx.ModelProto, exported: ort.InferenceSession, batches: list[dict[str, np.ndarray]], loss: str) -> Fidelity | None:

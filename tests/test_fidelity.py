@@ -180,3 +180,21 @@ def test_weight_only_remedies_name_weight_only_flags():
     assert "--weight-bits 8" in fixes and "--block-size 16" in fixes and "--method mse" in fixes
     assert "--method lapq" not in fixes and "--act-bits" not in fixes and "calibration samples" not in fixes
     assert "--method lapq" not in " ".join(remedies(QuantConfig(weight_bits=2, act_bits=2, method="lapq"), 64))
+
+
+def test_head_reads_no_batch_past_the_kept_samples(monkeypatch):
+    import onnx_lapq.fidelity as fidelity
+    monkeypatch.setattr(fidelity, "KEPT_BYTES", 3 * 4 * 64 * 4)  # three batches of 4 samples of 64 float32
+    read = []
+
+    def batches():
+        for i in range(100):
+            read.append(i)
+            yield {"x": np.full((4, 64), i, np.float32)}
+
+    kept = fidelity.head(batches())
+    assert [int(b["x"][0, 0]) for b in kept] == [0, 1, 2]  # the first samples, as many as the bytes allow
+    assert len(read) == 4  # the batch that did not fit ends the reading
+    monkeypatch.setattr(fidelity, "KEPT_BYTES", 1 << 30)
+    read.clear()
+    assert sum(len(b["x"]) for b in fidelity.head(batches())) == KEPT_SAMPLES and len(read) == KEPT_SAMPLES // 4
