@@ -292,16 +292,21 @@ def _warn_subgraph_layers(graph: onnx.GraphProto, config: QuantConfig) -> None:
 
 
 def _check_weights(index: _GraphIndex, plan: QuantPlan) -> QuantPlan:
-    """``plan``, once every weight and bias it quantizes is finite and constant; ModelError naming the first that is not."""
+    """``plan``, once every weight and bias it quantizes is constant (ModelError naming all that a caller
+    may override) and finite (ModelError naming the first that is not)."""
     inputs = {i.name for i in index.graph.input}
-    for tensor, node in [(w.tensor, w.node) for w in plan.weights] + [(b.tensor, b.node) for b in plan.biases]:
+    quantized = [(w.tensor, w.node) for w in plan.weights] + [(b.tensor, b.node) for b in plan.biases]
+    overridable = [(tensor, node) for tensor, node in quantized if tensor in inputs]
+    if overridable:
+        nodes = list(dict.fromkeys(node for _, node in overridable))
+        raise ModelError(
+            f"weights {', '.join(f'{t!r} of node {n!r}' for t, n in overridable)}: "
+            "each also a graph input, which ONNX Runtime lets a caller override, and a quantized one cannot be: remove the "
+            "weights from the graph inputs (onnxruntime/tools/python/remove_initializer_from_input.py does it) or keep "
+            f"the layers float with --exclude {' '.join(nodes)}"
+        )
+    for tensor, node in quantized:
         kind = "bias" if any(b.tensor == tensor for b in plan.biases) else "weight"
-        if tensor in inputs:
-            raise ModelError(
-                f"{kind} {tensor!r} of node {node!r} is also a graph input, which ONNX Runtime lets a caller override, and a "
-                "quantized one cannot be: remove the weights from the graph inputs (onnxruntime/tools/python/"
-                f"remove_initializer_from_input.py does it) or keep the layer float with --exclude {node}"
-            )
         values = index.constant(tensor)
         bad = {"NaN": int(np.isnan(values).sum()), "Inf": int(np.isinf(values).sum())}
         if any(bad.values()):

@@ -303,7 +303,7 @@ def test_overridable_weight_is_refused_with_the_reason():
     with pytest.raises(ModelError) as err:
         quantize(_scaled_model(weight_input=True), _calibration())
     message = str(err.value)
-    assert "'W' of node 'mm' is also a graph input" in message and "override" in message and "--exclude mm" in message
+    assert "'W' of node 'mm': each also a graph input" in message and "override" in message and "--exclude mm" in message
 
 
 def test_ir3_initializers_listed_as_inputs_are_constants():
@@ -349,9 +349,14 @@ def test_calibration_none_without_weight_only_says_what_to_do():
 
 def test_cli_weight_only_without_calib(tmp_path):
     out = tmp_path / "q.onnx"
-    proc = run_cli(_save(_matmul_model(), tmp_path / "m.onnx"), out, "--weight-only", "--weight-bits", "4")
+    report = tmp_path / "report.json"
+    proc = run_cli(_save(_matmul_model(), tmp_path / "m.onnx"), out, "--weight-only", "--weight-bits", "4", "--report", report)
     assert proc.returncode == 0, proc.stderr
     assert "MatMulNBits" not in proc.stderr and out.exists()
+    quantized = onnx.load(out)
+    weights = [t for t in quantized.graph.initializer if list(t.dims) == [FEATURES, CLASSES]]
+    assert [t.data_type for t in weights] == [TensorProto.INT4]  # the weight, stored as 4-bit codes
+    assert json.loads(report.read_text())["calibration_samples"] == 0 and "fidelity" not in json.loads(report.read_text())
 
 
 def test_cli_without_calib_names_the_flag(tmp_path):
@@ -360,3 +365,15 @@ def test_cli_without_calib_names_the_flag(tmp_path):
     proc = run_cli(_save(_matmul_model(), tmp_path / "m.onnx"), out / "q.onnx")
     _assert_one_error_line(proc, "--calib CALIB.npz is required", "--weight-only")
     assert os.listdir(out) == []
+
+
+def test_every_overridable_weight_is_named_in_one_refusal():
+    rng = np.random.default_rng(0)
+    inits = {"W1": rng.standard_normal((FEATURES, FEATURES)).astype(np.float32), "W2": rng.standard_normal((FEATURES, CLASSES)).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"), helper.make_node("MatMul", ["h", "W2"], ["y"], name="mm2")]
+    inputs = [("x", TensorProto.FLOAT, ["N", FEATURES]), ("W1", TensorProto.FLOAT, [FEATURES, FEATURES]), ("W2", TensorProto.FLOAT, [FEATURES, CLASSES])]
+    model = make_model(nodes, inputs, [("y", TensorProto.FLOAT, ["N", CLASSES])], inits)
+    with pytest.raises(ModelError) as err:
+        quantize(model, _calibration())
+    assert "'W1' of node 'mm1', 'W2' of node 'mm2': each also a graph input" in str(err.value)
+    assert str(err.value).endswith("--exclude mm1 mm2")
