@@ -81,7 +81,7 @@ class Interface:
                 casts.append(helper.make_node("Cast", [value.name], [inner], name=_fresh(f"{value.name}_Cast", taken), to=TensorProto.FLOAT))
                 value.type.tensor_type.elem_type = self.inputs[value.name]
                 if value.name in defaults:  # an overridable initializer: its default value takes the input's type
-                    _narrow_tensor(defaults[value.name], self.inputs[value.name])
+                    _retype(defaults[value.name], self.inputs[value.name])
         nodes = casts + list(graph.node)
         producers = {o for n in graph.node for o in n.output}
         for value in graph.output:
@@ -180,11 +180,11 @@ def _tensor(tensor: onnx.TensorProto, found: set[int], convert: bool) -> None:
         return
     found.add(tensor.data_type)
     if convert:
-        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name))
+        _retype(tensor, TensorProto.FLOAT)
 
 
-def _narrow_tensor(tensor: onnx.TensorProto, elem_type: int) -> None:
-    """``tensor`` (float32) in ``elem_type``; exact for values that came from that type."""
+def _retype(tensor: onnx.TensorProto, elem_type: int) -> None:
+    """``tensor``'s values in ``elem_type`` (exact from float16 or bfloat16 to float32, and back for values that came from them)."""
     values = numpy_helper.to_array(tensor).astype(helper.tensor_dtype_to_np_dtype(elem_type))
     tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
 
