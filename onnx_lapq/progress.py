@@ -1,11 +1,12 @@
 """Progress of a run on a text stream, fed by quantize()'s on_step callback.
 
 On a terminal: one bar with ETA, redrawn in place at each event.  On anything else (a log
-file, a pipe): a line at least every ``interval`` seconds while a stage runs, whether or
-not its events arrive (a heartbeat thread prints the stage's state when no line came for
-``interval`` seconds: its counts, best loss and ETA when it has them, else how long it has
-been working), and one line when the stage ends.  :meth:`ProgressBar.close` ends the last
-stage and the heartbeat; nothing is written after it.
+file, a pipe): a line every ``interval`` seconds while a stage runs, whether or not its
+events arrive (a heartbeat thread, started by the first event, prints the stage's state
+when no line came for ``interval`` seconds: its counts, elapsed time, ETA and best loss
+when it has them, else how long it has been working), and one line when the stage ends.
+:meth:`ProgressBar.close` ends the last stage and the heartbeat: nothing is written after
+it, and later events are ignored.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from .pipeline import Progress
 
 
 class ProgressBar:
-    """Renders :class:`Progress` events as ``stage [#####.....] done/total in 12s, ETA 34s best loss 0.0123``."""
+    """Renders :class:`Progress` events as ``stage [#####.....] done/total in 12s, ETA 34s, best loss 0.0123``."""
 
     def __init__(self, stream: TextIO, width: int = 30, interval: float = 10.0, clock: Callable[[], float] = time.perf_counter):
         self.stream = stream
@@ -47,7 +48,7 @@ class ProgressBar:
                 self.stream.flush()
             elif now - self.printed >= self.interval:
                 self._print(now)
-        if not self.interactive and self._heartbeat is None:
+        if not self.interactive and self.interval > 0 and self._heartbeat is None:
             self._heartbeat = threading.Thread(target=self._beat_until_closed, name="onnx_lapq-progress", daemon=True)
             self._heartbeat.start()
 
@@ -68,7 +69,7 @@ class ProgressBar:
         with self._lock:
             self._end_stage(finished)
             self._closed.set()
-        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
+        if self._heartbeat is not None:
             self._heartbeat.join()
 
     def _beat_until_closed(self) -> None:
