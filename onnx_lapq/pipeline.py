@@ -47,7 +47,9 @@ BIAS_CORRECTION_ESSENTIAL = 2.0
 @dataclass(frozen=True)
 class Progress:
     """What ``on_step`` receives: a stage name, work done, the total when known, and the
-    best loss so far during the search."""
+    best loss so far during the search.  The stages: calibrate, start (lapq's evaluator, Lp
+    sweep and start candidates), search, export, fidelity; each sends an event as it begins
+    or as its work advances."""
 
     stage: str
     done: int
@@ -144,6 +146,7 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
         times["search" if config.method == "lapq" else "clip"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
+        notify(Progress("export", 0, None))
         quantized = interface.restore(export_qdq(normalized, plan, params, input_means=means))
         exported = interface.session(check_exported(quantized, interface.restore(normalized), interface.narrow(kept[0])))
         if evaluator is not None:
@@ -151,6 +154,8 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
     times["export"] = time.perf_counter() - clock
     clock = time.perf_counter()
     measured = [] if calibration is None else kept  # a synthetic sample says nothing of fidelity
+    if measured:
+        notify(Progress("fidelity", 0, None))
     fidelity = measure_fidelity(normalized, exported, measured, evaluator.kind if evaluator is not None else config.loss)
     times["fidelity"] = time.perf_counter() - clock
     warn_if_poor(fidelity, config, samples)
@@ -253,6 +258,7 @@ def _lapq(normalized, plan, stats, batches, config: QuantConfig, notify, input_m
     against 0.01382 without a race).  "auto" keeps it only where it
     cuts the loss of the min/max start by more than BIAS_CORRECTION_ESSENTIAL times (it
     misses mobilenet_v2); "on" and "off" decide for every network."""
+    notify(Progress("start", 0, None))
     batches = _subset(batches, config.search_samples, config.batch_size, np.random.default_rng(config.seed))
     labels = np.concatenate([b[config.label_key] for b in batches]) if config.label_key else None
     inputs = list(_without(batches, config.label_key))

@@ -8,9 +8,10 @@ Float16 and bfloat16 values are exactly representable in float32, so the copy co
 same network, only without the intermediate roundings.  The :class:`Interface` it returns
 remembers what the model's inputs and outputs were; :meth:`Interface.restore` gives a
 float32 model (the quantized one) that interface back: each such graph input ``x`` keeps
-its name and type and feeds a ``Cast`` to float32 (``x_float32``), and each such output
-``y`` is a ``Cast`` of the float32 ``y_float32``, so the restored model takes and returns
-exactly what the input model did, and runs in float32 between.
+its name and type and feeds a ``Cast`` to float32 (``x_float32``), an initializer that a
+caller may override (one listed among the inputs) keeping its default value in that type,
+and each such output ``y`` is a ``Cast`` of the float32 ``y_float32``, so the restored
+model takes and returns exactly what the input model did, and runs in float32 between.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .data import InputSpec
 from .errors import ModelError
+from .graph import overridable_initializers
 from .modelio import copy_model
 
 REDUCED = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
@@ -72,11 +74,14 @@ class Interface:
         graph = out.graph
         taken = _names(graph)
         casts = []
+        defaults = {t.name: t for t in graph.initializer}
         for value in graph.input:
             if value.name in self.inputs:
                 inner = _rename_consumers(graph, value.name, _fresh(f"{value.name}_float32", taken))
                 casts.append(helper.make_node("Cast", [value.name], [inner], name=_fresh(f"{value.name}_Cast", taken), to=TensorProto.FLOAT))
                 value.type.tensor_type.elem_type = self.inputs[value.name]
+                if value.name in defaults:  # an overridable initializer: its default value takes the input's type
+                    _retype(defaults[value.name], self.inputs[value.name])
         nodes = casts + list(graph.node)
         producers = {o for n in graph.node for o in n.output}
         for value in graph.output:
@@ -113,10 +118,10 @@ def to_float32(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Interface]:
         _nodes(function.node, found, convert=False)
     if not found:
         return model, Interface()
-    inits = {t.name for t in model.graph.initializer}
+    constants = {t.name for t in model.graph.initializer} - set(overridable_initializers(model))
     interface = Interface(
         float_types=tuple(REDUCED[t] for t in sorted(found)),
-        inputs={v.name: _elem(v.type) for v in model.graph.input if v.name not in inits and _elem(v.type) in REDUCED},
+        inputs={v.name: _elem(v.type) for v in model.graph.input if v.name not in constants and _elem(v.type) in REDUCED},
         outputs={v.name: _elem(v.type) for v in model.graph.output if _elem(v.type) in REDUCED},
     )
     _refuse_bfloat16_interface(interface)
@@ -175,7 +180,13 @@ def _tensor(tensor: onnx.TensorProto, found: set[int], convert: bool) -> None:
         return
     found.add(tensor.data_type)
     if convert:
-        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name))
+        _retype(tensor, TensorProto.FLOAT)
+
+
+def _retype(tensor: onnx.TensorProto, elem_type: int) -> None:
+    """``tensor``'s values in ``elem_type`` (exact from float16 or bfloat16 to float32, and back for values that came from them)."""
+    values = numpy_helper.to_array(tensor).astype(helper.tensor_dtype_to_np_dtype(elem_type))
+    tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
 
 
 def _type(type_proto: onnx.TypeProto, found: set[int], convert: bool) -> None:

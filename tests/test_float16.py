@@ -182,3 +182,25 @@ def test_float16_output_that_a_node_also_reads(digits_half):
     assert interface(session) == interface(ort_session(model))
     logits, label = session.run(None, {"input": half_calibration()[0]["input"]})
     assert logits.dtype == np.float16 and np.array_equal(label, logits.argmax(axis=1))
+
+
+def test_float16_overridable_initializer_keeps_its_type_and_stays_overridable():
+    """x -> Mul by 'gain' (an initializer also listed as a graph input: a caller may override
+    it, and it is not quantized) -> MatMul mm -> y, all float16: 'gain' stays a float16 input."""
+    rng = np.random.default_rng(0)
+    inits = {"gain": np.full((1, 16), 2.0, np.float32), "W": (rng.standard_normal((16, 4)) / 8).astype(np.float32)}
+    nodes = [helper.make_node("Mul", ["x", "gain"], ["g"], name="scale"), helper.make_node("MatMul", ["g", "W"], ["y"], name="mm")]
+    inputs = [("x", TensorProto.FLOAT, ["N", 16]), ("gain", TensorProto.FLOAT, [1, 16])]
+    model = to_half(make_model(nodes, inputs, [("y", TensorProto.FLOAT, ["N", 4])], inits))
+    assert model.ir_version >= 4
+    x = {"x": rng.standard_normal((64, 16)).astype(np.float16)}
+    result = onnx_lapq.quantize(model, [x])
+    session = loads_with_all_optimizations(result.model)
+    assert interface(session) == interface(ort_session(model))
+    for kept, values in [(result.model.graph.input, model.graph.input), (result.model.graph.output, model.graph.output)]:
+        assert [v.SerializeToString() for v in kept] == [v.SerializeToString() for v in values]  # 'gain' among them
+    gain = {"gain": np.full((1, 16), 0.5, np.float16)}
+    overridden, default = session.run(None, {**x, **gain})[0], session.run(None, x)[0]
+    assert overridden.dtype == default.dtype == np.float16
+    np.testing.assert_allclose(overridden, ort_session(model).run(None, {**x, **gain})[0], atol=0.05)
+    np.testing.assert_allclose(default, ort_session(model).run(None, x)[0], atol=0.1)
