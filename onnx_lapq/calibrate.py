@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import CalibrationError, ConfigError, ModelError
-from .modelio import copy_model
+from .modelio import copy_model, over_protobuf_limit, temporary_model_file
 from .stats import TensorStats
 
 OUTPUT_BUDGET = 128 << 20  # bytes of observed tensors one ONNX Runtime run may return
@@ -80,7 +80,9 @@ def session(model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True, 
     evaluator's suffixes: memory of one session's peak, not their sum, without the cost of
     fresh memory on every run).  A host application that registers its own CPU arena with
     ONNX Runtime's environment replaces this one.  ``optimized_path``: where ONNX Runtime
-    writes the graph its optimizations made."""
+    writes the graph its optimizations made.  A model over protobuf's 2 GB limit is loaded
+    from a temporary file with its large initializers in external data, removed once
+    ONNX Runtime has read it."""
     if arena not in ARENAS:
         raise ValueError(f"arena={arena!r}: use one of {ARENAS}")
     if arena == "shared":
@@ -91,6 +93,9 @@ def session(model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True, 
         options.optimized_model_filepath = optimized_path
     for library in _LIBRARIES.get():
         options.register_custom_ops_library(library)
+    if over_protobuf_limit(model):
+        with temporary_model_file(model) as path:
+            return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

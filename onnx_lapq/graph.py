@@ -19,6 +19,8 @@ Initializers that are also graph inputs stay both in models of IR version 4 or l
 ONNX Runtime lets a caller override them: they are not folded into anything, and the graph
 inputs keep their names, types and order.  (Under IR 3 every initializer had to be listed
 as an input and ONNX Runtime treats them as constants, so they are constants here too.)
+Models over protobuf's 2 GB limit go through shape inference and opset conversion as
+skeletons (modelio.split_large), their large initializers stubs.
 The input ModelProto is never modified.  (File reading and writing live in modelio.)
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ import onnx_graphsurgeon as gs
 from onnx import version_converter
 
 from .errors import ModelError
-from .modelio import copy_model
+from .modelio import copy_model, fill_stubs, over_protobuf_limit, split_large
 from .plan import output_channel_axis
 
 log = logging.getLogger(__name__)
@@ -86,10 +88,24 @@ def normalize(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET, linear_as_m
     out.producer_name = model.producer_name
     del out.opset_import[:]
     out.opset_import.extend(model.opset_import)
+    return _infer_shapes(out)
+
+
+def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the types and shapes ONNX infers; over 2 GB, ``model`` itself, given
+    the graph inputs, outputs and value_info inferred on its skeleton."""
+    large = over_protobuf_limit(model)
     try:
-        return onnx.shape_inference.infer_shapes(out)
+        inferred = onnx.shape_inference.infer_shapes(split_large(model)[0] if large else model)
     except Exception as exc:
         raise ModelError(f"shape inference failed on the model ({exc}): check it with onnx.checker.check_model") from None
+    if not large:
+        return inferred
+    for field in ("input", "output", "value_info"):
+        values = getattr(model.graph, field)
+        del values[:]
+        values.extend(getattr(inferred.graph, field))
+    return model
 
 
 def _convert_opset(model: onnx.ModelProto, min_opset: int) -> onnx.ModelProto:
@@ -98,10 +114,12 @@ def _convert_opset(model: onnx.ModelProto, min_opset: int) -> onnx.ModelProto:
         raise ModelError(f"opset {current} is newer than onnx_lapq supports ({MAX_OPSET}): re-export the model at opset {MAX_OPSET} or lower")
     if current >= min_opset:
         return copy_model(model)
+    skeleton, stubs = split_large(model) if over_protobuf_limit(model) else (model, [])
     try:
-        converted = version_converter.convert_version(model, min_opset)
+        converted = version_converter.convert_version(skeleton, min_opset)
     except Exception as exc:
         raise ModelError(f"cannot convert opset {current} to {min_opset} ({exc}): re-export the model at opset {min_opset} or newer") from None
+    fill_stubs(converted, [tensor for _, tensor in stubs])
     converted.ir_version = max(converted.ir_version, _IR_FOR_OPSET[min_opset])
     return converted
 

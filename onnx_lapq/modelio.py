@@ -7,6 +7,13 @@ never leave a half-written output: the model (and, over 2 GB, its external data 
 renamed into place only when complete; a target that could not be replaced is refused
 before anything is written.  The file gets the permissions any new file gets (0666 less
 the umask), as if written directly.
+
+Protobuf cannot serialize a model over 2 GB (PROTOBUF_LIMIT), and every tool that takes a
+model as bytes (onnx's shape inference and version converter, ONNX Runtime) inherits that
+limit.  :func:`split_large` gives such a model's skeleton, its large initializers replaced
+by stubs that carry only name, type and dims, for those tools; :func:`fill_stubs` puts the
+data back; :func:`temporary_model_file` writes a model with its large initializers in an
+external data file, for ONNX Runtime to load from a path.
 """
 from __future__ import annotations
 
@@ -14,15 +21,19 @@ import array
 import os
 import secrets
 import stat
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import onnx
+from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model, uses_external_data
 
 from .errors import ModelError
 
 PROTOBUF_LIMIT = 2**31 - 1
+STUB_BYTES = 1 << 20  # initializers over this size are always stubs in a skeleton
+DATA_ALIGNMENT = 4096  # external data offsets: a page, so that ONNX Runtime can map each tensor
 FS_IOC_GETFLAGS = 0x80086601  # Linux: a file's attributes (chattr)
 FS_UNCHANGEABLE_FLAGS = {0x10: "immutable", 0x20: "append-only"}
 
@@ -105,6 +116,95 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def over_protobuf_limit(model: onnx.ModelProto) -> bool:
+    """True when protobuf cannot serialize ``model`` in one piece."""
+    return model.ByteSize() > PROTOBUF_LIMIT
+
+
+def split_large(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[onnx.TensorProto, onnx.TensorProto]]]:
+    """The skeleton of ``model`` and, for each of its stubs, (the stub, ``model``'s own initializer).
+
+    The skeleton is a copy of ``model`` (made without copying the data it leaves out) in
+    which every graph initializer over STUB_BYTES and, largest first, as many more as it
+    takes to bring the skeleton under PROTOBUF_LIMIT are stubs: name, type and dims, with
+    their data EXTERNAL and no location.  Shape inference and opset conversion read no
+    large constant, so they give on a skeleton what they give on the model."""
+    sizes = sorted(((t.ByteSize(), i) for i, t in enumerate(model.graph.initializer) if _stubbable(t)), reverse=True)
+    remaining = model.ByteSize()
+    stubbed = set()
+    for size, index in sizes:
+        if size <= STUB_BYTES and remaining <= PROTOBUF_LIMIT:
+            break
+        stubbed.add(index)
+        remaining -= size
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip="graph")
+    _copy_fields(model.graph, skeleton.graph, skip="initializer")
+    pairs = []
+    for index, tensor in enumerate(model.graph.initializer):
+        if index in stubbed:
+            stub = skeleton.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims, data_location=onnx.TensorProto.EXTERNAL)
+            pairs.append((stub, tensor))
+        else:
+            skeleton.graph.initializer.append(tensor)
+    return skeleton, pairs
+
+
+def fill_stubs(model: onnx.ModelProto, tensors: list[onnx.TensorProto]) -> None:
+    """Put ``tensors`` in place of the stubs (see :func:`split_large`) of the same name in ``model``."""
+    by_name = {t.name: t for t in tensors}
+    for tensor in model.graph.initializer:
+        if tensor.name in by_name and _is_stub(tensor):
+            tensor.CopyFrom(by_name[tensor.name])
+
+
+@contextmanager
+def temporary_model_file(model: onnx.ModelProto) -> Iterator[str]:
+    """The path of ``model`` written to a new temporary folder, its skeleton's stubs (see
+    :func:`split_large`) pointing into one external data file beside it; the folder is
+    removed when the block ends."""
+    skeleton, pairs = split_large(model)
+    with tempfile.TemporaryDirectory(prefix="onnx_lapq-") as folder:
+        path = os.path.join(folder, "model.onnx")
+        with open(path + ".data", "wb") as fh:
+            for stub, tensor in pairs:
+                offset = -(-fh.tell() // DATA_ALIGNMENT) * DATA_ALIGNMENT
+                fh.seek(offset)
+                data = _raw_data(tensor)
+                fh.write(data)
+                for key, value in (("location", "model.onnx.data"), ("offset", str(offset)), ("length", str(len(data)))):
+                    stub.external_data.add(key=key, value=value)
+        with open(path, "wb") as fh:
+            fh.write(skeleton.SerializeToString())
+        yield path
+
+
+def _stubbable(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.data_type != onnx.TensorProto.STRING
+
+
+def _is_stub(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.external_data
+
+
+def _raw_data(tensor: onnx.TensorProto) -> bytes:
+    """The tensor's data as external data holds it (little-endian, as raw_data)."""
+    return tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+
+
+def _copy_fields(source, target, *, skip: str) -> None:
+    """Copy every set field of the message ``source`` but ``skip`` into ``target``."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if hasattr(value, "CopyFrom"):
+            getattr(target, field.name).CopyFrom(value)
+        elif isinstance(value, (str, bytes, int, float)):
+            setattr(target, field.name, value)
+        else:
+            getattr(target, field.name).extend(value)
+
+
 def same_file(a: str, b: str) -> bool:
     """True when two paths name the same file (existing or not)."""
     if os.path.exists(a) and os.path.exists(b):
@@ -176,7 +276,7 @@ def save_model_atomic(model: onnx.ModelProto, path: str) -> None:
         folder = os.path.dirname(tmp)
         tmp_data = tmp + ".data"
         try:
-            if model.ByteSize() > PROTOBUF_LIMIT:
+            if over_protobuf_limit(model):
                 # a copy: onnx.save moves tensors out of the proto it is given
                 data_name = os.path.basename(path) + ".data"
                 onnx.save(copy_model(model), tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=os.path.basename(tmp_data))
