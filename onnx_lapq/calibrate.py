@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import CalibrationError, ConfigError, ModelError
-from .modelio import copy_model, over_protobuf_limit, temporary_model_file
+from .modelio import copy_model, over_protobuf_limit, split_large, temporary_model_file
 from .stats import TensorStats
 
 OUTPUT_BUDGET = 128 << 20  # bytes of observed tensors one ONNX Runtime run may return
@@ -71,8 +71,12 @@ def require_custom_ops(model: onnx.ModelProto) -> None:
         ) from None
 
 
-def session(model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True, arena: str = "own", optimized_path: str | None = None) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session for an in-memory model.
+def session(
+    model: onnx.ModelProto, *, outputs: Iterable[str] = (), threads: int = 0, optimize: bool = True, arena: str = "own",
+    optimized_path: str | None = None,
+) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session for an in-memory model, which also returns the tensors
+    ``outputs`` (float32: see :func:`with_outputs`).
 
     ``arena``: ``"own"``, ONNX Runtime's default memory arena per session; ``"none"``, memory
     goes back after each run; ``"shared"``, one arena for the whole process, which every
@@ -94,8 +98,11 @@ def session(model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True, 
     for library in _LIBRARIES.get():
         options.register_custom_ops_library(library)
     if over_protobuf_limit(model):
-        with temporary_model_file(model) as path:
+        skeleton, stubs = split_large(model)  # a copy without the large data, to take the outputs
+        _add_outputs(skeleton, outputs)
+        with temporary_model_file(skeleton, stubs) as path:
             return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    model = with_outputs(model, outputs) if outputs else model
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -147,11 +154,15 @@ def _arena_keeper() -> ort.InferenceSession:
 def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
     """A copy of ``model`` that also returns ``tensors`` (float32) as graph outputs."""
     out = copy_model(model)
-    present = {o.name for o in out.graph.output}
+    _add_outputs(out, tensors)
+    return out
+
+
+def _add_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> None:
+    present = {o.name for o in model.graph.output}
     for name in tensors:
         if name not in present:
-            out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return out
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
 
 
 def _run(sess: ort.InferenceSession | None, tensors: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -181,7 +192,7 @@ def collect_stats(
     only, so padding does not widen its range.  ``on_batch(samples_so_far)`` is called
     after each batch.
     """
-    sess = session(with_outputs(model, tensors), arena="none") if tensors else None  # run sizes vary: no arena growth
+    sess = session(model, outputs=tensors, arena="none") if tensors else None  # run sizes vary: no arena growth
     stats = {name: TensorStats(half_bins, 1 if name in channel_means else None) for name in tensors}
     done, rows_per_run = 0, 1  # the first run is one sample, to learn how much one returns
     for batch in batches:

@@ -25,6 +25,7 @@ The input ModelProto is never modified.  (File reading and writing live in model
 """
 from __future__ import annotations
 
+import gc
 import logging
 
 import numpy as np
@@ -66,9 +67,8 @@ def overridable_initializers(model: onnx.ModelProto) -> list[str]:
 def normalize(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET, linear_as_matmul: bool = False) -> onnx.ModelProto:
     """The normalized copy of ``model`` described in the module docstring."""
     overridable = overridable_initializers(model)
-    model = _convert_opset(model, min_opset)
-    defaults = _detach_initializers(model, overridable)
-    graph = gs.import_onnx(model)
+    model, defaults = _detach_initializers(_convert_opset(model, min_opset), overridable)
+    graph = gs.import_onnx(model)  # reads the model; its export copies what it keeps
     _name_nodes(graph)
     try:
         graph.fold_constants()
@@ -88,6 +88,8 @@ def normalize(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET, linear_as_m
     out.producer_name = model.producer_name
     del out.opset_import[:]
     out.opset_import.extend(model.opset_import)
+    del graph, model
+    gc.collect()  # onnx-graphsurgeon's graphs are cyclic: free now the converted copy this one read
     return _infer_shapes(out)
 
 
@@ -109,11 +111,12 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _convert_opset(model: onnx.ModelProto, min_opset: int) -> onnx.ModelProto:
+    """``model`` at ``min_opset`` or later: a converted copy, or ``model`` itself."""
     current = default_opset(model)
     if current > MAX_OPSET:
         raise ModelError(f"opset {current} is newer than onnx_lapq supports ({MAX_OPSET}): re-export the model at opset {MAX_OPSET} or lower")
     if current >= min_opset:
-        return copy_model(model)
+        return model
     skeleton, stubs = split_large(model) if over_protobuf_limit(model) else (model, [])
     try:
         converted = version_converter.convert_version(skeleton, min_opset)
@@ -124,16 +127,18 @@ def _convert_opset(model: onnx.ModelProto, min_opset: int) -> onnx.ModelProto:
     return converted
 
 
-def _detach_initializers(model: onnx.ModelProto, names: list[str]) -> list[onnx.TensorProto]:
-    """Remove the initializers ``names`` from ``model`` (a copy of the input) and return
-    them: onnx-graphsurgeon then sees plain graph inputs, which it neither folds nor drops."""
+def _detach_initializers(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """A copy of ``model`` without the initializers ``names``, and them (``model`` itself
+    and none without ``names``): onnx-graphsurgeon then sees plain graph inputs, which it
+    neither folds nor drops."""
     if not names:
-        return []
+        return model, []
+    model = copy_model(model)
     detached = [t for t in model.graph.initializer if t.name in names]
     kept = [t for t in model.graph.initializer if t.name not in names]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
-    return detached
+    return model, detached
 
 
 def _name_nodes(graph: gs.Graph) -> None:
@@ -212,11 +217,11 @@ def _fold_matmul_bias_add(graph: gs.Graph) -> None:
     """MatMul(x, W) -> Add(., c) with x of rank 2, W constant [K, N] and c of shape [N] or
     [1, N] becomes Gemm(x, W, c)."""
     for node in list(graph.nodes):
-        if node.op != "MatMul" or not isinstance(node.inputs[1], gs.Constant) or node.inputs[1].values.ndim != 2:
+        if node.op != "MatMul" or not isinstance(node.inputs[1], gs.Constant) or len(node.inputs[1].shape) != 2:
             continue
         if node.inputs[0].shape is None or len(node.inputs[0].shape) != 2:
             continue
-        columns = node.inputs[1].values.shape[1]
+        columns = node.inputs[1].shape[1]
         found = _bias_add(node, graph, ((columns,), (1, columns)))
         if found is not None:
             node.op = "Gemm"

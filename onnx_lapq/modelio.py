@@ -12,21 +12,23 @@ Protobuf cannot serialize a model over 2 GB (PROTOBUF_LIMIT), and every tool tha
 model as bytes (onnx's shape inference and version converter, ONNX Runtime) inherits that
 limit.  :func:`split_large` gives such a model's skeleton, its large initializers replaced
 by stubs that carry only name, type and dims, for those tools; :func:`fill_stubs` puts the
-data back; :func:`temporary_model_file` writes a model with its large initializers in an
+data back; :func:`temporary_model_file` writes a skeleton with its stubs' data in an
 external data file, for ONNX Runtime to load from a path.
 """
 from __future__ import annotations
 
 import array
+import math
 import os
 import secrets
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 import onnx
-from onnx import numpy_helper
+from google.protobuf.message import EncodeError
+from onnx import helper, numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model, uses_external_data
 
 from .errors import ModelError
@@ -109,8 +111,14 @@ def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from _tensors(subgraph)
 
 
-def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A deep copy of ``model`` (edits and onnx.save never reach the original)."""
+def copy_model(model: onnx.ModelProto, *, without: Collection[str] = ()) -> onnx.ModelProto:
+    """A deep copy of ``model`` (edits and onnx.save never reach the original), less the
+    graph initializers named in ``without`` (never copied: removing them from a copy would
+    not give their memory back before the copy goes)."""
+    if without:
+        out = _bare(model)
+        out.graph.initializer.extend(t for t in model.graph.initializer if t.name not in without)
+        return out
     out = onnx.ModelProto()
     out.CopyFrom(model)
     return out
@@ -118,7 +126,20 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def over_protobuf_limit(model: onnx.ModelProto) -> bool:
     """True when protobuf cannot serialize ``model`` in one piece."""
-    return model.ByteSize() > PROTOBUF_LIMIT
+    return model_size(model) > PROTOBUF_LIMIT
+
+
+def model_size(model: onnx.ModelProto) -> int:
+    """The bytes of ``model`` serialized; over protobuf's limit (which it refuses even to
+    measure: upb sizes a message by serializing it) the size of the rest of the model plus
+    the bytes of its initializers' data."""
+    data = sum(_data_bytes(t) for t in model.graph.initializer)
+    if data <= PROTOBUF_LIMIT:
+        try:
+            return model.ByteSize()
+        except EncodeError:
+            pass
+    return _bare(model).ByteSize() + data
 
 
 def split_large(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[onnx.TensorProto, onnx.TensorProto]]]:
@@ -129,17 +150,15 @@ def split_large(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[onn
     takes to bring the skeleton under PROTOBUF_LIMIT are stubs: name, type and dims, with
     their data EXTERNAL and no location.  Shape inference and opset conversion read no
     large constant, so they give on a skeleton what they give on the model."""
-    sizes = sorted(((t.ByteSize(), i) for i, t in enumerate(model.graph.initializer) if _stubbable(t)), reverse=True)
-    remaining = model.ByteSize()
+    skeleton = _bare(model)
+    sizes = [_data_bytes(t) if _stubbable(t) else 0 for t in model.graph.initializer]
+    remaining = skeleton.ByteSize() + sum(sizes)
     stubbed = set()
-    for size, index in sizes:
+    for size, index in sorted(((size, i) for i, size in enumerate(sizes) if size), reverse=True):
         if size <= STUB_BYTES and remaining <= PROTOBUF_LIMIT:
             break
         stubbed.add(index)
         remaining -= size
-    skeleton = onnx.ModelProto()
-    _copy_fields(model, skeleton, skip="graph")
-    _copy_fields(model.graph, skeleton.graph, skip="initializer")
     pairs = []
     for index, tensor in enumerate(model.graph.initializer):
         if index in stubbed:
@@ -159,15 +178,15 @@ def fill_stubs(model: onnx.ModelProto, tensors: list[onnx.TensorProto]) -> None:
 
 
 @contextmanager
-def temporary_model_file(model: onnx.ModelProto) -> Iterator[str]:
-    """The path of ``model`` written to a new temporary folder, its skeleton's stubs (see
-    :func:`split_large`) pointing into one external data file beside it; the folder is
+def temporary_model_file(skeleton: onnx.ModelProto, stubs: list[tuple[onnx.TensorProto, onnx.TensorProto]]) -> Iterator[str]:
+    """The path of a model written to a new temporary folder: ``skeleton`` and ``stubs`` as
+    :func:`split_large` gives them (the skeleton maybe edited since), each stub pointing
+    into one external data file beside it that holds its tensor's data; the folder is
     removed when the block ends."""
-    skeleton, pairs = split_large(model)
     with tempfile.TemporaryDirectory(prefix="onnx_lapq-") as folder:
         path = os.path.join(folder, "model.onnx")
         with open(path + ".data", "wb") as fh:
-            for stub, tensor in pairs:
+            for stub, tensor in stubs:
                 offset = -(-fh.tell() // DATA_ALIGNMENT) * DATA_ALIGNMENT
                 fh.seek(offset)
                 data = _raw_data(tensor)
@@ -185,6 +204,24 @@ def _stubbable(tensor: onnx.TensorProto) -> bool:
 
 def _is_stub(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.external_data
+
+
+def _data_bytes(tensor: onnx.TensorProto) -> int:
+    """The bytes of ``tensor``'s data, from its type and dims (its data is not copied);
+    4-bit types count a byte per element."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return 0
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return sum(len(s) for s in tensor.string_data)
+    return math.prod(tensor.dims) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def _bare(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without its graph initializers (made without copying them)."""
+    bare = onnx.ModelProto()
+    _copy_fields(model, bare, skip="graph")
+    _copy_fields(model.graph, bare.graph, skip="initializer")
+    return bare
 
 
 def _raw_data(tensor: onnx.TensorProto) -> bytes:
