@@ -36,6 +36,8 @@ from .errors import ModelError
 PROTOBUF_LIMIT = 2**31 - 1
 STUB_BYTES = 1 << 20  # initializers over this size are always stubs in a skeleton
 DATA_ALIGNMENT = 4096  # external data offsets: a page, so that ONNX Runtime can map each tensor
+# element types packed below a byte per element (those this onnx version knows)
+_PACKED_BITS = {getattr(onnx.TensorProto, n): b for n, b in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2)) if hasattr(onnx.TensorProto, n)}
 FS_IOC_GETFLAGS = 0x80086601  # Linux: a file's attributes (chattr)
 FS_UNCHANGEABLE_FLAGS = {0x10: "immutable", 0x20: "append-only"}
 
@@ -133,7 +135,7 @@ def model_size(model: onnx.ModelProto) -> int:
     """The bytes of ``model`` serialized; over protobuf's limit (which it refuses even to
     measure: upb sizes a message by serializing it) the size of the rest of the model plus
     the bytes of its initializers' data."""
-    data = sum(_data_bytes(t) for t in model.graph.initializer)
+    data = sum(_stored_bytes(t) for t in model.graph.initializer)
     if data <= PROTOBUF_LIMIT:
         try:
             return model.ByteSize()
@@ -151,7 +153,7 @@ def split_large(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[onn
     their data EXTERNAL and no location.  Shape inference and opset conversion read no
     large constant, so they give on a skeleton what they give on the model."""
     skeleton = _bare(model)
-    sizes = [_data_bytes(t) if _stubbable(t) else 0 for t in model.graph.initializer]
+    sizes = [_stored_bytes(t) if _stubbable(t) else 0 for t in model.graph.initializer]
     remaining = skeleton.ByteSize() + sum(sizes)
     stubbed = set()
     for size, index in sorted(((size, i) for i, size in enumerate(sizes) if size), reverse=True):
@@ -206,14 +208,14 @@ def _is_stub(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.external_data
 
 
-def _data_bytes(tensor: onnx.TensorProto) -> int:
-    """The bytes of ``tensor``'s data, from its type and dims (its data is not copied);
-    4-bit types count a byte per element."""
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        return 0
-    if tensor.data_type == onnx.TensorProto.STRING:
-        return sum(len(s) for s in tensor.string_data)
-    return math.prod(tensor.dims) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+def _stored_bytes(tensor: onnx.TensorProto) -> int:
+    """The bytes ``tensor`` adds to its model: the length of its raw data, from its type and
+    dims (which protobuf cannot otherwise tell without copying it), or its serialized size
+    when its values sit in typed fields."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
+        return tensor.ByteSize()
+    bits = _PACKED_BITS.get(tensor.data_type) or 8 * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return -(-math.prod(tensor.dims) * bits // 8)
 
 
 def _bare(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -225,8 +227,9 @@ def _bare(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _raw_data(tensor: onnx.TensorProto) -> bytes:
-    """The tensor's data as external data holds it (little-endian, as raw_data)."""
-    return tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+    """The tensor's data as external data holds it: its raw_data (little-endian, sub-byte
+    types packed)."""
+    return tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
 
 
 def _copy_fields(source, target, *, skip: str) -> None:

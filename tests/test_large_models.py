@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper, version_converter
 
-from conftest import DIGITS_CALIB, DIGITS_MODEL
+from conftest import DIGITS_CALIB, DIGITS_MODEL, make_model
 from onnx_lapq import QuantConfig, modelio, quantize
 from onnx_lapq.calibrate import session
 from onnx_lapq.graph import INT4_OPSET, MIN_OPSET, normalize
@@ -131,3 +131,32 @@ def test_quantize_over_the_limit_gives_the_same_model(config, tmp_path):
     assert os.listdir(tmp_path) == []
     assert got.model.SerializeToString() == expected.model.SerializeToString()
     assert got.fidelity == expected.fidelity
+
+
+def test_model_size_is_exact_under_the_limit_and_estimated_over_it(monkeypatch):
+    """Over the limit protobuf refuses even to size a model (upb serializes it to measure
+    it): the size is then the rest of the model plus its initializers' data, from their dims."""
+    model = _digits()
+    assert modelio.model_size(model) == model.ByteSize()
+    assert not modelio.over_protobuf_limit(model)
+    monkeypatch.setattr(modelio, "PROTOBUF_LIMIT", LIMIT)
+    assert modelio.over_protobuf_limit(model)
+    assert abs(modelio.model_size(model) - model.ByteSize()) < 0.01 * model.ByteSize()
+
+
+def test_session_over_the_limit_packs_a_typed_int4_initializer(tmp_path):
+    """An initializer held in int32_data (not raw_data) goes to the external data file as
+    raw data holds it: 4-bit values two to a byte."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-8, 8, (64, 512))
+    weight = onnx.helper.make_tensor("w", onnx.TensorProto.INT4, codes.shape, codes.reshape(-1).tolist())
+    assert not weight.HasField("raw_data") and weight.ByteSize() > LIMIT
+    nodes = [
+        onnx.helper.make_node("DequantizeLinear", ["w", "scale"], ["w_float"]),
+        onnx.helper.make_node("MatMul", ["x", "w_float"], ["y"]),
+    ]
+    model = make_model(nodes, [("x", onnx.TensorProto.FLOAT, ["N", 64])], [("y", onnx.TensorProto.FLOAT, ["N", 512])],
+                       {"w": weight, "scale": np.float32(0.1)}, opset=21)
+    x = {"x": rng.standard_normal((4, 64)).astype(np.float32)}
+    got = _limited(session, tmp_path, model).run(None, x)[0]
+    np.testing.assert_array_equal(got, session(model).run(None, x)[0])
