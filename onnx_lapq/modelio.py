@@ -187,17 +187,24 @@ def temporary_model_file(skeleton: onnx.ModelProto, stubs: list[tuple[onnx.Tenso
     removed when the block ends."""
     with tempfile.TemporaryDirectory(prefix="onnx_lapq-") as folder:
         path = os.path.join(folder, "model.onnx")
-        with open(path + ".data", "wb") as fh:
-            for stub, tensor in stubs:
-                offset = -(-fh.tell() // DATA_ALIGNMENT) * DATA_ALIGNMENT
-                fh.seek(offset)
-                data = _raw_data(tensor)
-                fh.write(data)
-                for key, value in (("location", "model.onnx.data"), ("offset", str(offset)), ("length", str(len(data)))):
-                    stub.external_data.add(key=key, value=value)
-        with open(path, "wb") as fh:
-            fh.write(skeleton.SerializeToString())
+        _write_external(skeleton, stubs, path, path + ".data", "model.onnx.data")
         yield path
+
+
+def _write_external(skeleton: onnx.ModelProto, stubs: list[tuple[onnx.TensorProto, onnx.TensorProto]], path: str, data_path: str,
+                    location: str) -> None:
+    """Write the stubs' data to ``data_path`` (page-aligned), point each stub at it as
+    ``location`` (the data file's name beside the model), and write ``skeleton`` to ``path``."""
+    with open(data_path, "wb") as fh:
+        for stub, tensor in stubs:
+            offset = -(-fh.tell() // DATA_ALIGNMENT) * DATA_ALIGNMENT
+            fh.seek(offset)
+            data = _raw_data(tensor)
+            fh.write(data)
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
+                stub.external_data.add(key=key, value=value)
+    with open(path, "wb") as fh:
+        fh.write(skeleton.SerializeToString())
 
 
 def _stubbable(tensor: onnx.TensorProto) -> bool:
@@ -317,11 +324,8 @@ def save_model_atomic(model: onnx.ModelProto, path: str) -> None:
         tmp_data = tmp + ".data"
         try:
             if over_protobuf_limit(model):
-                # a copy: onnx.save moves tensors out of the proto it is given
                 data_name = os.path.basename(path) + ".data"
-                onnx.save(copy_model(model), tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=os.path.basename(tmp_data))
-                _relocate_external_data(tmp, data_name)
-                os.chmod(tmp_data, os.stat(tmp).st_mode & 0o777)  # onnx writes it private
+                _write_external(*split_large(model), tmp, tmp_data, data_name)
                 os.replace(tmp_data, os.path.join(folder, data_name))
             else:
                 with open(tmp, "wb") as fh:
@@ -356,14 +360,3 @@ def _staged(path: str, suffix: str):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def _relocate_external_data(model_path: str, location: str) -> None:
-    """Point every external tensor of the saved model at ``location`` (the final data file name)."""
-    model = onnx.load(model_path, load_external_data=False)
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = location
-    with open(model_path, "wb") as fh:
-        fh.write(model.SerializeToString())

@@ -160,3 +160,16 @@ def test_session_over_the_limit_packs_a_typed_int4_initializer(tmp_path):
     x = {"x": rng.standard_normal((4, 64)).astype(np.float32)}
     got = _limited(session, tmp_path, model).run(None, x)[0]
     np.testing.assert_array_equal(got, session(model).run(None, x)[0])
+
+
+def test_saved_model_over_the_limit_loads_in_onnx_runtime(tmp_path):
+    """Over the limit the model file holds the skeleton and ``<out>.data`` the stubs' data;
+    plain ONNX Runtime, all optimizations, loads it and computes what the model computes."""
+    model = _digits()
+    target = tmp_path / "out.onnx"
+    _limited(modelio.save_model_atomic, tmp_path, model, str(target))
+    assert sorted(os.listdir(tmp_path)) == ["out.onnx", "out.onnx.data"]
+    assert target.stat().st_size <= LIMIT
+    x = _calibration()[0]
+    saved = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_array_equal(saved, session(model).run(None, x)[0])
