@@ -100,7 +100,9 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         inferred = onnx.shape_inference.infer_shapes(split_large(model)[0] if large else model)
     except Exception as exc:
-        raise ModelError(f"shape inference failed on the model ({exc}): check it with onnx.checker.check_model") from None
+        raise ModelError(
+            f"shape inference failed on the model ({exc}): check its file with onnx.checker.check_model(path, full_check=True)"
+        ) from None
     if not large:
         return inferred
     for field in ("input", "output", "value_info"):
