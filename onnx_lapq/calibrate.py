@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import CalibrationError, ConfigError, ModelError
-from .modelio import copy_model
+from .modelio import copy_model, over_protobuf_limit, split_large, temporary_model_file
 from .stats import TensorStats
 
 OUTPUT_BUDGET = 128 << 20  # bytes of observed tensors one ONNX Runtime run may return
@@ -71,8 +71,12 @@ def require_custom_ops(model: onnx.ModelProto) -> None:
         ) from None
 
 
-def session(model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True, arena: str = "own", optimized_path: str | None = None) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session for an in-memory model.
+def session(
+    model: onnx.ModelProto, *, outputs: Iterable[str] = (), threads: int = 0, optimize: bool = True, arena: str = "own",
+    optimized_path: str | None = None,
+) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session for an in-memory model, which also returns the tensors
+    ``outputs`` (float32: see :func:`with_outputs`).
 
     ``arena``: ``"own"``, ONNX Runtime's default memory arena per session; ``"none"``, memory
     goes back after each run; ``"shared"``, one arena for the whole process, which every
@@ -80,7 +84,9 @@ def session(model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True, 
     evaluator's suffixes: memory of one session's peak, not their sum, without the cost of
     fresh memory on every run).  A host application that registers its own CPU arena with
     ONNX Runtime's environment replaces this one.  ``optimized_path``: where ONNX Runtime
-    writes the graph its optimizations made."""
+    writes the graph its optimizations made.  A model over protobuf's 2 GB limit is loaded
+    from a temporary file with its large initializers in external data, removed once
+    ONNX Runtime has read it."""
     if arena not in ARENAS:
         raise ValueError(f"arena={arena!r}: use one of {ARENAS}")
     if arena == "shared":
@@ -91,6 +97,12 @@ def session(model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True, 
         options.optimized_model_filepath = optimized_path
     for library in _LIBRARIES.get():
         options.register_custom_ops_library(library)
+    if over_protobuf_limit(model):
+        skeleton, stubs = split_large(model)  # a copy without the large data, to take the outputs
+        _add_outputs(skeleton, outputs)
+        with temporary_model_file(skeleton, stubs) as path:
+            return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    model = with_outputs(model, outputs) if outputs else model
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -142,11 +154,15 @@ def _arena_keeper() -> ort.InferenceSession:
 def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
     """A copy of ``model`` that also returns ``tensors`` (float32) as graph outputs."""
     out = copy_model(model)
-    present = {o.name for o in out.graph.output}
+    _add_outputs(out, tensors)
+    return out
+
+
+def _add_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> None:
+    present = {o.name for o in model.graph.output}
     for name in tensors:
         if name not in present:
-            out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return out
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
 
 
 def _run(sess: ort.InferenceSession | None, tensors: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -176,7 +192,7 @@ def collect_stats(
     only, so padding does not widen its range.  ``on_batch(samples_so_far)`` is called
     after each batch.
     """
-    sess = session(with_outputs(model, tensors), arena="none") if tensors else None  # run sizes vary: no arena growth
+    sess = session(model, outputs=tensors, arena="none") if tensors else None  # run sizes vary: no arena growth
     stats = {name: TensorStats(half_bins, 1 if name in channel_means else None) for name in tensors}
     done, rows_per_run = 0, 1  # the first run is one sample, to learn how much one returns
     for batch in batches:

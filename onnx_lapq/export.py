@@ -178,9 +178,7 @@ def export_qdq(
     With ``fed`` the Q/DQ numbers (see :func:`qdq_tensors`) become graph inputs
     instead of initializers, so one ONNX Runtime session evaluates any parameters.
     """
-    out = copy_model(model)
-    graph = out.graph
-    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     tensors = qdq_tensors(weights, plan, params, fed=fed, input_means=input_means)
     new_nodes: list[onnx.NodeProto] = []
     rename: dict[str, str] = {}
@@ -201,13 +199,12 @@ def export_qdq(
         new_nodes.append(_dq_node(t, f"{t}_QuantizeLinear_Output", params[t]))
         rename[t] = f"{t}_DequantizeLinear_Output"
 
+    out = copy_model(model, without=rename)
+    graph = out.graph
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name in rename:
                 node.input[i] = rename[name]
-    kept = [t for t in graph.initializer if t.name not in rename]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
     if fed:
         graph.input.extend(helper.make_tensor_value_info(n, dtype, value.shape) for n, (value, dtype) in tensors.items())
     else:

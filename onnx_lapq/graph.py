@@ -19,10 +19,13 @@ Initializers that are also graph inputs stay both in models of IR version 4 or l
 ONNX Runtime lets a caller override them: they are not folded into anything, and the graph
 inputs keep their names, types and order.  (Under IR 3 every initializer had to be listed
 as an input and ONNX Runtime treats them as constants, so they are constants here too.)
+Models over protobuf's 2 GB limit go through shape inference and opset conversion as
+skeletons (modelio.split_large), their large initializers stubs.
 The input ModelProto is never modified.  (File reading and writing live in modelio.)
 """
 from __future__ import annotations
 
+import gc
 import logging
 
 import numpy as np
@@ -31,7 +34,7 @@ import onnx_graphsurgeon as gs
 from onnx import version_converter
 
 from .errors import ModelError
-from .modelio import copy_model
+from .modelio import copy_model, fill_stubs, over_protobuf_limit, split_large
 from .plan import output_channel_axis
 
 log = logging.getLogger(__name__)
@@ -64,9 +67,8 @@ def overridable_initializers(model: onnx.ModelProto) -> list[str]:
 def normalize(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET, linear_as_matmul: bool = False) -> onnx.ModelProto:
     """The normalized copy of ``model`` described in the module docstring."""
     overridable = overridable_initializers(model)
-    model = _convert_opset(model, min_opset)
-    defaults = _detach_initializers(model, overridable)
-    graph = gs.import_onnx(model)
+    model, defaults = _detach_initializers(_convert_opset(model, min_opset), overridable)
+    graph = gs.import_onnx(model)  # reads the model; its export copies what it keeps
     _name_nodes(graph)
     try:
         graph.fold_constants()
@@ -86,36 +88,59 @@ def normalize(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET, linear_as_m
     out.producer_name = model.producer_name
     del out.opset_import[:]
     out.opset_import.extend(model.opset_import)
+    del graph, model
+    gc.collect()  # onnx-graphsurgeon's graphs are cyclic: free now the converted copy this one read
+    return _infer_shapes(out)
+
+
+def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the types and shapes ONNX infers; over 2 GB, ``model`` itself, given
+    the graph inputs, outputs and value_info inferred on its skeleton."""
+    large = over_protobuf_limit(model)
     try:
-        return onnx.shape_inference.infer_shapes(out)
+        inferred = onnx.shape_inference.infer_shapes(split_large(model)[0] if large else model)
     except Exception as exc:
-        raise ModelError(f"shape inference failed on the model ({exc}): check it with onnx.checker.check_model") from None
+        raise ModelError(
+            f"shape inference failed on the model ({exc}): check its file with onnx.checker.check_model(path, full_check=True)"
+        ) from None
+    if not large:
+        return inferred
+    for field in ("input", "output", "value_info"):
+        values = getattr(model.graph, field)
+        del values[:]
+        values.extend(getattr(inferred.graph, field))
+    return model
 
 
 def _convert_opset(model: onnx.ModelProto, min_opset: int) -> onnx.ModelProto:
+    """``model`` at ``min_opset`` or later: a converted copy, or ``model`` itself."""
     current = default_opset(model)
     if current > MAX_OPSET:
         raise ModelError(f"opset {current} is newer than onnx_lapq supports ({MAX_OPSET}): re-export the model at opset {MAX_OPSET} or lower")
     if current >= min_opset:
-        return copy_model(model)
+        return model
+    skeleton, stubs = split_large(model) if over_protobuf_limit(model) else (model, [])
     try:
-        converted = version_converter.convert_version(model, min_opset)
+        converted = version_converter.convert_version(skeleton, min_opset)
     except Exception as exc:
         raise ModelError(f"cannot convert opset {current} to {min_opset} ({exc}): re-export the model at opset {min_opset} or newer") from None
+    fill_stubs(converted, [tensor for _, tensor in stubs])
     converted.ir_version = max(converted.ir_version, _IR_FOR_OPSET[min_opset])
     return converted
 
 
-def _detach_initializers(model: onnx.ModelProto, names: list[str]) -> list[onnx.TensorProto]:
-    """Remove the initializers ``names`` from ``model`` (a copy of the input) and return
-    them: onnx-graphsurgeon then sees plain graph inputs, which it neither folds nor drops."""
+def _detach_initializers(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """A copy of ``model`` without the initializers ``names``, and them (``model`` itself
+    and none without ``names``): onnx-graphsurgeon then sees plain graph inputs, which it
+    neither folds nor drops."""
     if not names:
-        return []
+        return model, []
+    model = copy_model(model)
     detached = [t for t in model.graph.initializer if t.name in names]
     kept = [t for t in model.graph.initializer if t.name not in names]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
-    return detached
+    return model, detached
 
 
 def _name_nodes(graph: gs.Graph) -> None:
@@ -194,11 +219,11 @@ def _fold_matmul_bias_add(graph: gs.Graph) -> None:
     """MatMul(x, W) -> Add(., c) with x of rank 2, W constant [K, N] and c of shape [N] or
     [1, N] becomes Gemm(x, W, c)."""
     for node in list(graph.nodes):
-        if node.op != "MatMul" or not isinstance(node.inputs[1], gs.Constant) or node.inputs[1].values.ndim != 2:
+        if node.op != "MatMul" or not isinstance(node.inputs[1], gs.Constant) or len(node.inputs[1].shape) != 2:
             continue
         if node.inputs[0].shape is None or len(node.inputs[0].shape) != 2:
             continue
-        columns = node.inputs[1].values.shape[1]
+        columns = node.inputs[1].shape[1]
         found = _bias_add(node, graph, ((columns,), (1, columns)))
         if found is not None:
             node.op = "Gemm"

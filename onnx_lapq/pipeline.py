@@ -32,6 +32,7 @@ from .graph import INT4_OPSET, MIN_OPSET, default_opset, normalize
 from .journal import JournaledLoss, SearchJournal, run_binding
 from .lapq import resume, run_lapq
 from .loss import LossEvaluator
+from .modelio import model_size
 from .params import BIAS_HEADROOM, ParamSpace, QParams, SiteRanges, qparams
 from .plan import QuantPlan, build_plan
 from .precision import to_float32
@@ -424,7 +425,7 @@ def _report(original, quantized, plan, params, ranges, config, times, samples, i
         "opset": default_opset(quantized),
         "calibration_samples": samples,
         "sites": plan.summary(),
-        "size_bytes": {"float": original.ByteSize(), "quantized": quantized.ByteSize()},
+        "size_bytes": {"float": model_size(original), "quantized": model_size(quantized)},
         "seconds": {k: round(v, 3) for k, v in times.items()},
         "activations": [
             {

@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from .calibrate import session
 from .errors import ExportError
-from .modelio import PROTOBUF_LIMIT
+from .modelio import over_protobuf_limit
 
 
 def check_exported(model: onnx.ModelProto, reference: onnx.ModelProto, batch: dict[str, np.ndarray]) -> ort.InferenceSession:
@@ -31,18 +31,18 @@ def check_exported(model: onnx.ModelProto, reference: onnx.ModelProto, batch: di
 
     ``reference`` is the float model and ``batch`` a calibration batch for the numeric check.
     """
-    if model.ByteSize() <= PROTOBUF_LIMIT:
+    if not over_protobuf_limit(model):
         try:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as exc:
             raise ExportError(f"the exported model fails onnx.checker ({str(exc).splitlines()[0]}); please report this with the model") from None
-    try:
-        optimized = session(model)
+    try:  # no arena: its few runs need none, and one would keep what they allocate (all of a weight-only model's dequantized weights)
+        optimized = session(model, arena="none")
     except Exception as exc:
         raise ExportError(f"ONNX Runtime cannot load the exported model ({str(exc).splitlines()[0]}); please report this with the model") from None
     name = model.graph.output[0].name
     fast = optimized.run([name], batch)[0].astype(np.float64)
-    plain = session(model, optimize=False).run([name], batch)[0].astype(np.float64)
+    plain = session(model, optimize=False, arena="none").run([name], batch)[0].astype(np.float64)
     exact = session(reference).run([name], batch)[0].astype(np.float64)
     drift, error = np.abs(fast - plain).mean(), np.abs(plain - exact).mean()
     if drift > 2.0 * error + 1e-3 * np.abs(exact).mean():
@@ -65,7 +65,7 @@ def integer_layers(model: onnx.ModelProto) -> tuple[int, int] | None:
     quantized layers of ``model``: Conv, ConvTranspose, Gemm and MatMul nodes whose second
     input a DequantizeLinear makes); None for a model over protobuf's 2 GB, which ONNX
     Runtime cannot write back.  The optimized graph goes through a temporary file."""
-    if model.ByteSize() > PROTOBUF_LIMIT:
+    if over_protobuf_limit(model):
         return None
     made_by = {o: n.op_type for n in model.graph.node for o in n.output}
     layers = sum(n.op_type in LAYER_OPS and len(n.input) > 1 and made_by.get(n.input[1]) == "DequantizeLinear" for n in model.graph.node)

@@ -295,6 +295,8 @@ def test_save_model_atomic_leaves_no_temp_files(tmp_path):
 
 def test_save_model_atomic_failure_keeps_old_file(tmp_path):
     class Broken:
+        graph = onnx.GraphProto()  # no initializers: sized by ByteSize
+
         def ByteSize(self):
             return 10
 
