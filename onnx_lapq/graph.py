@@ -7,14 +7,14 @@ normalize(model) returns a new ModelProto that is numerically the same network w
   * constants folded and dead nodes removed, every node named, nodes in topological
     order;
   * BatchNormalization folded into a preceding Conv/ConvTranspose/Gemm, a constant
-    per-channel Add after a bias-less Conv folded into the Conv's bias, and a 2-D MatMul
-    with a constant weight followed by a constant per-column Add made one Gemm (which
-    ONNX Runtime runs as an integer QGemm; it fuses the pair into a float Gemm itself
-    otherwise, as it did with mnist-8's last layer).
-With ``linear_as_matmul`` (weight-only quantization, whose 4-bit form is ONNX Runtime's
+    per-channel Add after a bias-less Conv folded into the Conv's bias, and, with
+    ``linear_as="Gemm"`` (the default), a 2-D MatMul with a constant weight followed by a
+    constant per-column Add made one Gemm (which ONNX Runtime runs as an integer QGemm; it
+    fuses the pair into a float Gemm itself otherwise).
+With ``linear_as="MatMul"`` (weight-only quantization, whose 4-bit form is ONNX Runtime's
 MatMulNBits) linear layers go the other way: MatMul + Add stays as it is and a Gemm with a
 constant weight, transA=0 and alpha=1 becomes MatMul (its weight transposed where transB=1)
-followed by an Add of beta * C.
+followed by an Add of beta * C.  With ``linear_as=None`` linear layers stay as they are.
 Initializers that are also graph inputs stay both in models of IR version 4 or later, where
 ONNX Runtime lets a caller override them: they are not folded into anything, and the graph
 inputs keep their names, types and order.  (Under IR 3 every initializer had to be listed
@@ -31,7 +31,7 @@ import logging
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import version_converter
+from onnx import inliner, version_converter
 
 from .errors import ModelError
 from .modelio import copy_model, fill_stubs, over_protobuf_limit, split_large
@@ -64,10 +64,10 @@ def overridable_initializers(model: onnx.ModelProto) -> list[str]:
     return [t.name for t in model.graph.initializer if t.name in inputs]
 
 
-def normalize(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET, linear_as_matmul: bool = False) -> onnx.ModelProto:
+def normalize(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET, linear_as: str | None = "Gemm") -> onnx.ModelProto:
     """The normalized copy of ``model`` described in the module docstring."""
     overridable = overridable_initializers(model)
-    model, defaults = _detach_initializers(_convert_opset(model, min_opset), overridable)
+    model, defaults = _detach_initializers(_convert_opset(_inline_functions(model), min_opset), overridable)
     graph = gs.import_onnx(model)  # reads the model; its export copies what it keeps
     _name_nodes(graph)
     try:
@@ -77,9 +77,9 @@ def normalize(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET, linear_as_m
     graph.cleanup().toposort()
     _fold_batchnorm(graph)
     _fold_conv_bias_add(graph)
-    if linear_as_matmul:
+    if linear_as == "MatMul":
         _unfold_gemm(graph)
-    else:
+    elif linear_as == "Gemm":
         _fold_matmul_bias_add(graph)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
@@ -110,6 +110,17 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         del values[:]
         values.extend(getattr(inferred.graph, field))
     return model
+
+
+def _inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its local functions' bodies in place of their calls (the version
+    converter cannot convert functions and drops them), or ``model`` itself without any."""
+    if not model.functions:
+        return model
+    try:
+        return inliner.inline_local_functions(model, convert_version=True)
+    except Exception as exc:
+        raise ModelError(f"cannot inline the model's local functions ({exc}): export the model without local functions") from None
 
 
 def _convert_opset(model: onnx.ModelProto, min_opset: int) -> onnx.ModelProto:
@@ -232,7 +243,19 @@ def _fold_matmul_bias_add(graph: gs.Graph) -> None:
 
 def _unfold_gemm(graph: gs.Graph) -> None:
     """Gemm(x, B, C) with B constant, transA=0 and alpha=1 becomes MatMul(x, B or B^T) and,
-    with a C, Add(., beta * C); the MatMul keeps the Gemm's name."""
+    with a C, Add(., beta * C); the MatMul keeps the Gemm's name.  Gemms that share a
+    weight or bias share its transposed or scaled constant."""
+    made: dict[tuple[str, float | None], gs.Constant] = {}  # (source name, beta; None: transposed)
+
+    def derived(source: gs.Constant, beta: float | None) -> gs.Constant:
+        key = (source.name, beta)
+        if key not in made:
+            if beta is None:
+                made[key] = gs.Constant(f"{source.name}_transposed", np.ascontiguousarray(source.values.T))
+            else:
+                made[key] = gs.Constant(f"{source.name}_beta", (source.values * np.float32(beta)).astype(source.values.dtype))
+        return made[key]
+
     for node in list(graph.nodes):
         attrs = node.attrs
         if node.op != "Gemm" or not isinstance(node.inputs[1], gs.Constant) or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
@@ -243,7 +266,7 @@ def _unfold_gemm(graph: gs.Graph) -> None:
             continue
         weight = node.inputs[1]
         if attrs.get("transB", 0):
-            weight = gs.Constant(f"{weight.name}_transposed", np.ascontiguousarray(weight.values.T))
+            weight = derived(weight, None)
         output = node.outputs[0]
         node.op, node.attrs = "MatMul", {}
         node.inputs[1] = weight
@@ -252,7 +275,7 @@ def _unfold_gemm(graph: gs.Graph) -> None:
         if bias is None:
             continue
         if beta != 1.0:
-            bias = gs.Constant(f"{bias.name}_beta", (bias.values * np.float32(beta)).astype(bias.values.dtype))
+            bias = derived(bias, float(beta))
         product = gs.Variable(f"{node.name}_MatMul_Output", dtype=output.dtype)
         node.outputs[0] = product
         graph.nodes.append(gs.Node("Add", f"{node.name}_bias", inputs=[product, bias], outputs=[output]))

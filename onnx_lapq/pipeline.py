@@ -104,7 +104,7 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
     clock = time.perf_counter()
 
     widened, interface = to_float32(model)  # float16/bfloat16 models are quantized in float32
-    normalized = normalize(widened, min_opset=INT4_OPSET if config.needs_opset21 else MIN_OPSET, linear_as_matmul=config.weight_only)
+    normalized = normalize(widened, min_opset=INT4_OPSET if config.needs_opset21 else MIN_OPSET, linear_as=_linear_form(config))
     plan = build_plan(normalized, config)
     require_custom_ops(normalized)
     times["prepare"] = time.perf_counter() - clock
@@ -167,6 +167,15 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
     if fidelity is not None:
         report["fidelity"] = fidelity.as_report()
     return QuantResult(model=quantized, plan=plan, params=params, report=report, fidelity=fidelity)
+
+
+def _linear_form(config: QuantConfig) -> str | None:
+    """How normalization writes linear layers: as one Gemm (which ONNX Runtime runs as
+    QGemm), as MatMul + Add for weight-only quantization (MatMulNBits), or as the model has
+    them where an op-type exclusion names either, so that it means the model's own nodes."""
+    if {"MatMul", "Gemm"} & set(config.exclude_op_types):
+        return None
+    return "MatMul" if config.weight_only else "Gemm"
 
 
 def _synthetic_sample(model: onnx.ModelProto, mask_input: str | None, seed: int) -> dict[str, np.ndarray]:

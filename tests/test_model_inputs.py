@@ -377,3 +377,64 @@ def test_every_overridable_weight_is_named_in_one_refusal():
         quantize(model, _calibration())
     assert "'W1' of node 'mm1', 'W2' of node 'mm2': each also a graph input" in str(err.value)
     assert str(err.value).endswith("--exclude mm1 mm2")
+
+
+def _quantized_layers(model: onnx.ModelProto) -> set[str]:
+    """Names of the nodes whose weight a DequantizeLinear (or MatMulNBits) makes."""
+    made_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    return {n.name for n in model.graph.node if n.op_type == "MatMulNBits"
+            or (len(n.input) > 1 and made_by.get(n.input[1]) == "DequantizeLinear")}
+
+
+@pytest.mark.parametrize("excluded, kept_float", [("MatMul", {"mm"}), ("Gemm", {"gemm"})])
+def test_op_type_exclusions_mean_the_models_own_op_types(caplog, excluded, kept_float):
+    """A 2-D MatMul + bias Add is a Gemm after normalization; excluding MatMul or Gemm still
+    means the nodes the user's model has."""
+    rng = np.random.default_rng(0)
+    inits = {"W": (rng.standard_normal((FEATURES, FEATURES)) / 8).astype(np.float32), "B": rng.standard_normal(FEATURES).astype(np.float32),
+             "G": (rng.standard_normal((CLASSES, FEATURES)) / 8).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"), helper.make_node("Add", ["m", "B"], ["h"], name="add"),
+             helper.make_node("Gemm", ["h", "G"], ["y"], name="gemm", transB=1)]
+    model = make_model(nodes, [("x", TensorProto.FLOAT, ["N", FEATURES])], [("y", TensorProto.FLOAT, ["N", CLASSES])], inits)
+    with caplog.at_level(logging.WARNING):
+        result = quantize(model, _calibration(), config=QuantConfig(exclude_op_types=(excluded,)))
+    assert _quantized_layers(result.model) == {"mm", "gemm"} - kept_float
+    assert not [r for r in caplog.records if "excluded op type" in r.getMessage()]
+
+
+def test_weight_only_gemms_sharing_a_weight_share_its_transposed_constant(capfd):
+    rng = np.random.default_rng(0)
+    inits = {"W": (rng.standard_normal((FEATURES, FEATURES)) / 8).astype(np.float32), "C": rng.standard_normal(FEATURES).astype(np.float32)}
+    nodes = [helper.make_node("Gemm", ["x", "W", "C"], ["h"], name="g1", transB=1, beta=0.5),
+             helper.make_node("Gemm", ["h", "W", "C"], ["y"], name="g2", transB=1, beta=0.5)]
+    model = make_model(nodes, [("x", TensorProto.FLOAT, ["N", FEATURES])], [("y", TensorProto.FLOAT, ["N", FEATURES])], inits)
+    result = quantize(model, None, config=QuantConfig(weight_only=True, weight_bits=4))
+    assert "share the same name" not in "".join(capfd.readouterr())  # onnx-graphsurgeon's warning, on stdout
+    assert [t.name for t in result.model.graph.initializer].count("C_beta") == 1
+    x = _calibration(8)[0]
+    quantized, exact = ort_session(result.model).run(None, x)[0], ort_run(model, x)[0]
+    assert np.abs(quantized - exact).mean() < 0.2 * np.abs(exact).mean()  # two 4-bit layers
+
+
+def test_model_local_functions_are_inlined():
+    """A model-local function of a custom domain is no custom op: its body is inlined, so it
+    survives the conversion to the 4-bit opset (the version converter drops functions)."""
+    swish = helper.make_function(
+        "com.example", "Swish", ["X"], ["Y"],
+        [helper.make_node("Sigmoid", ["X"], ["S"]), helper.make_node("Mul", ["X", "S"], ["Y"])],
+        [helper.make_opsetid("", 13)],
+    )
+    rng = np.random.default_rng(0)
+    inits = {"W": (rng.standard_normal((FEATURES, CLASSES)) / 8).astype(np.float32)}
+    nodes = [helper.make_node("Swish", ["x"], ["s"], name="act", domain="com.example"), helper.make_node("MatMul", ["s", "W"], ["y"], name="mm")]
+    model = make_model(nodes, [("x", TensorProto.FLOAT, ["N", FEATURES])], [("y", TensorProto.FLOAT, ["N", CLASSES])], inits,
+                       extra_opsets=[("com.example", 1)], check=False)
+    model.functions.append(swish)
+    onnx.checker.check_model(model)
+    for config in (QuantConfig(weight_bits=4, act_bits=4), QuantConfig(weight_only=True, weight_bits=4)):
+        result = quantize(model, _calibration(), config=config)
+        assert not result.model.functions and not [n for n in result.model.graph.node if n.domain == "com.example"]
+        assert _quantized_layers(result.model) == {"mm"}
+        x = _calibration(8)[0]
+        quantized, exact = ort_session(result.model).run(None, x)[0], ort_run(model, x)[0]
+        assert np.abs(quantized - exact).mean() < 0.2 * np.abs(exact).mean()
