@@ -202,8 +202,9 @@ class _Checkpoint:
         self.journal.on_record = self._recorded
         self.saved = len(self.journal.entries)
         if not resume and os.path.exists(path):
+            text = self._text()
             try:
-                self._read()
+                SearchJournal.from_text(text)
             except CheckpointError:
                 raise CheckpointError(
                     f"--checkpoint {path!r} exists and is not an onnx_lapq checkpoint: choose another path (only an earlier checkpoint is replaced)"
@@ -213,12 +214,14 @@ class _Checkpoint:
     def _read(self) -> SearchJournal:
         if not os.path.isfile(self.path):
             raise CheckpointError(f"--resume: there is no checkpoint at {self.path!r} to resume: check the path, or start over without --resume")
+        return SearchJournal.from_text(self._text(), source=f"--checkpoint {self.path!r}")
+
+    def _text(self) -> bytes:
         try:
             with open(self.path, "rb") as fh:
-                text = fh.read()
+                return fh.read()
         except OSError as exc:
             raise CheckpointError(f"--checkpoint {self.path!r} cannot be read ({exc.strerror}): check its permissions") from None
-        return SearchJournal.from_text(text, source=f"--checkpoint {self.path!r}")
 
     def _recorded(self, journal: SearchJournal) -> None:
         if len(journal.entries) % self.every == 0:

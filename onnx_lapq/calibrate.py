@@ -57,8 +57,7 @@ def custom_ops(libraries: tuple[str, ...]):
 def require_custom_ops(model: onnx.ModelProto) -> None:
     """ModelError naming the op and its domain when ``model`` has an op of a domain ONNX
     Runtime does not implement and the custom op libraries of the run do not either."""
-    local = {(f.domain, f.name) for f in model.functions}  # ops the model defines itself
-    custom = [n for n in model.graph.node if n.domain not in ORT_DOMAINS and (n.domain, n.op_type) not in local]
+    custom = [n for n in model.graph.node if n.domain not in ORT_DOMAINS]
     if not custom:
         return
     try:

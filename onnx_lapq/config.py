@@ -218,6 +218,11 @@ class QuantConfig:
             raise ConfigError(f"block_size={self.block_size} must be a power of two, at least 16 (ONNX Runtime's MatMulNBits)")
         if self.weight_only and self.method not in ("minmax", "mse", "lp"):
             raise ConfigError(f"weight_only quantizes weights alone: use method minmax, mse or lp, not {self.method!r}")
+        if self.weight_only and "MatMul" in self.exclude_op_types:
+            raise ConfigError(
+                "exclude_op_types=('MatMul',) with weight_only excludes every layer it takes (it quantizes MatMuls, and Gemms "
+                "as MatMuls): exclude the layers to keep float by name pattern (exclude=...) instead"
+            )
         if self.memory_budget_mb < 0:
             raise ConfigError("memory_budget_mb must be >= 0")
         for library in self.custom_op_libraries:

@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 from onnx import inliner, version_converter
 
 from .errors import ModelError
-from .modelio import copy_model, fill_stubs, over_protobuf_limit, split_large
+from .modelio import copy_model, fill_stubs, over_protobuf_limit, refuse_oversized_tensors, split_large
 from .plan import output_channel_axis
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ def overridable_initializers(model: onnx.ModelProto) -> list[str]:
 
 def normalize(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET, linear_as: str | None = "Gemm") -> onnx.ModelProto:
     """The normalized copy of ``model`` described in the module docstring."""
+    refuse_oversized_tensors(model)
     overridable = overridable_initializers(model)
     model, defaults = _detach_initializers(_convert_opset(_inline_functions(model), min_opset), overridable)
     graph = gs.import_onnx(model)  # reads the model; its export copies what it keeps
@@ -117,10 +118,13 @@ def _inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     converter cannot convert functions and drops them), or ``model`` itself without any."""
     if not model.functions:
         return model
+    skeleton, stubs = split_large(model) if over_protobuf_limit(model) else (model, [])
     try:
-        return inliner.inline_local_functions(model, convert_version=True)
+        inlined = inliner.inline_local_functions(skeleton, convert_version=True)
     except Exception as exc:
         raise ModelError(f"cannot inline the model's local functions ({exc}): export the model without local functions") from None
+    fill_stubs(inlined, [tensor for _, tensor in stubs])
+    return inlined
 
 
 def _convert_opset(model: onnx.ModelProto, min_opset: int) -> onnx.ModelProto:

@@ -238,8 +238,9 @@ class LossEvaluator:
     def _suffix_session(self, cut, later) -> ort.InferenceSession:
         """A session of the graph after ``cut``; ExportError where ONNX Runtime cannot build it
         (its own graph rewrites can make an invalid graph of a valid quantized model)."""
+        suffix = self._suffix(cut, later)
         try:
-            return session(self._suffix(cut, later), threads=self._threads, arena="shared")
+            return session(suffix, threads=self._threads, arena="shared")
         except Exception as exc:
             raise ExportError(
                 f"ONNX Runtime cannot load the quantized model the search evaluates ({str(exc).splitlines()[0]}); please report "

@@ -34,6 +34,7 @@ from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_m
 from .errors import ModelError
 
 PROTOBUF_LIMIT = 2**31 - 1
+TENSOR_LIMIT = PROTOBUF_LIMIT  # one tensor: what protobuf copies as one message
 STUB_BYTES = 1 << 20  # initializers over this size are always stubs in a skeleton
 DATA_ALIGNMENT = 4096  # external data offsets: a page, so that ONNX Runtime can map each tensor
 # element types packed below a byte per element (those this onnx version knows)
@@ -126,6 +127,19 @@ def copy_model(model: onnx.ModelProto, *, without: Collection[str] = ()) -> onnx
     return out
 
 
+def refuse_oversized_tensors(model: onnx.ModelProto) -> None:
+    """ModelError naming an initializer whose data alone is over protobuf's limit: the graph
+    tools copy each tensor as one message, which protobuf cannot serialize."""
+    for tensor in model.graph.initializer:
+        size = _stored_bytes(tensor)
+        if size > TENSOR_LIMIT:
+            raise ModelError(
+                f"initializer {tensor.name!r} holds {size / 2**30:.2f} GiB, over the 2 GiB that protobuf can copy as one tensor, which "
+                "onnx_lapq cannot handle yet: split it (e.g. an embedding table into row blocks joined by Concat) or quantize it with "
+                "another tool"
+            )
+
+
 def over_protobuf_limit(model: onnx.ModelProto) -> bool:
     """True when protobuf cannot serialize ``model`` in one piece."""
     return model_size(model) > PROTOBUF_LIMIT
@@ -139,8 +153,8 @@ def model_size(model: onnx.ModelProto) -> int:
     if data <= PROTOBUF_LIMIT:
         try:
             return model.ByteSize()
-        except EncodeError:
-            pass
+        except EncodeError:  # over the limit after all, in the fields around the data
+            return max(PROTOBUF_LIMIT + 1, _bare(model).ByteSize() + data)
     return _bare(model).ByteSize() + data
 
 

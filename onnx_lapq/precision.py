@@ -118,10 +118,12 @@ def to_float32(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Interface]:
         _nodes(function.node, found, convert=False)
     if not found:
         return model, Interface()
-    constants = {t.name for t in model.graph.initializer} - set(overridable_initializers(model))
+    overridable = set(overridable_initializers(model))
+    constants = {t.name for t in model.graph.initializer} - overridable
     interface = Interface(
         float_types=tuple(REDUCED[t] for t in sorted(found)),
-        inputs={v.name: _elem(v.type) for v in model.graph.input if v.name not in constants and _elem(v.type) in REDUCED},
+        inputs={v.name: _elem(v.type) for v in model.graph.input if v.name not in constants and _elem(v.type) in REDUCED
+                and (v.name not in overridable or _elem(v.type) == onnx.TensorProto.FLOAT16)},  # a bfloat16 default becomes float32
         outputs={v.name: _elem(v.type) for v in model.graph.output if _elem(v.type) in REDUCED},
     )
     _refuse_bfloat16_interface(interface)

@@ -19,7 +19,10 @@ from .pipeline import Progress
 
 
 class ProgressBar:
-    """Renders :class:`Progress` events as ``stage [#####.....] done/total in 12s, ETA 34s, best loss 0.0123``."""
+    """Renders :class:`Progress` events as ``stage [#####.....] done/total in 12s, ETA 34s, best loss 0.0123``.
+
+    On a stream that is no terminal a heartbeat thread prints the line every ``interval``
+    seconds until :meth:`close`: use the bar in a ``with`` block, or close it."""
 
     def __init__(self, stream: TextIO, width: int = 30, interval: float = 10.0, clock: Callable[[], float] = time.perf_counter):
         self.stream = stream
@@ -61,6 +64,12 @@ class ProgressBar:
             now = self.clock()
             if now - self.printed >= self.interval:
                 self._print(now)
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(finished=exc_type is None)
 
     def close(self, finished: bool = True) -> None:
         """End the current stage's line and the heartbeat.  A stage that did not finish (an

@@ -204,3 +204,20 @@ def test_float16_overridable_initializer_keeps_its_type_and_stays_overridable():
     assert overridden.dtype == default.dtype == np.float16
     np.testing.assert_allclose(overridden, ort_session(model).run(None, {**x, **gain})[0], atol=0.05)
     np.testing.assert_allclose(default, ort_session(model).run(None, x)[0], atol=0.1)
+
+
+def test_bfloat16_overridable_initializer_becomes_a_float32_input():
+    """Overridable initializers join the float16 interface only: a bfloat16 one (which ONNX
+    Runtime's Python API cannot feed) is converted to float32, as every bfloat16 tensor."""
+    gain = helper.make_tensor("gain", TensorProto.BFLOAT16, [1, 16], np.ones(16, np.float32).tolist())
+    weight = helper.make_tensor("W", TensorProto.BFLOAT16, [16, 4], (np.arange(64, dtype=np.float32) / 64).tolist())
+    nodes = [helper.make_node("Cast", ["x"], ["xb"], to=TensorProto.BFLOAT16), helper.make_node("Mul", ["xb", "gain"], ["g"], name="scale"),
+             helper.make_node("MatMul", ["g", "W"], ["yb"], name="mm"), helper.make_node("Cast", ["yb"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16]),
+                                           helper.make_tensor_value_info("gain", TensorProto.BFLOAT16, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [gain, weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    result = onnx_lapq.quantize(model, [{"x": np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)}])
+    inputs = {i.name: i.type.tensor_type.elem_type for i in result.model.graph.input}
+    assert inputs == {"x": TensorProto.FLOAT, "gain": TensorProto.FLOAT}

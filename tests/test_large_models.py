@@ -1,10 +1,10 @@
 """Models over protobuf's 2 GB limit, simulated on small models.
 
 A real model over 2 GB cannot be built in a unit test (tools/big_model.py runs one).  Here
-``limit`` lowers modelio.PROTOBUF_LIMIT below the digits CNN's size and makes the three
+``limit`` lowers modelio.PROTOBUF_LIMIT below the digits CNN's size and makes the
 tools that take a model as bytes refuse one over the lowered limit, as protobuf refuses one
-over 2 GB ("Failed to serialize proto"): onnx's shape inference and version converter, and
-ONNX Runtime's InferenceSession.  They still run for real on models under the limit.  The
+over 2 GB ("Failed to serialize proto"): onnx's shape inference, version converter and
+function inliner, and ONNX Runtime's InferenceSession.  They still run for real on models under the limit.  The
 large-model paths must then give what the normal paths give.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import numpy_helper, version_converter
+from onnx import inliner, numpy_helper, version_converter
 
 from conftest import DIGITS_CALIB, DIGITS_MODEL, make_model
 from onnx_lapq import QuantConfig, modelio, quantize
@@ -44,6 +44,7 @@ def _lower_limit(patch: pytest.MonkeyPatch, temporary) -> None:
     patch.setattr(modelio, "PROTOBUF_LIMIT", LIMIT)
     patch.setattr(onnx.shape_inference, "infer_shapes", _refusing(onnx.shape_inference.infer_shapes, _proto_size))
     patch.setattr(version_converter, "convert_version", _refusing(version_converter.convert_version, _proto_size))
+    patch.setattr(inliner, "inline_local_functions", _refusing(inliner.inline_local_functions, _proto_size))
     patch.setattr(ort, "InferenceSession", _refusing(ort.InferenceSession, lambda m: len(m) if isinstance(m, bytes) else 0))
     patch.setattr(tempfile, "tempdir", str(temporary))
 
@@ -173,3 +174,25 @@ def test_saved_model_over_the_limit_loads_in_onnx_runtime(tmp_path):
     x = _calibration()[0]
     saved = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, x)[0]
     np.testing.assert_array_equal(saved, session(model).run(None, x)[0])
+
+
+def test_a_tensor_over_the_limit_on_its_own_is_refused_naming_it(monkeypatch):
+    monkeypatch.setattr(modelio, "TENSOR_LIMIT", 20_000)  # the digits CNN's largest weight is about 37 kB
+    with pytest.raises(modelio.ModelError, match=r"initializer '[^']+' holds .* GiB, over the 2 GiB that protobuf can copy"):
+        quantize(_digits(), _calibration())
+
+
+def test_local_functions_of_a_model_over_the_limit_are_inlined_on_its_skeleton(tmp_path):
+    from onnx import helper
+    swish = helper.make_function("com.example", "Swish", ["X"], ["Y"],
+                                 [helper.make_node("Sigmoid", ["X"], ["S"]), helper.make_node("Mul", ["X", "S"], ["Y"])],
+                                 [helper.make_opsetid("", 13)])
+    weights = {f"W{i}": np.random.default_rng(i).standard_normal((64, 64)).astype(np.float32) / 8 for i in range(3)}  # 16 kB each
+    nodes = [helper.make_node("Swish", ["x"], ["s"], name="act", domain="com.example")]
+    nodes += [helper.make_node("MatMul", ["s" if i == 0 else f"h{i - 1}", f"W{i}"], [f"h{i}"], name=f"mm{i}") for i in range(3)]
+    model = make_model(nodes, [("x", onnx.TensorProto.FLOAT, ["N", 64])], [("h2", onnx.TensorProto.FLOAT, ["N", 64])], weights,
+                       extra_opsets=[("com.example", 1)], check=False)
+    model.functions.append(swish)
+    expected = normalize(model, min_opset=INT4_OPSET)
+    got = _limited(normalize, tmp_path, model, min_opset=INT4_OPSET)
+    assert not got.functions and got.SerializeToString() == expected.SerializeToString()

@@ -438,3 +438,8 @@ def test_model_local_functions_are_inlined():
         x = _calibration(8)[0]
         quantized, exact = ort_session(result.model).run(None, x)[0], ort_run(model, x)[0]
         assert np.abs(quantized - exact).mean() < 0.2 * np.abs(exact).mean()
+
+
+def test_weight_only_with_matmul_excluded_by_op_type_is_a_config_error():
+    with pytest.raises(ConfigError, match="excludes every layer it takes"):
+        QuantConfig(weight_only=True, exclude_op_types=("MatMul",))

@@ -106,3 +106,13 @@ def test_cli_weight_only_log_names_its_stages(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if "WARNING" not in line]
     assert [line.split()[0] for line in lines] == ["export", "fidelity"], proc.stderr
     assert all(re.search(r" finished, \d+s$", line) for line in lines), proc.stderr
+
+
+def test_a_with_block_stops_the_heartbeat():
+    stream = io.StringIO()
+    with ProgressBar(stream, interval=0.05) as bar:
+        bar(Progress("export", 0, None))
+    written = stream.getvalue()
+    assert written.startswith("export     finished, ")
+    time.sleep(0.2)
+    assert stream.getvalue() == written and not bar._heartbeat.is_alive()
