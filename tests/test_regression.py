@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 TOOL = REPO / "tools" / "regression.py"
@@ -23,6 +25,7 @@ def statuses(stdout: str) -> dict[str, str]:
     return {m[1]: m[2] for m in re.finditer(r"^(\S+)\s+(same|different|args changed|not recorded|error|skipped)\b", stdout, re.M)}
 
 
+@pytest.mark.slow
 def test_digits_entries_export_the_recorded_models():
     digits = [n for n in json.loads(RECORD.read_text())["entries"] if n.startswith("digits_")]
     assert len(digits) == 8

@@ -170,7 +170,7 @@ def uninterrupted_cli(tmp_path_factory):
     return out.read_bytes()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["SIGKILL", "SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow), pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["SIGKILL", "SIGTERM", "SIGINT"])
 def test_cli_killed_then_resumed_writes_the_uninterrupted_bytes(tmp_path, uninterrupted_cli, sig):
     out, checkpoint = tmp_path / "digits.w4a4.onnx", tmp_path / "search.ckpt"
     command = [DIGITS_MODEL, out, "--calib", DIGITS_CALIB, *LAPQ_W4A4, "--checkpoint", checkpoint, "--checkpoint-every", 7]
