@@ -1,8 +1,10 @@
 """`python -m onnx_lapq` end to end: success on the shipped model, one clean error line on bad input."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from onnx import TensorProto, helper
 
 from conftest import DIGITS_CALIB, DIGITS_HELDOUT, DIGITS_MODEL, REPO, make_model
 from conftest import run_cli as cli
+from onnx_lapq.__main__ import build_parser
 
 
 def top1(path) -> float:
@@ -279,3 +282,22 @@ def test_search_flags_without_lapq_are_warned_about(tmp_path):
     assert "WARNING onnx_lapq: --max-evals, --loss only tune the lapq search: --method minmax ignores them" in proc.stderr
     quiet = cli(DIGITS_MODEL, tmp_path / "out2.onnx", "--calib", DIGITS_CALIB, "--max-evals", "5", "--method", "lapq")
     assert quiet.returncode == 0 and "WARNING" not in quiet.stderr, quiet.stderr
+
+
+def test_readme_lists_every_flag_with_its_default():
+    """The README's flag table and --help: the same flags, the same defaults."""
+    rows = {}
+    for line in (REPO / "README.md").read_text().splitlines():
+        found = re.match(r"\| `(--[\w-]+)[^`]*`[^|]* \| ([^|]+) \|", line)
+        if found:
+            rows[found.group(1)] = found.group(2).strip()
+    expected = {}
+    for action in build_parser()._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)) or not action.option_strings:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            default = "off"
+        else:
+            default = "–" if action.default in (None, []) else f"`{action.default}`"
+        expected[action.option_strings[-1]] = default
+    assert rows == expected
