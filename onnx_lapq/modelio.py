@@ -141,15 +141,18 @@ def refuse_oversized_tensors(model: onnx.ModelProto) -> None:
 
 
 def over_protobuf_limit(model: onnx.ModelProto) -> bool:
-    """True when protobuf cannot serialize ``model`` in one piece."""
-    return model_size(model) > PROTOBUF_LIMIT
+    """True when protobuf cannot serialize ``model`` in one piece.  Told without serializing
+    it (which is what measuring it exactly costs): the rest of the model, its initializers'
+    data, and a bound on each initializer's own fields (name, type, dims)."""
+    fields = sum(len(t.name) + 11 * len(t.dims) + 40 for t in model.graph.initializer)  # tags, lengths, varints at their widest
+    return _bare(model).ByteSize() + _data_bytes(model) + fields > PROTOBUF_LIMIT
 
 
 def model_size(model: onnx.ModelProto) -> int:
     """The bytes of ``model`` serialized; over protobuf's limit (which it refuses even to
     measure: upb sizes a message by serializing it) the size of the rest of the model plus
     the bytes of its initializers' data."""
-    data = sum(_stored_bytes(t) for t in model.graph.initializer)
+    data = _data_bytes(model)
     if data <= PROTOBUF_LIMIT:
         try:
             return model.ByteSize()
@@ -227,6 +230,10 @@ def _stubbable(tensor: onnx.TensorProto) -> bool:
 
 def _is_stub(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.external_data
+
+
+def _data_bytes(model: onnx.ModelProto) -> int:
+    return sum(_stored_bytes(t) for t in model.graph.initializer)
 
 
 def _stored_bytes(tensor: onnx.TensorProto) -> int:
