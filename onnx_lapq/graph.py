@@ -150,12 +150,7 @@ def _detach_initializers(model: onnx.ModelProto, names: list[str]) -> tuple[onnx
     neither folds nor drops."""
     if not names:
         return model, []
-    model = copy_model(model)
-    detached = [t for t in model.graph.initializer if t.name in names]
-    kept = [t for t in model.graph.initializer if t.name not in names]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    return model, detached
+    return copy_model(model, without=names), [t for t in model.graph.initializer if t.name in names]
 
 
 def _name_nodes(graph: gs.Graph) -> None:
