@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import CalibrationError, ConfigError, ModelError
-from .modelio import copy_model, over_protobuf_limit, split_large, temporary_model_file
+from .largemodel import copy_model, over_protobuf_limit, split_large, temporary_model_file
 from .stats import TensorStats
 
 OUTPUT_BUDGET = 128 << 20  # bytes of observed tensors one ONNX Runtime run may return

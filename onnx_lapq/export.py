@@ -25,7 +25,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .biascorr import output_shift
-from .modelio import copy_model
+from .largemodel import copy_model
 from .params import QParams
 from .plan import QuantPlan, consumer_map
 from .qmath import QFormat, broadcast, fake_quantize, quantize

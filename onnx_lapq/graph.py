@@ -20,7 +20,7 @@ ONNX Runtime lets a caller override them: they are not folded into anything, and
 inputs keep their names, types and order.  (Under IR 3 every initializer had to be listed
 as an input and ONNX Runtime treats them as constants, so they are constants here too.)
 Models over protobuf's 2 GB limit go through shape inference and opset conversion as
-skeletons (modelio.split_large), their large initializers stubs.
+skeletons (largemodel.split_large), their large initializers stubs.
 The input ModelProto is never modified.  (File reading and writing live in modelio.)
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 from onnx import inliner, version_converter
 
 from .errors import ModelError
-from .modelio import copy_model, fill_stubs, over_protobuf_limit, refuse_oversized_tensors, split_large
+from .largemodel import copy_model, fill_stubs, over_protobuf_limit, refuse_oversized_tensors, split_large
 from .plan import output_channel_axis
 
 log = logging.getLogger(__name__)

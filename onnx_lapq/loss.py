@@ -60,7 +60,7 @@ from .calibrate import session
 from .config import LOSSES
 from .errors import ConfigError, ExportError
 from .export import FOUR_BIT, export_qdq, proto, qdq_tensors
-from .modelio import copy_model
+from .largemodel import copy_model
 from .params import QParams
 from .plan import QuantPlan, carried_in_bytes
 

@@ -32,7 +32,7 @@ from .graph import INT4_OPSET, MIN_OPSET, default_opset, normalize
 from .journal import JournaledLoss, SearchJournal, run_binding
 from .lapq import resume, run_lapq
 from .loss import LossEvaluator
-from .modelio import model_size
+from .largemodel import model_size
 from .params import BIAS_HEADROOM, ParamSpace, QParams, SiteRanges, qparams
 from .plan import QuantPlan, build_plan
 from .precision import to_float32

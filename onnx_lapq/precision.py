@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .data import InputSpec
 from .errors import ModelError
 from .graph import overridable_initializers
-from .modelio import copy_model
+from .largemodel import copy_model
 
 REDUCED = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
 _REDUCED_NUMPY = tuple(np.dtype(helper.tensor_dtype_to_np_dtype(t)) for t in REDUCED)

@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from .calibrate import session
 from .errors import ExportError
-from .modelio import over_protobuf_limit
+from .largemodel import over_protobuf_limit
 
 
 def check_exported(model: onnx.ModelProto, reference: onnx.ModelProto, batch: dict[str, np.ndarray]) -> ort.InferenceSession:

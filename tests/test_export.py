@@ -20,7 +20,7 @@ from conftest import (
 )
 from onnx_lapq import ExportError, ModelError, QuantConfig, quantize, save_model_atomic
 from onnx_lapq.modelio import save_text_atomic
-from onnx_lapq import modelio
+from onnx_lapq import largemodel
 from onnx_lapq.export import export_qdq
 from onnx_lapq.graph import normalize
 from onnx_lapq.qmath import fake_quantize
@@ -319,7 +319,7 @@ def test_save_model_atomic_missing_folder(tmp_path):
 
 def test_save_model_atomic_external_data_path(tmp_path, monkeypatch):
     """Over the protobuf limit (lowered here) the weights go to <out>.data beside the model."""
-    monkeypatch.setattr(modelio, "PROTOBUF_LIMIT", 100)
+    monkeypatch.setattr(largemodel, "PROTOBUF_LIMIT", 100)
     model = conv_chain_model()
     expected = conv_chain_model()
     save_model_atomic(model, str(tmp_path / "out.onnx"))
@@ -341,7 +341,7 @@ def test_save_model_atomic_gives_the_mode_of_a_new_file(tmp_path, monkeypatch, u
     """The renamed temporary file keeps the mode any new file gets (a private 0o600 from
     mkstemp would lock other users and services out of the model), external data too."""
     save_model_atomic(conv_chain_model(), str(tmp_path / "small.onnx"))
-    monkeypatch.setattr(modelio, "PROTOBUF_LIMIT", 100)
+    monkeypatch.setattr(largemodel, "PROTOBUF_LIMIT", 100)
     save_model_atomic(conv_chain_model(), str(tmp_path / "big.onnx"))
     save_text_atomic("{}", str(tmp_path / "report.json"))
     modes = {name: os.stat(tmp_path / name).st_mode & 0o777 for name in os.listdir(tmp_path)}
@@ -349,7 +349,7 @@ def test_save_model_atomic_gives_the_mode_of_a_new_file(tmp_path, monkeypatch, u
 
 
 def test_save_model_atomic_does_not_modify_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(modelio, "PROTOBUF_LIMIT", 100)
+    monkeypatch.setattr(largemodel, "PROTOBUF_LIMIT", 100)
     model = conv_chain_model()
     before = model.SerializeToString()
     save_model_atomic(model, str(tmp_path / "out.onnx"))

@@ -1,7 +1,7 @@
 """Models over protobuf's 2 GB limit, simulated on small models.
 
 A real model over 2 GB cannot be built in a unit test (tools/big_model.py runs one).  Here
-``limit`` lowers modelio.PROTOBUF_LIMIT below the digits CNN's size and makes the
+``limit`` lowers largemodel.PROTOBUF_LIMIT below the digits CNN's size and makes the
 tools that take a model as bytes refuse one over the lowered limit, as protobuf refuses one
 over 2 GB ("Failed to serialize proto"): onnx's shape inference, version converter and
 function inliner, and ONNX Runtime's InferenceSession.  They still run for real on models under the limit.  The
@@ -19,7 +19,7 @@ import pytest
 from onnx import inliner, numpy_helper, version_converter
 
 from conftest import DIGITS_CALIB, DIGITS_MODEL, make_model
-from onnx_lapq import QuantConfig, modelio, quantize
+from onnx_lapq import QuantConfig, largemodel, modelio, quantize
 from onnx_lapq.calibrate import session
 from onnx_lapq.graph import INT4_OPSET, MIN_OPSET, normalize
 
@@ -41,7 +41,7 @@ def _proto_size(model) -> int:
 def _lower_limit(patch: pytest.MonkeyPatch, temporary) -> None:
     """PROTOBUF_LIMIT lowered to LIMIT and enforced where protobuf enforces 2 GB; temporary
     files go to ``temporary``, to check that none is left."""
-    patch.setattr(modelio, "PROTOBUF_LIMIT", LIMIT)
+    patch.setattr(largemodel, "PROTOBUF_LIMIT", LIMIT)
     patch.setattr(onnx.shape_inference, "infer_shapes", _refusing(onnx.shape_inference.infer_shapes, _proto_size))
     patch.setattr(version_converter, "convert_version", _refusing(version_converter.convert_version, _proto_size))
     patch.setattr(inliner, "inline_local_functions", _refusing(inliner.inline_local_functions, _proto_size))
@@ -86,7 +86,7 @@ def test_normalize_over_the_limit_gives_the_same_model(min_opset, linear_as, tmp
 def test_split_large_stubs_the_largest_initializers_and_leaves_the_model_alone(limit):
     model = _digits()
     before = model.SerializeToString()
-    skeleton, pairs = modelio.split_large(model)
+    skeleton, pairs = largemodel.split_large(model)
     assert model.SerializeToString() == before
     assert skeleton.ByteSize() <= LIMIT
     sizes = {t.name: t.ByteSize() for t in model.graph.initializer}
@@ -95,13 +95,13 @@ def test_split_large_stubs_the_largest_initializers_and_leaves_the_model_alone(l
     for stub, tensor in pairs:
         assert (stub.name, list(stub.dims), stub.data_type) == (tensor.name, list(tensor.dims), tensor.data_type)
         assert stub.data_location == onnx.TensorProto.EXTERNAL and not stub.HasField("raw_data")
-    modelio.fill_stubs(skeleton, [tensor for _, tensor in pairs])
+    largemodel.fill_stubs(skeleton, [tensor for _, tensor in pairs])
     assert skeleton.SerializeToString() == before
 
 
 def test_temporary_model_file_holds_the_model_and_is_removed(limit):
     model = _digits()
-    with modelio.temporary_model_file(*modelio.split_large(model)) as path:
+    with largemodel.temporary_model_file(*largemodel.split_large(model)) as path:
         assert sorted(os.listdir(os.path.dirname(path))) == ["model.onnx", "model.onnx.data"]
         assert os.path.getsize(path) <= LIMIT
         loaded = onnx.load(path)
@@ -138,11 +138,11 @@ def test_model_size_is_exact_under_the_limit_and_estimated_over_it(monkeypatch):
     """Over the limit protobuf refuses even to size a model (upb serializes it to measure
     it): the size is then the rest of the model plus its initializers' data, from their dims."""
     model = _digits()
-    assert modelio.model_size(model) == model.ByteSize()
-    assert not modelio.over_protobuf_limit(model)
-    monkeypatch.setattr(modelio, "PROTOBUF_LIMIT", LIMIT)
-    assert modelio.over_protobuf_limit(model)
-    assert abs(modelio.model_size(model) - model.ByteSize()) < 0.01 * model.ByteSize()
+    assert largemodel.model_size(model) == model.ByteSize()
+    assert not largemodel.over_protobuf_limit(model)
+    monkeypatch.setattr(largemodel, "PROTOBUF_LIMIT", LIMIT)
+    assert largemodel.over_protobuf_limit(model)
+    assert abs(largemodel.model_size(model) - model.ByteSize()) < 0.01 * model.ByteSize()
 
 
 def test_session_over_the_limit_packs_a_typed_int4_initializer(tmp_path):
@@ -177,8 +177,8 @@ def test_saved_model_over_the_limit_loads_in_onnx_runtime(tmp_path):
 
 
 def test_a_tensor_over_the_limit_on_its_own_is_refused_naming_it(monkeypatch):
-    monkeypatch.setattr(modelio, "TENSOR_LIMIT", 20_000)  # the digits CNN's largest weight is about 37 kB
-    with pytest.raises(modelio.ModelError, match=r"initializer '[^']+' holds .* GiB, over the 2 GiB that protobuf can copy"):
+    monkeypatch.setattr(largemodel, "TENSOR_LIMIT", 20_000)  # the digits CNN's largest weight is about 37 kB
+    with pytest.raises(largemodel.ModelError, match=r"initializer '[^']+' holds .* GiB, over the 2 GiB that protobuf can copy"):
         quantize(_digits(), _calibration())
 
 
