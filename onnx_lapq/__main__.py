@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import re
 import signal
 import sys
@@ -24,9 +23,9 @@ from . import __version__
 from .calibrate import custom_ops
 from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, LOSSES, QUANTIZABLE_OP_TYPES, SEARCH_BIAS_CORRECTION, SEARCHES, QuantConfig
 from .data import calibration_files, npz_batches
-from .errors import CheckpointError, ConfigError, LapqError, ModelError
+from .checkpoint import CheckpointFile
+from .errors import ConfigError, LapqError, ModelError
 from .fidelity import describe as describe_fidelity
-from .journal import SearchJournal
 from .modelio import external_data_files, load_external_data, output_folder, read_model, same_file, save_model_atomic, save_text_atomic
 from .pipeline import quantize
 from .progress import ProgressBar
@@ -192,53 +191,7 @@ def _warn_unused_search_flags(args: argparse.Namespace, parser: argparse.Argumen
         log.warning("%s only tune the lapq search: --method %s ignores them", ", ".join(given), args.method)
 
 
-class _Checkpoint:
-    """The --checkpoint file of a lapq run: its search journal, read back with --resume, and
-    written atomically every ``every`` evaluations it records and when the run stops early."""
-
-    def __init__(self, path: str, every: int, resume: bool):
-        self.path, self.every = path, every
-        self.journal = self._read() if resume else SearchJournal()
-        self.journal.on_record = self._recorded
-        self.saved = len(self.journal.entries)
-        if not resume and os.path.exists(path):
-            text = self._text()
-            try:
-                SearchJournal.from_text(text)
-            except CheckpointError:
-                raise CheckpointError(
-                    f"--checkpoint {path!r} exists and is not an onnx_lapq checkpoint: choose another path (only an earlier checkpoint is replaced)"
-                ) from None
-            log.warning("--checkpoint %r holds an earlier run, which this one replaces: add --resume to continue that run instead", path)
-
-    def _read(self) -> SearchJournal:
-        if not os.path.isfile(self.path):
-            raise CheckpointError(f"--resume: there is no checkpoint at {self.path!r} to resume: check the path, or start over without --resume")
-        return SearchJournal.from_text(self._text(), source=f"--checkpoint {self.path!r}")
-
-    def _text(self) -> bytes:
-        try:
-            with open(self.path, "rb") as fh:
-                return fh.read()
-        except OSError as exc:
-            raise CheckpointError(f"--checkpoint {self.path!r} cannot be read ({exc.strerror}): check its permissions") from None
-
-    def _recorded(self, journal: SearchJournal) -> None:
-        if len(journal.entries) % self.every == 0:
-            self.save()
-
-    def save(self) -> None:
-        """Write the journal if it recorded evaluations since it was last read or written."""
-        if len(self.journal.entries) > self.saved:
-            save_text_atomic(self.journal.to_text(), self.path)
-            self.saved = len(self.journal.entries)
-
-    def remove(self) -> None:
-        if os.path.exists(self.path):
-            os.remove(self.path)
-
-
-def _checkpoint(args: argparse.Namespace) -> _Checkpoint | None:
+def _checkpoint(args: argparse.Namespace) -> CheckpointFile | None:
     """The run's checkpoint: with --checkpoint PATH for a lapq search, else None."""
     if args.resume and not args.checkpoint:
         raise ConfigError("--resume continues the run kept in a checkpoint: give its path with --checkpoint PATH")
@@ -246,7 +199,7 @@ def _checkpoint(args: argparse.Namespace) -> _Checkpoint | None:
         raise ConfigError(f"--checkpoint-every {args.checkpoint_every} must be at least 1")
     if not args.checkpoint or args.method != "lapq":
         return None
-    return _Checkpoint(args.checkpoint, args.checkpoint_every, args.resume)
+    return CheckpointFile(args.checkpoint, args.checkpoint_every, args.resume)
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
