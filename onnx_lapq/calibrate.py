@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import CalibrationError, ConfigError, ModelError
+from .errors import CalibrationError, ConfigError, ExportError, ModelError
 from .largemodel import copy_model, over_protobuf_limit, split_large, temporary_model_file
 from .stats import TensorStats
 
@@ -104,6 +104,16 @@ def session(
             return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     model = with_outputs(model, outputs) if outputs else model
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def quantized_session(model: onnx.ModelProto, what: str, *, advice: str = "", **options) -> ort.InferenceSession:
+    """:func:`session` of a quantized model; ExportError naming ``what`` (and ``advice``) where
+    ONNX Runtime cannot build it: its own graph rewrites can make an invalid graph of a
+    valid quantized model."""
+    try:
+        return session(model, **options)
+    except Exception as exc:  # ONNX Runtime raises its own exception types
+        raise ExportError(f"ONNX Runtime cannot load {what} ({str(exc).splitlines()[0]}); please report this with the model{advice}") from None
 
 
 def release_shared_arena() -> None:

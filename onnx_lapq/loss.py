@@ -56,9 +56,9 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from .calibrate import session
+from .calibrate import quantized_session, session
 from .config import LOSSES
-from .errors import ConfigError, ExportError
+from .errors import ConfigError
 from .export import FOUR_BIT, export_qdq, proto, qdq_tensors
 from .largemodel import copy_model
 from .params import QParams
@@ -236,16 +236,11 @@ class LossEvaluator:
         return bool(sites) and fused * FUSED_DEPTH_TOLERANCE >= skipped([p for p in sites if p > 0])
 
     def _suffix_session(self, cut, later) -> ort.InferenceSession:
-        """A session of the graph after ``cut``; ExportError where ONNX Runtime cannot build it
-        (its own graph rewrites can make an invalid graph of a valid quantized model)."""
-        suffix = self._suffix(cut, later)
-        try:
-            return session(suffix, threads=self._threads, arena="shared")
-        except Exception as exc:
-            raise ExportError(
-                f"ONNX Runtime cannot load the quantized model the search evaluates ({str(exc).splitlines()[0]}); please report "
-                "this with the model; other bit-widths, or --exclude on the layers its message names, may avoid it"
-            ) from None
+        """A session of the graph after ``cut`` (see calibrate.quantized_session)."""
+        return quantized_session(
+            self._suffix(cut, later), "the quantized model the search evaluates", threads=self._threads, arena="shared",
+            advice="; other bit-widths, or --exclude on the layers its message names, may avoid it",
+        )
 
     # ----------------------------------------------------------------- public
     def __call__(self, params: dict[str, QParams]) -> float:

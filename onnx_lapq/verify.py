@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .calibrate import session
+from .calibrate import quantized_session, session
 from .errors import ExportError
 from .largemodel import over_protobuf_limit
 
@@ -36,10 +36,8 @@ def check_exported(model: onnx.ModelProto, reference: onnx.ModelProto, batch: di
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as exc:
             raise ExportError(f"the exported model fails onnx.checker ({str(exc).splitlines()[0]}); please report this with the model") from None
-    try:  # no arena: its few runs need none, and one would keep what they allocate (all of a weight-only model's dequantized weights)
-        optimized = session(model, arena="none")
-    except Exception as exc:
-        raise ExportError(f"ONNX Runtime cannot load the exported model ({str(exc).splitlines()[0]}); please report this with the model") from None
+    # no arena: its few runs need none, and one would keep what they allocate (all of a weight-only model's dequantized weights)
+    optimized = quantized_session(model, "the exported model", arena="none")
     name = model.graph.output[0].name
     fast = optimized.run([name], batch)[0].astype(np.float64)
     plain = session(model, optimize=False, arena="none").run([name], batch)[0].astype(np.float64)

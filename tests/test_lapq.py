@@ -317,7 +317,7 @@ def test_evaluator_sessions_share_one_memory_arena(fused, monkeypatch):
     """The sessions that evaluations run draw on the process's shared arena: an arena per fed
     suffix cost gigabytes, none made each run fetch fresh memory, and a fused session's own
     arena started empty at every evaluation."""
-    import onnx_lapq.loss as loss_module
+    import onnx_lapq.calibrate as calibrate_module  # where every session is made
 
     opened = []
 
@@ -330,7 +330,7 @@ def test_evaluator_sessions_share_one_memory_arena(fused, monkeypatch):
     calib = random_inputs(model, 32, batch=16)
     result = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(bias_correction=False))
     evaluator = LossEvaluator(normalize(model, min_opset=21), result.plan, calib, result.params, loss="mse", fused=fused)
-    monkeypatch.setattr(loss_module, "session", spy)
+    monkeypatch.setattr(calibrate_module, "session", spy)
     evaluator(result.params)
     suffixes = opened if fused else [s.get_session_options() for s in evaluator._fed_sessions]
     assert len(suffixes) == (1 if fused else len(evaluator.cuts))
