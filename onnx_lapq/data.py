@@ -4,7 +4,8 @@ Accepted forms: an iterable of ``{input_name: ndarray}`` dicts (one batch each,
 samples on axis 0), an object with ``get_next()`` returning such dicts and then None
 (ONNX Runtime's CalibrationDataReader), or, through :func:`npz_batches`, an ``.npz``
 file (one array per input, samples on axis 0) or a folder of them.  Batches are read
-one at a time; nothing here holds the whole data set.
+one at a time; nothing here holds the whole data set.  :func:`synthetic_sample` stands in
+for data where there is none (weight-only quantization's numeric check).
 """
 from __future__ import annotations
 
@@ -190,3 +191,18 @@ def _refuse_object_arrays(npz: Any, file: str) -> None:
                 f"array {key!r} of calibration file {file!r} has dtype object (ragged samples or Python objects): "
                 "stack the samples into one numeric array per input, e.g. np.stack(samples).astype(np.float32), and save that"
             )
+
+
+def synthetic_sample(model: onnx.ModelProto, mask_input: str | None, seed: int) -> dict[str, np.ndarray]:
+    """One deterministic sample of the model's inputs, symbolic dimensions 1: seeded normal
+    floats, zeros for other inputs (a valid index into any table) and ones for the padding
+    mask (every position real)."""
+    rng = np.random.default_rng(seed)
+    sample = {}
+    for spec in input_specs(model):
+        shape = tuple(d or 1 for d in spec.shape)
+        if spec.dtype.kind == "f":
+            sample[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        else:
+            sample[spec.name] = (np.ones if spec.name == mask_input else np.zeros)(shape, spec.dtype)
+    return sample

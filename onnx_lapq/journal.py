@@ -30,7 +30,7 @@ import onnx
 import onnxruntime
 
 from . import __version__
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 FORMAT = "onnx_lapq search journal"
 FORMAT_VERSION = 1
@@ -109,6 +109,21 @@ class JournaledLoss:
         loss = float(self.evaluator(params))
         self.journal.record(digest, loss)
         return loss
+
+
+def check_journal(journal: SearchJournal | None, config) -> None:
+    """A journal is a SearchJournal, for a lapq run that no time limit makes machine-dependent."""
+    if journal is None:
+        return
+    if not isinstance(journal, SearchJournal):
+        raise ConfigError(f"journal must be an onnx_lapq.SearchJournal (or None), not {type(journal).__name__}")
+    if config.method != "lapq":
+        raise ConfigError(f"a journal records a lapq search, and method={config.method!r} makes none: pass it with method='lapq' only")
+    if config.time_limit is not None:
+        raise ConfigError(
+            f"time_limit={config.time_limit} makes the search depend on the machine's speed, so it could not resume the same: "
+            "bound the search with max_evals alone"
+        )
 
 
 def point_digest(params: dict, bias_correction: bool) -> str:

@@ -23,13 +23,13 @@ from onnx import numpy_helper
 from . import clip
 from .calibrate import collect_stats, custom_ops, release_shared_arena, require_custom_ops
 from .config import QuantConfig
-from .data import input_specs, iter_batches
+from .data import input_specs, iter_batches, synthetic_sample
 from .errors import CalibrationError, ConfigError, ModelError
 from .export import export_qdq
 from .fidelity import Fidelity, head, keep_head, warn_if_poor
 from .fidelity import measure as measure_fidelity
 from .graph import INT4_OPSET, MIN_OPSET, default_opset, normalize
-from .journal import JournaledLoss, SearchJournal, run_binding
+from .journal import JournaledLoss, SearchJournal, check_journal, run_binding
 from .lapq import resume, run_lapq
 from .loss import LossEvaluator
 from .largemodel import model_size
@@ -92,7 +92,7 @@ def quantize(
         raise ConfigError(f"on_step must be a function of one Progress (or None), not {type(on_step).__name__}")
     if calibration is None and not config.weight_only:
         raise CalibrationError("no calibration data (None): give calibration batches; only weight_only quantization runs without them")
-    _check_journal(journal, config)
+    check_journal(journal, config)
     notify = on_step or (lambda progress: None)
     with custom_ops(config.custom_op_libraries):
         return _quantize(model, calibration, config, notify, journal)
@@ -117,7 +117,7 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
     kept: list[dict[str, np.ndarray]] = []  # the first samples, for the exported model's check and fidelity
     if config.weight_only:  # rounds the weights alone: no statistics to gather
         stats, samples = {}, 0
-        kept = [_synthetic_sample(normalized, padding_mask(normalized, config.mask_input), config.seed)] if calibration is None \
+        kept = [synthetic_sample(normalized, padding_mask(normalized, config.mask_input), config.seed)] if calibration is None \
             else head(_without(batches, config.label_key))
     else:
         if config.method == "lapq":  # the search evaluates the loss on the same samples many times
@@ -176,36 +176,6 @@ def _linear_form(config: QuantConfig) -> str | None:
     if {"MatMul", "Gemm"} & set(config.exclude_op_types):
         return None
     return "MatMul" if config.weight_only else "Gemm"
-
-
-def _synthetic_sample(model: onnx.ModelProto, mask_input: str | None, seed: int) -> dict[str, np.ndarray]:
-    """One deterministic sample of the model's inputs, symbolic dimensions 1: seeded normal
-    floats, zeros for other inputs (a valid index into any table) and ones for the padding
-    mask (every position real)."""
-    rng = np.random.default_rng(seed)
-    sample = {}
-    for spec in input_specs(model):
-        shape = tuple(d or 1 for d in spec.shape)
-        if spec.dtype.kind == "f":
-            sample[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        else:
-            sample[spec.name] = (np.ones if spec.name == mask_input else np.zeros)(shape, spec.dtype)
-    return sample
-
-
-def _check_journal(journal: SearchJournal | None, config: QuantConfig) -> None:
-    """A journal is a SearchJournal, for a lapq run that no time limit makes machine-dependent."""
-    if journal is None:
-        return
-    if not isinstance(journal, SearchJournal):
-        raise ConfigError(f"journal must be an onnx_lapq.SearchJournal (or None), not {type(journal).__name__}")
-    if config.method != "lapq":
-        raise ConfigError(f"a journal records a lapq search, and method={config.method!r} makes none: pass it with method='lapq' only")
-    if config.time_limit is not None:
-        raise ConfigError(
-            f"time_limit={config.time_limit} makes the search depend on the machine's speed, so it could not resume the same: "
-            "bound the search with max_evals alone"
-        )
 
 
 def padding_mask(model: onnx.ModelProto, mask_input: str | None) -> str | None:
