@@ -265,7 +265,7 @@ def _refuse_quantized(graph: onnx.GraphProto) -> None:
         raise ModelError(f"the model is already quantized (it has {', '.join(found)} nodes): give onnx_lapq the float model it was made from")
 
 
-def _subgraphs(node: onnx.NodeProto):
+def subgraphs(node: onnx.NodeProto):
     """The graphs that ``node``'s attributes hold (Loop and Scan bodies, If branches)."""
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
@@ -276,7 +276,7 @@ def _subgraphs(node: onnx.NodeProto):
 
 def _nested_layers(node: onnx.NodeProto, op_types) -> int:
     """How many nodes of ``op_types`` the subgraphs of ``node`` hold, at any depth."""
-    inner = [n for g in _subgraphs(node) for n in g.node]
+    inner = [n for g in subgraphs(node) for n in g.node]
     return sum(n.op_type in op_types for n in inner) + sum(_nested_layers(n, op_types) for n in inner)
 
 

@@ -26,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .data import InputSpec
 from .errors import ModelError
 from .graph import overridable_initializers
+from .plan import subgraphs
 from .largemodel import copy_model
 
 REDUCED = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
@@ -233,6 +234,5 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     """The nodes of ``graph`` and of its subgraphs (which may read the graph's tensors)."""
     for node in graph.node:
         yield node
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                yield from _all_nodes(sub)
+        for sub in subgraphs(node):
+            yield from _all_nodes(sub)
