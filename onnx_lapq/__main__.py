@@ -21,7 +21,8 @@ import traceback
 
 from . import __version__
 from .calibrate import custom_ops
-from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, LOSSES, QUANTIZABLE_OP_TYPES, SEARCH_BIAS_CORRECTION, SEARCHES, QuantConfig
+from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, QUANTIZABLE_OP_TYPES, QuantConfig
+from .options import LOSSES, SEARCH_BIAS_CORRECTION, SEARCHES, CalibrationOptions, LapqOptions
 from .data import calibration_files, npz_batches
 from .checkpoint import CheckpointFile
 from .errors import ConfigError, LapqError, ModelError
@@ -33,6 +34,7 @@ from .verify import integer_layers
 
 log = logging.getLogger("onnx_lapq")
 CHECKPOINT_EVERY = 10
+DEFAULT = QuantConfig()  # every flag's default is the option's own
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,10 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", metavar="IN.onnx", help="float ONNX model (never modified)")
     p.add_argument("output", metavar="OUT.onnx", help="where to write the QDQ model")
     p.add_argument("--calib", metavar="CALIB.npz", help=".npz with one array per model input (samples on axis 0), or a folder of them (required, except with --weight-only)")
-    p.add_argument("--weight-bits", type=int, default=8, help="weight bits: 2..8 or 16 (default 8)")
-    p.add_argument("--act-bits", type=int, default=8, help="activation bits: 2..8 or 16 (default 8)")
+    p.add_argument("--weight-bits", type=int, default=DEFAULT.weight_bits, help=f"weight bits: 2..8 or 16 (default {DEFAULT.weight_bits})")
+    p.add_argument("--act-bits", type=int, default=DEFAULT.act_bits, help=f"activation bits: 2..8 or 16 (default {DEFAULT.act_bits})")
     p.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per output channel")
-    p.add_argument("--method", default="minmax", choices=[m for m in CALIBRATION_METHODS if m != "lp"], help="clipping: per-tensor calibrators, or lapq (joint loss-aware search; default minmax)")
+    p.add_argument("--method", default=DEFAULT.method, choices=[m for m in CALIBRATION_METHODS if m != "lp"],
+                   help=f"clipping: per-tensor calibrators, or lapq (joint loss-aware search; default {DEFAULT.method})")
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="node names (regular expressions) or op types to keep float")
     p.add_argument("--keep-first-last-8bit", action="store_true", help="first and last quantized layers at 8 bits")
     p.add_argument("--num-samples", type=int, default=None, help="use the first N calibration samples (default: all)")
@@ -58,34 +61,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize-attention", action="store_true", help="also quantize MatMuls of two activations (attention)")
     p.add_argument("--weight-only", action="store_true", help="quantize only MatMul weights, blockwise (4 bits: ONNX Runtime's MatMulNBits)")
     p.add_argument("--quantize-embeddings", action="store_true", help="also store Gather embedding tables as integers (weights only)")
-    p.add_argument("--block-size", type=int, default=32, help="rows per weight block with --weight-only (default 32)")
-    p.add_argument("--mask-input", default="auto", metavar="NAME",
+    p.add_argument("--block-size", type=int, default=DEFAULT.block_size, help=f"rows per weight block with --weight-only (default {DEFAULT.block_size})")
+    p.add_argument("--mask-input", default=DEFAULT.mask_input, metavar="NAME",
                    help="input marking real (1) vs padded (0) positions; 'auto' finds a 2-D integer input named *mask*, 'none' disables")
-    p.add_argument("--batch-size", type=int, default=32, help="samples per ONNX Runtime call (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the search's random subset (--search-samples), the only random choice (default 0)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT.batch_size, help=f"samples per ONNX Runtime call (default {DEFAULT.batch_size})")
+    p.add_argument("--seed", type=int, default=DEFAULT.seed, help=f"seed of the search's random subset (--search-samples), the only random choice (default {DEFAULT.seed})")
     lapq = p.add_argument_group("lapq search")
     p.search_flags = []
 
     def search_flag(*names, **options) -> None:
         p.search_flags.append(lapq.add_argument(*names, **options))
 
-    search_flag("--search", default="powell", choices=SEARCHES, help="powell (default) or coordinate")
-    search_flag("--max-evals", type=int, default=QuantConfig.max_evals, help=f"loss evaluations at most (default {QuantConfig.max_evals})")
-    search_flag("--search-step", type=float, default=QuantConfig.search_step, metavar="LOG_FACTOR",
-                      help=f"lattice step of the clip factors in log space (default {QuantConfig.search_step}: 1%%; 0: none)")
-    search_flag("--search-samples", type=int, default=None, metavar="N",
+    search_flag("--search", default=DEFAULT.lapq.search, choices=SEARCHES, help=f"{' or '.join(SEARCHES)} (default {DEFAULT.lapq.search})")
+    search_flag("--max-evals", type=int, default=DEFAULT.lapq.max_evals, help=f"loss evaluations at most (default {DEFAULT.lapq.max_evals})")
+    search_flag("--search-step", type=float, default=DEFAULT.lapq.search_step, metavar="LOG_FACTOR",
+                help=f"lattice step of the clip factors in log space (default {DEFAULT.lapq.search_step}: 1%%; 0: none)")
+    search_flag("--search-samples", type=int, default=DEFAULT.lapq.search_samples, metavar="N",
                       help="evaluate the search's loss on a random subset of N calibration samples, drawn with --seed (default: all; statistics use all)")
-    search_flag("--time-limit", type=float, default=None, metavar="SECONDS", help="seconds for the start candidates and the search together (best point kept)")
-    search_flag("--search-bias-correction", default=QuantConfig.search_bias_correction, choices=SEARCH_BIAS_CORRECTION,
-                      help="keep bias correction in the search: race (default: search both ways on a quarter of the budget each, "
-                           "continue the lower), auto (where it more than halves the min/max start's loss), on, or off")
-    search_flag("--loss", default="auto", choices=LOSSES, help="search objective: auto (kl for classifiers, cosine for normalized embeddings, else mse), kl, mse, cosine, ce")
+    search_flag("--time-limit", type=float, default=DEFAULT.lapq.time_limit, metavar="SECONDS", help="seconds for the start candidates and the search together (best point kept)")
+    search_flag("--search-bias-correction", default=DEFAULT.lapq.search_bias_correction, choices=SEARCH_BIAS_CORRECTION,
+                help=f"keep bias correction in the search (default {DEFAULT.lapq.search_bias_correction}): race (search both ways on a "
+                     "quarter of the budget each, continue the lower), auto (where it more than halves the min/max start's loss), on, or off")
+    search_flag("--loss", default=DEFAULT.lapq.loss, choices=LOSSES,
+                help=f"search objective (default {DEFAULT.lapq.loss}): auto (kl for classifiers, cosine for normalized embeddings, else mse), kl, mse, cosine, ce")
     search_flag("--checkpoint", metavar="PATH",
                 help="keep the search's progress in PATH (written every --checkpoint-every evaluations and when interrupted; removed once OUT is written)")
     search_flag("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="N", help=f"evaluations between checkpoint writes (default {CHECKPOINT_EVERY})")
     search_flag("--resume", action="store_true",
                 help="continue the interrupted run whose --checkpoint PATH is given (the same command plus --resume): same output as a run never stopped")
-    lapq.add_argument("--labels", default=None, metavar="KEY", help="name of the integer labels array in the calibration npz (for --loss ce)")
+    lapq.add_argument("--labels", default=DEFAULT.label_key, metavar="KEY", help="name of the integer labels array in the calibration npz (for --loss ce)")
     p.add_argument("--custom-op-library", action="append", default=[], metavar="PATH",
                    help="shared library of custom ops that ONNX Runtime loads for the model's ops of custom domains (repeatable)")
     p.add_argument("--report", metavar="REPORT.json", help="write the run's report as JSON")
@@ -102,49 +106,52 @@ def _config(args: argparse.Namespace) -> QuantConfig:
     exclude_types = tuple(x for x in args.exclude if x in QUANTIZABLE_OP_TYPES)
     patterns = tuple(x for x in args.exclude if x not in exclude_types)
     op_types = DEFAULT_OP_TYPES + (("Gather",) if args.quantize_embeddings else ())
+    lapq = LapqOptions(
+        search=args.search, max_evals=args.max_evals, search_samples=args.search_samples, time_limit=args.time_limit,
+        search_step=args.search_step, loss=args.loss, search_bias_correction=args.search_bias_correction,
+    )
     return QuantConfig(
         op_types=op_types,
         weight_bits=args.weight_bits, act_bits=args.act_bits, per_channel=not args.per_tensor, method=args.method,
         exclude=patterns, exclude_op_types=exclude_types, keep_first_last_8bit=args.keep_first_last_8bit,
-        num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
-        search=args.search, max_evals=args.max_evals, search_samples=args.search_samples, time_limit=args.time_limit, search_step=args.search_step, loss=args.loss, label_key=args.labels,
-        search_bias_correction=args.search_bias_correction,
+        num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed, label_key=args.labels,
         bias_correction=not args.no_bias_correction, quantize_attention=args.quantize_attention, weight_only=args.weight_only, block_size=args.block_size,
         mask_input=None if args.mask_input.lower() == "none" else args.mask_input, custom_op_libraries=tuple(args.custom_op_library),
+        lapq=lapq,
     )
 
 
-def _summary(report: dict, seconds: float, output: str, kernels: tuple[int, int] | None) -> str:
+def _summary(result, seconds: float, output: str, kernels: tuple[int, int] | None) -> str:
+    config, report = result.config, result.report
     sites = report["sites"]
     size = report["size_bytes"]
-    bits = report["config"]
-    if bits["weight_only"]:
-        grid = f"W{bits['weight_bits']} weights only, blocks of {bits['block_size']}"
+    if config.weight_only:
+        grid = f"W{config.weight_bits} weights only, blocks of {config.block_size}"
     else:
-        grid = f"W{bits['weight_bits']}A{bits['act_bits']}" + ("" if bits["per_channel"] else " per-tensor")
-    grid += ", first and last layers 8-bit" if bits["keep_first_last_8bit"] else ""
-    grid += f", {report['float_type']} model quantized in float32" if report.get("float_type", "float32") != "float32" else ""
+        grid = f"W{config.weight_bits}A{config.act_bits}" + ("" if config.per_channel else " per-tensor")
+    grid += ", first and last layers 8-bit" if config.keep_first_last_8bit else ""
+    grid += f", {result.float_type} model quantized in float32" if result.float_type != "float32" else ""
     quantized = _count(sites["weight_sites"], "weight site")
-    if not bits["weight_only"]:  # weight-only runs quantize no activations and calibrate nothing
+    if not config.weight_only:  # weight-only runs quantize no activations and calibrate nothing
         quantized += f" and {_count(sites['activation_sites'], 'activation site')}"
-    data = "" if bits["weight_only"] else f"{report['calibration_samples']} calibration samples, "
+    data = "" if config.weight_only else f"{result.calibration_samples} calibration samples, "
     line = (
-        f"wrote {output}: {quantized} ({grid}, {bits['method']}), "
+        f"wrote {output}: {quantized} ({grid}, {config.method}), "
         f"{size['float'] / 1e6:.2f} MB -> {size['quantized'] / 1e6:.2f} MB, {data}{seconds:.1f} s"
     )
-    if "final_loss" in report:
-        line += (
-            f"\n{report['loss']} loss: {_start(report)} {report['init_loss']:.4g} -> "
-            f"searched {report['final_loss']:.4g} in {report['nfev']} evaluations; exported model {report['exported_loss']:.4g}"
-        )
+    for record in result.stages:
+        if record.summary():
+            line += "\n" + record.summary()
+    if result.exported_loss is not None:
+        line += f"; exported model {result.exported_loss:.4g}"
     if kernels is not None:
         integer, layers = kernels
         line += f"\nONNX Runtime (CPU) runs {min(integer, layers)} of its {layers} quantized layers on integer kernels"
         if integer < layers:
             line += f"; the other {layers - integer} run dequantized, in float"
-            if min(bits["weight_bits"], bits["act_bits"]) < 8:
+            if min(config.weight_bits, config.act_bits) < 8:
                 line += " (CPU kernels take 8-bit grids only)"
-    if "fidelity" in report:
+    if result.fidelity is not None:
         line += "\n" + describe_fidelity(report["fidelity"])
     else:
         line += "\nfidelity not measured: no calibration data (--calib measures it)"
@@ -153,10 +160,6 @@ def _summary(report: dict, seconds: float, output: str, kernels: tuple[int, int]
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
-def _start(report: dict) -> str:
-    return f"{report['start']} start" if report["p_star"] is None else f"Lp start (p*={report['p_star']:.2f})"
 
 
 def _check_output_paths(args: argparse.Namespace, model_data: list[str]) -> None:
@@ -233,7 +236,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         checkpoint.remove()
     with custom_ops(config.custom_op_libraries):
         kernels = integer_layers(result.model)
-    print(_summary(result.report, time.perf_counter() - started, args.output, kernels))
+    print(_summary(result, time.perf_counter() - started, args.output, kernels))
     if args.resume and checkpoint is not None:
         print(f"resumed from {args.checkpoint}: {_count(result.report['replayed_evaluations'], 'evaluation')} replayed, the rest measured")
     return 0
@@ -251,7 +254,8 @@ def _in_flag_words(message: str, parser: argparse.ArgumentParser) -> str:
 
     message = re.sub(r"\b([a-z][a-z0-9_]*) \(CLI: ([^)]*)\)", lambda m: m.group(2) if flag_of(m.group(1)) else m.group(0), message)
     message = re.sub(r"\b([a-z][a-z0-9_]*)=", lambda m: f"{flag_of(m.group(1))} " if flag_of(m.group(1)) else m.group(0), message)
-    fields = "|".join(f.name for f in dataclasses.fields(QuantConfig) if "_" in f.name)
+    names = [f.name for options in (QuantConfig, LapqOptions, CalibrationOptions) for f in dataclasses.fields(options)]
+    fields = "|".join(name for name in names if "_" in name)
     message = re.sub(rf"(?<![\w-])({fields})\b", lambda m: flag_of(m.group(1)) or m.group(0), message)
     return message.replace("(or None for", "(or leave it out for")
 

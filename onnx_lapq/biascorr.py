@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .qmath import fake_quantize
+
 
 def output_shift(op_type: str, delta: np.ndarray, input_mean: np.ndarray, *, group: int = 1, trans_b: bool = True) -> np.ndarray:
     """E[dW x] per output channel of a Conv ([M, C/group, kh, kw] weights) or Gemm
@@ -23,3 +25,11 @@ def output_shift(op_type: str, delta: np.ndarray, input_mean: np.ndarray, *, gro
         out_per_group = delta.shape[0] // group
         return np.concatenate([per_input[g * out_per_group:(g + 1) * out_per_group] @ groups[g] for g in range(group)])
     return delta @ mean if trans_b else mean @ delta
+
+
+def corrected_bias(site, bias: np.ndarray, weight: np.ndarray, qp, input_mean: np.ndarray) -> np.ndarray:
+    """``bias`` of the layer of ``site`` (a plan BiasSite) minus the mean output shift that
+    quantizing ``weight`` with ``qp`` causes for inputs of per-channel mean ``input_mean``."""
+    delta = fake_quantize(weight, qp.scale, qp.zero_point, qp.fmt, qp.axis, qp.block_size) - weight
+    shift = output_shift(site.op_type, delta, input_mean, group=site.group, trans_b=site.trans_b)
+    return (bias - shift).astype(np.float32)

@@ -24,10 +24,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .biascorr import output_shift
 from .largemodel import copy_model
 from .params import QParams
 from .plan import QuantPlan, consumer_map
+from .solution import Solution
 from .qmath import QFormat, broadcast, fake_quantize, quantize
 
 log = logging.getLogger(__name__)
@@ -105,17 +105,17 @@ def _wide(site, qp: QParams) -> bool:
 
 
 def qdq_tensors(
-    weights: dict[str, np.ndarray],
+    solution: Solution,
     plan: QuantPlan,
     params: dict[str, QParams],
     *,
     fed: bool = False,
     sites: set[str] | None = None,
-    input_means: dict[str, np.ndarray] | None = None,
 ) -> dict[str, tuple[np.ndarray, int]]:
     """The numbers of a QDQ model by tensor name: (array, ONNX type).
 
-    ``weights`` maps float initializer names to values.  ``fed`` gives the numbers as a
+    The float values of weights and biases come from ``solution`` (masked weights,
+    corrected biases: :meth:`Solution.values`).  ``fed`` gives the numbers as a
     model whose Q/DQ tensors are graph inputs takes them: weight codes in 8-bit (or
     16/32-bit) containers, except 4-bit weights, which come dequantized (float32
     ``<w>_DequantizeLinear_Output``, bit for bit what DequantizeLinear makes of their codes:
@@ -125,17 +125,15 @@ def qdq_tensors(
     graph's.
     A bias that overflows int32 saturates (params.py widens weight scales so that
     biases fit, with room for bias correction).
-    ``sites`` limits the result to the tensors of those sites.  With ``input_means``
-    (per-channel means of layer inputs), biases are corrected for the mean output shift
-    of their layer's weight quantization (biascorr.py).
+    ``sites`` limits the result to the tensors of those sites.
     """
-    corrected = _corrected_biases(weights, plan, params, input_means or {}, sites)
+    floats = solution.values(plan, params, sites)
     out: dict[str, tuple[np.ndarray, int]] = {}
     for name in [w.tensor for w in plan.weights] + [b.tensor for b in plan.biases]:
         if sites is not None and name not in sites:
             continue
         qp = params[name]
-        values = corrected.get(name, weights[name])
+        values = floats[name]
         if qp.fmt.bits == 32 and not fed and np.any(np.abs(np.rint(values / broadcast(qp.scale, values.shape, qp.axis, None))) > qp.fmt.qmax):
             log.warning("bias %s overflows int32 at scale s_in*s_w; it saturates", name)
         if fed and container(qp.fmt) in FOUR_BIT:
@@ -157,29 +155,14 @@ def qdq_tensors(
     return out
 
 
-def _corrected_biases(weights, plan: QuantPlan, params, input_means, sites) -> dict[str, np.ndarray]:
-    out = {}
-    for bias in plan.biases:
-        mean = input_means.get(bias.input_tensor)
-        if mean is None or (sites is not None and bias.tensor not in sites):
-            continue
-        w, qp = weights[bias.weight_tensor], params[bias.weight_tensor]
-        delta = fake_quantize(w, qp.scale, qp.zero_point, qp.fmt, qp.axis, qp.block_size) - w
-        shift = output_shift(bias.op_type, delta, mean, group=bias.group, trans_b=bias.trans_b)
-        out[bias.tensor] = (weights[bias.tensor] - shift).astype(np.float32)
-    return out
-
-
-def export_qdq(
-    model: onnx.ModelProto, plan: QuantPlan, params: dict[str, QParams], *, fed: bool = False, input_means: dict[str, np.ndarray] | None = None,
-) -> onnx.ModelProto:
-    """A new QDQ ModelProto: ``model`` with ``params`` baked in (``model`` is untouched).
+def export_qdq(model: onnx.ModelProto, plan: QuantPlan, params: dict[str, QParams], solution: Solution, *, fed: bool = False) -> onnx.ModelProto:
+    """A new QDQ ModelProto: ``model`` with ``params`` and ``solution``'s values baked in
+    (``model`` is untouched).
 
     With ``fed`` the Q/DQ numbers (see :func:`qdq_tensors`) become graph inputs
     instead of initializers, so one ONNX Runtime session evaluates any parameters.
     """
-    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    tensors = qdq_tensors(weights, plan, params, fed=fed, input_means=input_means)
+    tensors = qdq_tensors(solution, plan, params, fed=fed)
     new_nodes: list[onnx.NodeProto] = []
     rename: dict[str, str] = {}
     for name in [w.tensor for w in plan.weights] + [b.tensor for b in plan.biases]:

@@ -95,7 +95,7 @@ class JournaledLoss:
         self.replayed = 0
 
     def __call__(self, params: dict) -> float:
-        digest = point_digest(params, bool(self.evaluator.input_means))
+        digest = point_digest(params, bool(self.evaluator.solution.input_means))
         self.position += 1
         if self.position <= len(self.journal.entries):
             expected, loss = self.journal.entries[self.position - 1]
@@ -119,9 +119,9 @@ def check_journal(journal: SearchJournal | None, config) -> None:
         raise ConfigError(f"journal must be an onnx_lapq.SearchJournal (or None), not {type(journal).__name__}")
     if config.method != "lapq":
         raise ConfigError(f"a journal records a lapq search, and method={config.method!r} makes none: pass it with method='lapq' only")
-    if config.time_limit is not None:
+    if config.lapq.time_limit is not None:
         raise ConfigError(
-            f"time_limit={config.time_limit} makes the search depend on the machine's speed, so it could not resume the same: "
+            f"time_limit={config.lapq.time_limit} makes the search depend on the machine's speed, so it could not resume the same: "
             "bound the search with max_evals alone"
         )
 

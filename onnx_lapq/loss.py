@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from .calibrate import quantized_session, session
 from .config import LOSSES
@@ -63,6 +63,7 @@ from .export import FOUR_BIT, export_qdq, proto, qdq_tensors
 from .largemodel import copy_model
 from .params import QParams
 from .plan import QuantPlan, carried_in_bytes
+from .solution import Solution
 
 log = logging.getLogger(__name__)
 MAX_CUTS = 16
@@ -165,7 +166,7 @@ class LossEvaluator:
         labels: np.ndarray | None = None,
         memory_budget: int = 1 << 30,
         fused: bool | None = None,
-        input_means: dict[str, np.ndarray] | None = None,
+        solution: Solution | None = None,
     ):
         if loss not in LOSSES:
             raise ConfigError(f"loss={loss!r} is unknown: use one of {', '.join(LOSSES)}")
@@ -175,14 +176,13 @@ class LossEvaluator:
         self.plan = carried_in_bytes(model, plan)
         self.batches = batches
         self.labels = [labels[i:i + len(b[next(iter(b))])] for i, b in zip(_offsets(batches), batches)] if labels is not None else None
-        self.weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         self.output = model.graph.output[0].name
         self._fp32 = session(model)
         self.reference = [self._fp32.run([self.output], b)[0] for b in batches]
         self.fp32_passes = [_timed_pass(self._fp32, self.output, batches) for _ in range(FP32_TIMINGS)]
         self.samples = sum(len(r) for r in self.reference)
         self.kind = resolve_loss(loss, model, self.reference)
-        self.input_means = input_means
+        self.solution = Solution.of(model, plan) if solution is None else solution
         self.fused = all(a.bits == 8 for a in plan.activations) and all(w.bits == 8 for w in plan.weights) if fused is None else fused
         self._build(model, init_params)
         if fused is None and self.fused and not self._fused_cuts_are_fine():
@@ -203,7 +203,7 @@ class LossEvaluator:
     def _build(self, model: onnx.ModelProto, init_params: dict[str, QParams]) -> None:
         """The QDQ template of the current mode, its Q/DQ numbers at ``init_params`` and the
         value info of every tensor."""
-        self.template = export_qdq(model, self.plan, init_params, fed=not self.fused, input_means=self.input_means)
+        self.template = export_qdq(model, self.plan, init_params, self.solution, fed=not self.fused)
         self._raw: dict[str, tuple[np.ndarray, int]] = {}
         self._feeds: dict[str, np.ndarray | ort.OrtValue] = {}
         self._version: dict[str, int] = {}
@@ -308,10 +308,10 @@ class LossEvaluator:
         labels = self.labels[b] if self.labels is not None else None
         return distance(self.kind, self.reference[b], out, labels, self.probabilities)
 
-    def set_input_means(self, input_means: dict[str, np.ndarray] | None) -> None:
-        """Switch bias correction on (per-channel layer input means) or off (None); every
-        Q/DQ number is recomputed at the next evaluation."""
-        self.input_means = input_means
+    def use(self, solution: Solution) -> None:
+        """Evaluate ``solution``'s weights and biases from now on (e.g. with bias correction
+        switched on or off); every Q/DQ number is recomputed at the next evaluation."""
+        self.solution = solution
         self._site_params = {}
 
     # ----------------------------------------------------------------- Q/DQ numbers
@@ -325,9 +325,9 @@ class LossEvaluator:
                 changed.add(name)
         if not changed:
             return
-        if self.input_means:  # a corrected bias moves with its weight's grid, even where its own scale does not
+        if self.solution.input_means:  # a corrected bias moves with its weight's grid, even where its own scale does not
             changed |= {b.tensor for b in self.plan.biases if b.weight_tensor in changed}
-        for name, (value, dtype) in qdq_tensors(self.weights, self.plan, params, fed=True, sites=changed, input_means=self.input_means).items():
+        for name, (value, dtype) in qdq_tensors(self.solution, self.plan, params, fed=True, sites=changed).items():
             old = self._raw.get(name)
             if old is None or old[0].shape != value.shape or not np.array_equal(old[0], value):
                 self._raw[name] = (value, dtype)

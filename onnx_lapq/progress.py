@@ -13,9 +13,21 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TextIO
 
-from .pipeline import Progress
+
+@dataclass(frozen=True)
+class Progress:
+    """What ``on_step`` receives: a stage name, work done, the total when known, and the
+    best loss so far during a search.  The stages: calibrate, then each method's own
+    (lapq sends start, for its evaluator, Lp sweep and start candidates, and search),
+    export, fidelity; each sends an event as it begins or as its work advances."""
+
+    stage: str
+    done: int
+    total: int | None
+    loss: float | None = None
 
 
 class ProgressBar:

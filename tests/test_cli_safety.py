@@ -19,7 +19,7 @@ from conftest import DIGITS_CALIB, DIGITS_MODEL, REPO, run_cli
 from onnx_lapq import __version__
 from onnx_lapq.__main__ import main
 from onnx_lapq.data import input_specs, iter_batches, npz_batches
-from onnx_lapq.pipeline import Progress
+from onnx_lapq.progress import Progress
 from onnx_lapq.progress import ProgressBar
 
 

@@ -690,7 +690,7 @@ def test_cli_lapq_writes_report(tmp_path):
 def test_progress_bar_shows_count_eta_and_loss():
     import io
 
-    from onnx_lapq.pipeline import Progress
+    from onnx_lapq.progress import Progress
     from onnx_lapq.progress import ProgressBar
 
     stream = io.StringIO()

@@ -11,7 +11,7 @@ import onnx
 from conftest import DIGITS_CALIB, DIGITS_MODEL, run_cli
 
 import onnx_lapq
-from onnx_lapq.pipeline import Progress
+from onnx_lapq.progress import Progress
 from onnx_lapq.progress import ProgressBar
 
 

@@ -21,8 +21,8 @@ from typing import Callable
 
 import numpy as np
 
-from .params import ParamSpace, SiteRanges
-from .search import SearchResult, minimize
+from ..params import ParamSpace, SiteRanges
+from ..search import SearchResult, minimize
 
 
 @dataclass(frozen=True)

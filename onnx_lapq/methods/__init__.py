@@ -1,0 +1,27 @@
+"""Quantization methods as stages over a Solution, and the stages a config asks for.
+
+Each method is a module here: the per-tensor calibrators (calibrators.py), bias correction
+(bias_correction.py) and LAPQ (lapq.py).  A run is an ordered list of stages; each
+declares the statistics it needs and maps the Solution so far to a new one (base.py).
+
+    stages(config)  # method="lapq" with bias correction: [BiasCorrection(), Lapq()]
+"""
+from __future__ import annotations
+
+from ..config import QuantConfig
+from .base import RunContext, Stage, StageRecord
+from .bias_correction import BiasCorrection
+from .calibrators import CALIBRATORS, Calibrate
+from .lapq import Lapq
+
+CLIPPING = {**{name: Calibrate(name) for name in CALIBRATORS}, "lapq": Lapq()}  # config.method -> the stage that clips
+
+
+def stages(config: QuantConfig) -> list[Stage]:
+    """The stages of a run of ``config``, in order: bias correction first where it is on (a
+    later stage may evaluate with it, and LAPQ may switch it off), then the clipping method."""
+    correction = [BiasCorrection()] if config.bias_correction else []
+    return [*correction, CLIPPING[config.method]]
+
+
+__all__ = ["RunContext", "Stage", "StageRecord", "stages"]

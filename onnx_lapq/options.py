@@ -1,0 +1,148 @@
+"""Options of the methods, one frozen dataclass per method, and the type check they share.
+
+Each option and its default is stated once, here: the CLI takes its defaults from these
+classes.  Every class checks its values in ``__post_init__`` and raises :class:`ConfigError`
+with a message that says how to fix the value; :func:`check_types` checks each field against
+its annotation first, so a wrong type never reaches a range check.
+"""
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from .errors import ConfigError
+
+SEARCHES = ("powell", "coordinate")
+LOSSES = ("auto", "kl", "mse", "cosine", "ce")
+SEARCH_BIAS_CORRECTION = ("auto", "on", "off", "race")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, (float, np.floating))) and bool(np.isfinite(value))
+
+
+# annotation -> (does a value fit, what the message asks for)
+_TYPES = {
+    "int": (_is_int, "an int"),
+    "int | None": (lambda v: v is None or _is_int(v), "an int or None"),
+    "float": (_is_number, "a finite number"),
+    "float | None": (lambda v: v is None or _is_number(v), "a finite number or None"),
+    "bool": (lambda v: isinstance(v, bool), "True or False"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str | None": (lambda v: v is None or isinstance(v, str), "a string or None"),
+    "tuple[str, ...]": (lambda v: isinstance(v, tuple) and all(isinstance(x, str) for x in v), "a tuple of strings"),
+    "tuple[float, ...]": (lambda v: isinstance(v, tuple) and all(_is_number(x) for x in v), "a tuple of numbers"),
+}
+
+
+def check_types(options) -> None:
+    """ConfigError naming the first field of a dataclass whose value does not fit its
+    annotation; lists given for tuple fields become tuples first (frozen fields must hash)."""
+    hints = typing.get_type_hints(type(options))
+    for field in fields(options):
+        value = getattr(options, field.name)
+        kind = field.type if isinstance(field.type, str) else str(field.type)
+        if kind.startswith("tuple[") and isinstance(value, list):
+            value = tuple(value)
+            object.__setattr__(options, field.name, value)
+        if kind == "tuple[str, ...]" and isinstance(value, str):
+            raise ConfigError(f"{field.name} must be a tuple of strings, not one string: write {field.name}=({value!r},)")
+        if kind in _TYPES:
+            fits, wanted = _TYPES[kind]
+        else:  # a nested options dataclass
+            wanted_type = hints[field.name]
+            fits, wanted = (lambda v, t=wanted_type: isinstance(v, t)), f"an onnx_lapq.{wanted_type.__name__}"
+        if not fits(value):
+            raise ConfigError(f"{field.name}={value!r} must be {wanted}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationOptions:
+    """Options of the per-tensor calibrators (methods/calibrators.py).
+
+    percentile: the percentile method clips at this percentile of the values.
+    lp_norm: the lp method's p (the clip minimizing E|Q(x) - x|^p).
+    histogram_bins: bins of each activation's streamed histogram (a power of two).
+    """
+
+    percentile: float = 99.999
+    lp_norm: float = 2.4
+    histogram_bins: int = 4096
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile={self.percentile} must be in (50, 100], e.g. 99.999")
+        if not 0.5 <= self.lp_norm <= 8.0:
+            raise ConfigError(f"lp_norm={self.lp_norm} must be in [0.5, 8], e.g. 2.4")
+        if self.histogram_bins not in tuple(2**k for k in range(8, 17)):
+            raise ConfigError(f"histogram_bins={self.histogram_bins} must be a power of two from 256 to 65536")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LapqOptions:
+    """Options of LAPQ's start and joint search (methods/lapq.py).
+
+    lp_grid: the p values of the Lp initialization sweep.
+    search: "powell" (scipy's, over all coordinates) or "coordinate" (one at a time).
+    max_evals, time_limit: search budgets (loss evaluations, seconds; None = none);
+        the best point seen is kept when a budget stops the search.  max_evals bounds the
+        search's own evaluations; the start candidates (the Lp sweep and the calibrators,
+        once per side of a bias-correction race) come on top.  time_limit covers the start
+        candidates and the search (a start always completes).
+    search_iterations: Powell iterations / coordinate sweeps (at most; the budgets
+        usually stop the search first).
+    search_step: the search moves each log clip factor on a lattice of this step
+        (0.01: 1% of a clip) and evaluates each lattice point once; below about 1%
+        the calibration loss changes by rounding noise alone.  0: no lattice.
+    loss: the objective: auto (kl for classifiers, cosine for normalized embeddings,
+        else mse), kl, mse, cosine, or ce (cross-entropy against the calibration labels,
+        which QuantConfig.label_key names).
+    memory_budget_mb: cached activations the loss evaluator may keep.
+    search_samples: the loss is evaluated on a seeded random subset of this many
+        calibration samples (None: all); statistics always use every sample.
+    search_bias_correction: whether the search keeps bias correction (when it is on):
+        "race" searches both ways with a quarter of ``max_evals`` (and of ``time_limit``)
+        each and spends the rest continuing the one with the lower loss; "auto" keeps it
+        only where it more than halves the loss of the min/max start; "on" and "off"
+        decide for every network.
+    """
+
+    lp_grid: tuple[float, ...] = (2.0, 2.5, 3.0, 3.5, 4.0)
+    search: str = "powell"
+    max_evals: int = 1000
+    time_limit: float | None = None
+    search_iterations: int = 10
+    search_step: float = 0.01
+    loss: str = "auto"
+    memory_budget_mb: int = 1024
+    search_samples: int | None = None
+    search_bias_correction: str = "race"
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.search not in SEARCHES:
+            raise ConfigError(f"search={self.search!r} is unknown: use one of {', '.join(SEARCHES)}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss={self.loss!r} is unknown: use one of {', '.join(LOSSES)}")
+        if self.search_bias_correction not in SEARCH_BIAS_CORRECTION:
+            raise ConfigError(f"search_bias_correction={self.search_bias_correction!r} is unknown: use one of {', '.join(SEARCH_BIAS_CORRECTION)}")
+        for field in ("max_evals", "search_iterations"):
+            if getattr(self, field) < 1:
+                raise ConfigError(f"{field}={getattr(self, field)} must be at least 1")
+        if not 0.0 <= self.search_step <= 0.5:
+            raise ConfigError(f"search_step={self.search_step} must be in [0, 0.5] (a log clip factor; 0.01 is 1% of a clip, 0 searches without a lattice)")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise ConfigError(f"time_limit={self.time_limit} must be positive seconds (or None for no limit)")
+        if len(self.lp_grid) < 1 or any(not 0.5 <= p <= 8.0 for p in self.lp_grid):
+            raise ConfigError("lp_grid must hold p values in [0.5, 8], e.g. (2, 2.5, 3, 3.5, 4)")
+        if self.search_samples is not None and self.search_samples < 1:
+            raise ConfigError(f"search_samples={self.search_samples} must be at least 1 (or None for all)")
+        if self.memory_budget_mb < 0:
+            raise ConfigError("memory_budget_mb must be >= 0")
