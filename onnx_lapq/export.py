@@ -155,14 +155,16 @@ def qdq_tensors(
     return out
 
 
-def export_qdq(model: onnx.ModelProto, plan: QuantPlan, params: dict[str, QParams], solution: Solution, *, fed: bool = False) -> onnx.ModelProto:
-    """A new QDQ ModelProto: ``model`` with ``params`` and ``solution``'s values baked in
-    (``model`` is untouched).
+def export_qdq(
+    model: onnx.ModelProto, plan: QuantPlan, params: dict[str, QParams], solution: Solution | None = None, *, fed: bool = False,
+) -> onnx.ModelProto:
+    """A new QDQ ModelProto: ``model`` with ``params`` and ``solution``'s values (default: the
+    model's own weights and biases) baked in (``model`` is untouched).
 
     With ``fed`` the Q/DQ numbers (see :func:`qdq_tensors`) become graph inputs
     instead of initializers, so one ONNX Runtime session evaluates any parameters.
     """
-    tensors = qdq_tensors(solution, plan, params, fed=fed)
+    tensors = qdq_tensors(solution or Solution.of(model, plan), plan, params, fed=fed)
     new_nodes: list[onnx.NodeProto] = []
     rename: dict[str, str] = {}
     for name in [w.tensor for w in plan.weights] + [b.tensor for b in plan.biases]:

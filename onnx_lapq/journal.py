@@ -185,7 +185,7 @@ def _difference(recorded: dict[str, Any], current: dict[str, Any]) -> str | None
     """What differs between a journal's binding and this run's, in words; None if nothing."""
     if recorded.get("versions") != current["versions"]:
         return f"it was written by {_versions(recorded.get('versions'))}, this is {_versions(current['versions'])}"
-    old, new = recorded.get("config", {}), current["config"]
+    old, new = _flat(recorded.get("config", {})), _flat(current["config"])
     for name in new:
         if old.get(name, "(absent)") != new[name]:
             return f"it was made with {name}={_shown(old.get(name, '(absent)'))}, this run has {name}={_shown(new[name])}"
@@ -193,6 +193,14 @@ def _difference(recorded: dict[str, Any], current: dict[str, Any]) -> str | None
         if recorded.get(what) != current[what]:
             return f"it was made from {words}"
     return None
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    """A config's fields with those of its nested options (whose names are unique) among them."""
+    flat = {}
+    for name, value in config.items():
+        flat.update(value if isinstance(value, dict) else {name: value})
+    return flat
 
 
 def _versions(versions) -> str:

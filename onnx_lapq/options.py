@@ -41,6 +41,11 @@ _TYPES = {
 }
 
 
+def checked_types() -> tuple[str, ...]:
+    """The annotations :func:`check_types` checks (besides nested options dataclasses)."""
+    return tuple(_TYPES)
+
+
 def check_types(options) -> None:
     """ConfigError naming the first field of a dataclass whose value does not fit its
     annotation; lists given for tuple fields become tuples first (frozen fields must hash)."""

@@ -11,7 +11,9 @@ from onnx import TensorProto
 
 from conftest import DIGITS_CALIB, DIGITS_MODEL, Net, block_model, conv_chain_model, make_model, random_inputs
 from conftest import run_cli as cli
-from onnx_lapq import CalibrationError, ConfigError, ModelError, QuantConfig, config, quantize
+from onnx_lapq import CalibrationError, ConfigError, ModelError, QuantConfig, quantize
+from onnx_lapq.options import checked_types
+from onnx_lapq import LapqOptions, CalibrationOptions
 
 METHODS = ["minmax", "entropy", "mse", "percentile"]
 
@@ -44,7 +46,7 @@ def test_methods_really_differ():
     """The determinism tests above would pass trivially if method were ignored."""
     model = block_model()
     data = random_inputs(model, 48)
-    configs = {m: QuantConfig(method=m, weight_bits=4, act_bits=4, percentile=99.0) for m in METHODS}
+    configs = {m: QuantConfig(method=m, weight_bits=4, act_bits=4, calibration=CalibrationOptions(percentile=99.0)) for m in METHODS}
     blobs = {m: quantize(model, data, config=c).model.SerializeToString() for m, c in configs.items()}
     assert len(set(blobs.values())) == len(METHODS)
 
@@ -122,9 +124,11 @@ def test_quantize_rejects_non_config():
 
 
 def test_every_config_field_has_a_checked_type():
-    groups = [getattr(config, name) for name in dir(config) if name.endswith("_FIELDS")]
-    listed = [field for group in groups for field in group]
-    assert sorted(listed) == sorted(f.name for f in dataclasses.fields(QuantConfig))
+    nested = {f.name for f in dataclasses.fields(QuantConfig) if f.type in ("CalibrationOptions", "LapqOptions")}
+    assert nested == {"calibration", "lapq"}
+    for options in (QuantConfig, LapqOptions, CalibrationOptions):
+        unchecked = [f.name for f in dataclasses.fields(options) if f.name not in nested and f.type not in checked_types()]
+        assert not unchecked
 
 
 @pytest.mark.parametrize("bad", [
@@ -134,13 +138,19 @@ def test_every_config_field_has_a_checked_type():
 ])
 def test_config_rejects_wrong_types_with_a_config_error(bad):
     (field, value), = bad.items()
+    owner = next(o for o in (QuantConfig, LapqOptions, CalibrationOptions) if field in {f.name for f in dataclasses.fields(o)})
     with pytest.raises(ConfigError, match=f"^{field}=.* must be "):
-        QuantConfig(**bad)
+        owner(**bad)
+
+
+def test_nested_options_of_the_wrong_type_are_a_config_error():
+    with pytest.raises(ConfigError, match="^lapq=.* must be an onnx_lapq.LapqOptions"):
+        QuantConfig(lapq={"max_evals": 10})
 
 
 def test_config_takes_lists_and_numpy_ints():
-    config = QuantConfig(exclude=["a.*"], lp_grid=[2, 3.5], weight_bits=np.int64(4))
-    assert config.exclude == ("a.*",) and config.lp_grid == (2, 3.5) and hash(config)
+    config = QuantConfig(exclude=["a.*"], weight_bits=np.int64(4), lapq=LapqOptions(lp_grid=[2, 3.5]))
+    assert config.exclude == ("a.*",) and config.lapq.lp_grid == (2, 3.5) and hash(config)
 
 
 # --------------------------------------------------------------------------- inputs untouched

@@ -14,6 +14,7 @@ import pytest
 from conftest import DIGITS_CALIB, DIGITS_HELDOUT, DIGITS_MODEL, Net, make_model, run_cli
 from onnx_lapq import QuantConfig, quantize
 from onnx_lapq.fidelity import KEPT_SAMPLES, POOR_COSINE, remedies
+from onnx_lapq import LapqOptions
 
 
 def outputs(model, inputs: np.ndarray) -> np.ndarray:
@@ -124,7 +125,7 @@ def test_measured_on_the_first_samples_only():
 def test_lapq_fidelity_is_the_search_loss_of_the_exported_model():
     result = quantize(
         onnx.load(str(DIGITS_MODEL)), [{"input": digits_calibration(KEPT_SAMPLES)}],  # the search's samples are the ones measured
-        config=QuantConfig(weight_bits=4, act_bits=4, method="lapq", max_evals=12),
+        config=QuantConfig(weight_bits=4, act_bits=4, method="lapq", lapq=LapqOptions(max_evals=12)),
     )
     assert result.fidelity.loss_kind == result.report["loss"]
     assert result.fidelity.loss == pytest.approx(result.report["exported_loss"], rel=1e-9)

@@ -13,6 +13,7 @@ import onnx_lapq
 from onnx_lapq.errors import CalibrationError, ModelError
 from onnx_lapq.precision import to_float32
 from onnx_lapq.verify import integer_layers
+from onnx_lapq import LapqOptions
 
 W8A8 = onnx_lapq.QuantConfig()
 W4A4 = onnx_lapq.QuantConfig(weight_bits=4, act_bits=4)
@@ -99,7 +100,7 @@ def test_float16_digits_cli(digits_half, tmp_path, bits):
 
 
 def test_float16_lapq_exported_loss_is_the_search_loss(digits_half):
-    config = onnx_lapq.QuantConfig(method="lapq", max_evals=40)
+    config = onnx_lapq.QuantConfig(method="lapq", lapq=LapqOptions(max_evals=40))
     report = onnx_lapq.quantize(digits_half, half_calibration(), config=config).report
     # the exported model's outputs are float16, as the model's: their rounding is all that differs
     assert report["exported_loss"] == pytest.approx(report["final_loss"], rel=0.01)

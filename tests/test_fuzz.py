@@ -87,4 +87,4 @@ def test_a_model_onnx_runtime_cannot_load_inside_the_search_is_an_export_error()
     case = fuzz.random_case(2223)
     config = {k: v for k, v in case.config.items() if k != "exclude_op_types"}
     with pytest.raises(onnx_lapq.errors.ExportError, match="cannot load the quantized model the search evaluates"):
-        onnx_lapq.quantize(case.model, case.calibration, config=onnx_lapq.QuantConfig(**config))
+        onnx_lapq.quantize(case.model, case.calibration, config=fuzzgen.quant_config(config))

@@ -13,14 +13,14 @@ import pytest
 from conftest import DIGITS_CALIB, DIGITS_MODEL, block_model, conv_chain_model, init_array, make_model, ort_session, random_inputs, relu6_model, run_cli
 
 import onnx_lapq
-from onnx_lapq.calibrate import collect_stats, session
+from onnx_lapq.calibrate import session
 from onnx_lapq.graph import INT4_OPSET, normalize
-from onnx_lapq.lapq import parabola_minimum
+from onnx_lapq.methods.lapq_search import parabola_minimum
 from onnx_lapq.loss import LossEvaluator, distance
 from onnx_lapq.params import ParamSpace, SiteRanges
-from onnx_lapq.pipeline import _qparams, choose_ranges
 from onnx_lapq.plan import build_plan
 from onnx_lapq.search import _Tracked, minimize
+from onnx_lapq import LapqOptions
 
 
 def digits():
@@ -28,9 +28,11 @@ def digits():
 
 
 def lapq_config(**kw):
-    base = dict(weight_bits=3, act_bits=3, method="lapq", max_evals=120)
-    base.update(kw)
-    return onnx_lapq.QuantConfig(**base)
+    """A W3A3 lapq config of 120 evaluations; keywords that name LapqOptions' fields go there."""
+    searched = {f.name for f in dataclasses.fields(LapqOptions)}
+    top = {k: v for k, v in kw.items() if k not in searched}
+    options = {"max_evals": 120, **{k: v for k, v in kw.items() if k in searched}}
+    return onnx_lapq.QuantConfig(**{"weight_bits": 3, "act_bits": 3, "method": "lapq", **top}, lapq=LapqOptions(**options))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def test_report_fields(digits_lapq):
     report = digits_lapq.report
     for key in ("final_loss", "exported_loss", "init_loss", "p_star", "nfev", "seconds", "loss_trace", "activations", "weights"):
         assert key in report, key
-    grid = onnx_lapq.QuantConfig().lp_grid
+    grid = onnx_lapq.LapqOptions().lp_grid
     assert report["p_star"] is None or min(grid) <= report["p_star"] <= max(grid)
     assert set(report["start_losses"]) == {"minmax", "entropy"}
     trace_losses = [v for _, v in report["loss_trace"]]
@@ -119,8 +121,7 @@ def test_cached_evaluation_equals_full_evaluation(bits):
         producer = {o: n.op_type for n in cached.template.graph.node for o in n.output}
         assert {producer.get(t, "input") for c in cached.cuts for t in c.live} <= {"QuantizeLinear", "input"}
     rng = np.random.default_rng(0)
-    stats, _ = collect_stats(normalized, [a.tensor for a in result.plan.activations], calib, half_bins=2048)
-    space = ParamSpace(result.plan, choose_ranges(normalized, result.plan, stats, config))
+    space = ParamSpace(result.plan, result.solution.ranges)
     for step in range(40):
         x = np.zeros(space.size)
         x[rng.integers(space.size)] = rng.uniform(-1.0, 0.3)
@@ -403,7 +404,7 @@ def test_distances_against_numpy():
 
 def test_lp_start_never_worse_than_best_grid_point():
     """A parabola clamped onto a grid end must not beat a better grid point (the loss zig-zags over p)."""
-    from onnx_lapq.lapq import run_lapq
+    from onnx_lapq.methods.lapq_search import run_lapq
     from onnx_lapq.params import SiteRanges
 
     table = {2.0: 5.2, 2.5: 1.2, 3.0: 6.2, 3.5: 7.8, 4.0: 6.1}
@@ -426,7 +427,7 @@ def test_lp_start_never_worse_than_best_grid_point():
 def test_time_limit_covers_the_start_candidates():
     """The start's evaluations (five p values, one calibrator) take at least 0.3 s here; with a
     0.2 s time limit the search gets nothing left and the start is the result."""
-    from onnx_lapq.lapq import run_lapq
+    from onnx_lapq.methods.lapq_search import run_lapq
     from onnx_lapq.params import ParamSpace, SiteRanges
     from onnx_lapq.plan import ActivationSite, QuantPlan
 
@@ -540,7 +541,7 @@ def test_a_continued_search_takes_up_the_coordinate_it_stopped_on(method):
 def test_resume_continues_from_the_coordinate_the_race_winner_stopped_on(monkeypatch):
     """After the bias-correction race the winner's search goes on from the coordinate it
     had reached, not from the first one again."""
-    import onnx_lapq.lapq as lapq_module
+    import onnx_lapq.methods.lapq_search as lapq_module
 
     calls = []
 
@@ -604,7 +605,7 @@ def test_cross_entropy_with_labels(tmp_path):
     result = onnx_lapq.quantize(model, [{**calib, "label": labels}], config=config)
     assert result.report["loss"] == "ce" and result.report["final_loss"] <= result.report["init_loss"]
     with pytest.raises(onnx_lapq.ConfigError):
-        onnx_lapq.QuantConfig(method="lapq", loss="ce")
+        onnx_lapq.QuantConfig(method="lapq", lapq=LapqOptions(loss="ce"))
 
 
 @pytest.mark.slow
@@ -683,7 +684,7 @@ def test_cli_lapq_writes_report(tmp_path):
     data = json.loads(report.read_text())
     assert data["nfev"] == 40 and "searched" in proc.stdout and data["bias_correction"] is True
     steps = [np.log(a["scale"] / a["initial_scale"]) / 0.05 for a in data["activations"]]  # the searched clips lie on the lattice
-    assert data["config"]["search_step"] == 0.05 and np.allclose(steps, np.round(steps), atol=1e-3) and np.any(np.round(steps) != 0)
+    assert data["config"]["lapq"]["search_step"] == 0.05 and np.allclose(steps, np.round(steps), atol=1e-3) and np.any(np.round(steps) != 0)
     onnx.checker.check_model(onnx.load(out))
 
 
@@ -757,19 +758,20 @@ def test_corrected_bias_follows_its_weight_when_its_own_scale_stays():
         "W": (rng.standard_normal((8, 16)) * 1e-3).astype(np.float32), "B": np.full(8, 50.0, np.float32),
         "W2": (rng.standard_normal((4, 8)) * 0.1).astype(np.float32), "B2": np.zeros(4, np.float32)}), min_opset=21)
     config = onnx_lapq.QuantConfig(weight_bits=16, act_bits=16, per_channel=False)
-    plan = build_plan(model, config)
     batch = {"x": (rng.standard_normal((64, 16)) + 3).astype(np.float32)}
-    inputs = [b.input_tensor for b in plan.biases]
-    stats, _ = collect_stats(model, list(dict.fromkeys([a.tensor for a in plan.activations] + inputs)), [batch],
-                             half_bins=1024, channel_means=frozenset(inputs))
-    means = {t: stats[t].channel_mean for t in inputs}
-    start = choose_ranges(model, plan, stats, config)
-    before = _qparams(plan, start, config)
-    after = _qparams(plan, dataclasses.replace(start, activations={**start.activations, "x": tuple(0.6 * v for v in start.activations["x"])}), config)
+    result = onnx_lapq.quantize(model, [batch], config=config)  # minmax ranges, biases corrected
+    plan, start, solution = result.plan, result.solution.ranges, result.solution
+    assert solution.input_means
+
+    def params(ranges):
+        return onnx_lapq.params.qparams(plan, ranges, weight_symmetric=True, act_symmetric=False)
+
+    before = params(start)
+    after = params(dataclasses.replace(start, activations={**start.activations, "x": tuple(0.6 * v for v in start.activations["x"])}))
     assert after["B"].scale.tobytes() == before["B"].scale.tobytes() and after["W"].scale != before["W"].scale
-    moved = LossEvaluator(model, plan, [batch], before, loss="mse", input_means=means)
+    moved = LossEvaluator(model, plan, [batch], before, loss="mse", solution=solution)
     moved(before)
-    fresh = LossEvaluator(model, plan, [batch], after, loss="mse", input_means=means)
+    fresh = LossEvaluator(model, plan, [batch], after, loss="mse", solution=solution)
     assert moved(after) == fresh(after)
 
 
@@ -781,7 +783,7 @@ def test_search_counts_agree_with_the_progress_events(max_evals):
     shown only falls, ending at final_loss."""
     model, calib = onnx.load(DIGITS_MODEL), [{"input": np.load(DIGITS_CALIB)["input"][:64]}]
     events = []
-    config = onnx_lapq.QuantConfig(weight_bits=4, act_bits=4, method="lapq", max_evals=max_evals)
+    config = onnx_lapq.QuantConfig(weight_bits=4, act_bits=4, method="lapq", lapq=LapqOptions(max_evals=max_evals))
     report = onnx_lapq.quantize(model, calib, config=config, on_step=events.append).report
     search = [e for e in events if e.stage == "search"]
     assert report["nfev"] == len(search) == search[-1].done <= max_evals

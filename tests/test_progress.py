@@ -13,6 +13,7 @@ from conftest import DIGITS_CALIB, DIGITS_MODEL, run_cli
 import onnx_lapq
 from onnx_lapq.progress import Progress
 from onnx_lapq.progress import ProgressBar
+from onnx_lapq import LapqOptions
 
 
 class Clock:
@@ -93,7 +94,7 @@ def test_stages_without_counts_send_an_event_as_they_begin():
         if not stages or stages[-1] != progress.stage:
             stages.append(progress.stage)
 
-    onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(method="lapq", max_evals=2), on_step=record)
+    onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(method="lapq", lapq=LapqOptions(max_evals=2)), on_step=record)
     assert stages == ["calibrate", "start", "search", "export", "fidelity"]
     stages.clear()
     onnx_lapq.quantize(model, None, config=onnx_lapq.QuantConfig(weight_only=True, weight_bits=4), on_step=record)

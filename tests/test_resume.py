@@ -21,9 +21,10 @@ from conftest import run_cli as cli
 import onnx_lapq
 from onnx_lapq import CheckpointError, ConfigError, QuantConfig, SearchJournal, quantize
 from onnx_lapq.__main__ import main
+from onnx_lapq import LapqOptions
 
 MAX_EVALS = 60
-CONFIG = QuantConfig(weight_bits=4, act_bits=4, method="lapq", max_evals=MAX_EVALS)
+CONFIG = QuantConfig(weight_bits=4, act_bits=4, method="lapq", lapq=LapqOptions(max_evals=MAX_EVALS))
 LAPQ_W4A4 = ["--weight-bits", "4", "--act-bits", "4", "--method", "lapq", "--max-evals", MAX_EVALS]
 SEARCH_FIELDS = ("p_losses", "start_losses", "init_loss", "final_loss", "nfev", "nit", "loss_trace", "exported_loss", "bias_correction")
 
@@ -92,7 +93,7 @@ def test_journal_of_another_run_is_refused(interrupted_journal):
     for kwargs, words in (
         ({"model": _with_one_weight_changed(model)}, "it was made from another model"),
         ({"calibration": [other]}, "it was made from other calibration data"),
-        ({"config": QuantConfig(weight_bits=4, act_bits=4, method="lapq", max_evals=80)}, "it was made with max_evals=60, this run has max_evals=80"),
+        ({"config": QuantConfig(weight_bits=4, act_bits=4, method="lapq", lapq=LapqOptions(max_evals=80))}, "it was made with max_evals=60, this run has max_evals=80"),
     ):
         journal = SearchJournal.from_text(interrupted_journal.to_text())
         args = {"model": model, "calibration": calibration, "config": CONFIG, **kwargs}
@@ -112,7 +113,7 @@ def test_journal_of_another_onnxruntime_is_refused(interrupted_journal):
 def test_numpy_config_values_bind_as_the_python_numbers(interrupted_journal):
     journal = SearchJournal.from_text(interrupted_journal.to_text())
     model, calibration = _digits()
-    config = QuantConfig(weight_bits=np.int64(4), act_bits=4, method="lapq", max_evals=np.int32(MAX_EVALS))
+    config = QuantConfig(weight_bits=np.int64(4), act_bits=4, method="lapq", lapq=LapqOptions(max_evals=np.int32(MAX_EVALS)))
     with pytest.raises(_Stop):  # the journal is bound before calibration starts
         quantize(model, calibration, config=config, journal=journal, on_step=_stop)
 
@@ -129,7 +130,7 @@ def test_replay_that_meets_another_point_is_refused(interrupted_journal):
 def test_journal_refuses_a_time_limit_and_other_methods():
     model, calibration = _digits()
     with pytest.raises(ConfigError, match="time_limit=5.0 makes the search depend on the machine's speed"):
-        quantize(model, calibration, config=QuantConfig(method="lapq", time_limit=5.0), journal=SearchJournal())
+        quantize(model, calibration, config=QuantConfig(method="lapq", lapq=LapqOptions(time_limit=5.0)), journal=SearchJournal())
     with pytest.raises(ConfigError, match="method='minmax' makes none"):
         quantize(model, calibration, config=QuantConfig(), journal=SearchJournal())
 

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lapq
 from onnx_lapq.__main__ import _summary
+from onnx_lapq import LapqOptions
 
 D, HIDDEN = 16, 64
 
@@ -135,7 +136,7 @@ def test_calibration_folder_with_different_lengths(block, tmp_path):
 
 @pytest.mark.slow
 def test_embedding_loss_is_mse_and_lapq_lowers_it(block):
-    config = onnx_lapq.QuantConfig(weight_bits=4, act_bits=4, method="lapq", max_evals=60)
+    config = onnx_lapq.QuantConfig(weight_bits=4, act_bits=4, method="lapq", lapq=LapqOptions(max_evals=60))
     report = onnx_lapq.quantize(block, [padded_batch(32, 8)], config=config).report
     assert report["loss"] == "mse"
     assert report["final_loss"] < report["init_loss"]
@@ -167,7 +168,7 @@ def test_w8a8_search_runs_fed_where_a_float_stream_crosses_every_cut():
 
     model = float_stream_model()
     batches = [{"x": np.random.default_rng(s).standard_normal((16, 16)).astype(np.float32)} for s in range(2)]
-    result = onnx_lapq.quantize(model, batches, config=onnx_lapq.QuantConfig(method="lapq", max_evals=20))
+    result = onnx_lapq.quantize(model, batches, config=onnx_lapq.QuantConfig(method="lapq", lapq=LapqOptions(max_evals=20)))
     assert result.report["evaluator"]["mode"] == "fed"
     assert result.report["evaluator"]["cuts"] >= 3
     fused = LossEvaluator(normalize(model), result.plan, batches, result.params, fused=True)
@@ -213,7 +214,7 @@ def test_weight_only_int4_runs_as_matmulnbits(block, tmp_path):
     assert np.abs(sess.run(None, feeds)[0] - unfused).mean() < 0.05 * np.abs(unfused).mean()
     ref = ort_session(block).run(None, feeds)[0]
     assert np.abs(unfused - ref).mean() < 0.25 * np.abs(ref).mean()
-    assert "sites (W4 weights only, blocks of 16, minmax)" in _summary(result.report, 1.0, "out.onnx", None)
+    assert "sites (W4 weights only, blocks of 16, minmax)" in _summary(result, 1.0, "out.onnx", None)
 
 
 @pytest.mark.parametrize("weight_only", [False, True])

@@ -42,7 +42,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working tree's package
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import onnx_lapq  # noqa: E402
-from fuzzgen import Case, random_case  # noqa: E402
+from fuzzgen import Case, quant_config, random_case  # noqa: E402
 
 STATUSES = ("passed", "refused", "refused-unexpected", "failed")
 LOSS_TOLERANCE = 0.01  # tests/test_lapq.py's test_exported_loss_matches_search
@@ -143,7 +143,7 @@ def run_case(seed: int) -> tuple[Outcome, str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            result = onnx_lapq.quantize(case.model, case.calibration, config=onnx_lapq.QuantConfig(**case.config))
+            result = onnx_lapq.quantize(case.model, case.calibration, config=quant_config(case.config))
             check_result(case, result)
             if case.model.SerializeToString() != before:
                 raise CaseFailure("quantize modified its input model")

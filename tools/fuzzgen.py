@@ -20,12 +20,15 @@ and op type.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+import onnx_lapq
 
 BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 COMMON_BITS = ((8, 8), (8, 8), (4, 8), (4, 4), (8, 16), (16, 16), (3, 3), (2, 4))  # (weight, activation)
@@ -435,6 +438,16 @@ def random_config(rng: np.random.Generator, family: str, layers: list[str], atte
     if rng.random() < 0.1:
         config["num_samples"] = int(rng.integers(1, 20))
     return config
+
+
+def quant_config(options: dict) -> onnx_lapq.QuantConfig:
+    """The QuantConfig of a case's flat keyword arguments: those of LapqOptions and
+    CalibrationOptions go to their nested options."""
+    nested = {"lapq": onnx_lapq.LapqOptions, "calibration": onnx_lapq.CalibrationOptions}
+    groups = {name: {f.name for f in dataclasses.fields(kind)} for name, kind in nested.items()}
+    top = {k: v for k, v in options.items() if not any(k in names for names in groups.values())}
+    inner = {name: nested[name](**{k: v for k, v in options.items() if k in names}) for name, names in groups.items()}
+    return onnx_lapq.QuantConfig(**top, **inner)
 
 
 def _search_options(rng: np.random.Generator) -> dict:
