@@ -1,0 +1,102 @@
+"""The method seam: the stages a config asks for, and stages that change the Solution's numbers."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import onnx_lapq
+from conftest import DIGITS_CALIB, DIGITS_MODEL
+from onnx_lapq import methods, pipeline
+from onnx_lapq.methods import StageRecord
+from onnx_lapq.methods.calibrators import Calibrate
+
+
+def digits():
+    return onnx.load(DIGITS_MODEL), [{"input": np.load(DIGITS_CALIB)["input"][:64]}]
+
+
+@pytest.mark.parametrize("config, names", [
+    (onnx_lapq.QuantConfig(), ["bias_correction", "minmax"]),
+    (onnx_lapq.QuantConfig(method="entropy", bias_correction=False), ["entropy"]),
+    (onnx_lapq.QuantConfig(method="lapq"), ["bias_correction", "lapq"]),
+])
+def test_a_config_names_its_stages_in_order(config, names):
+    assert [stage.name for stage in methods.stages(config)] == names
+
+
+@dataclass(frozen=True)
+class PruneHalf:
+    """A test stage: masks the smaller half of every weight, the way a sparsity method would."""
+
+    name: str = "prune_half"
+    keeps_batches: bool = False
+
+    def observers(self, plan, config):
+        return {}
+
+    def run(self, context, solution):
+        masks = {w.tensor: np.abs(solution.weights[w.tensor]) >= np.median(np.abs(solution.weights[w.tensor])) for w in context.plan.weights}
+        return solution.but(masks=masks), StageRecord(stage=self.name)
+
+
+def _weight_codes(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {n.input[0][: -len("_quantized")]: inits[n.input[0]] for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized") and inits[n.input[0]].dtype == np.int8}
+
+
+def test_a_stage_that_masks_weights_exports_exact_zeros(monkeypatch):
+    """Masks in the Solution reach the exported integers: every pruned weight is code 0, and the
+    later calibrator clips the masked weights, so the kept ones keep their full grid."""
+    monkeypatch.setattr(pipeline, "stages", lambda config: [PruneHalf(), Calibrate("minmax")])
+    model, calib = digits()
+    result = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(bias_correction=False))
+    codes = _weight_codes(result.model)
+    assert codes and set(codes) == set(result.solution.masks)
+    for tensor, mask in result.solution.masks.items():
+        assert np.all(codes[tensor][~mask] == 0) and np.count_nonzero(codes[tensor][mask]) > 0.9 * mask.sum()
+        assert np.abs(codes[tensor]).max() == 127  # scales from the masked weights: the largest kept weight is on the grid's end
+    assert [r.stage for r in result.stages] == ["prune_half", "minmax"]
+    assert set(result.report["seconds"]) >= {"prune_half", "minmax"}
+
+
+def test_observers_of_all_stages_are_collected_in_one_pass(monkeypatch):
+    """The pipeline asks every stage for its observers and runs one pass for their union."""
+    seen = []
+
+    @dataclass(frozen=True)
+    class NeedsMeans:
+        name: str = "needs_means"
+        keeps_batches: bool = False
+
+        def observers(self, plan, config):
+            return {plan.biases[0].input_tensor: frozenset({"channel_mean"})}
+
+        def run(self, context, solution):
+            seen.append(context.stats.channel_mean(context.plan.biases[0].input_tensor))
+            return solution, StageRecord(stage=self.name)
+
+    monkeypatch.setattr(pipeline, "stages", lambda config: [NeedsMeans(), Calibrate("minmax")])
+    model, calib = digits()
+    onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(bias_correction=False))
+    first_input = calib[0]["input"]
+    assert seen and seen[0].shape == (first_input.shape[1],)
+    assert np.allclose(seen[0], first_input.mean(axis=(0, 2, 3)), atol=1e-5)  # the first layer reads the model input
+
+
+def test_bias_correction_is_a_stage_whose_means_the_export_applies():
+    """With the bias-correction stage the Solution holds the layers' input means and the exported
+    biases differ from the float ones; without it they are the float biases on the int32 grid."""
+    model, calib = digits()
+    on = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(weight_bits=4, act_bits=8))
+    off = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(weight_bits=4, act_bits=8, bias_correction=False))
+    assert on.solution.input_means and off.solution.input_means is None
+    assert {b.input_tensor for b in on.plan.biases} == set(on.solution.input_means)
+    values_on = on.solution.values(on.plan, on.params)
+    values_off = off.solution.values(off.plan, off.params)
+    bias = on.plan.biases[0].tensor
+    assert not np.array_equal(values_on[bias], values_off[bias]) and np.array_equal(values_off[bias], off.solution.weights[bias])
