@@ -48,9 +48,9 @@ def quantize(
     """Quantize a float ModelProto with the given calibration data (see data.py for its forms;
     None for weight-only quantization).
 
-    ``journal`` (method="lapq" only): the run's loss evaluations are recorded in it, and
-    those it already holds, from an interrupted run of the same inputs, are replayed
-    instead of measured (see journal.py): the run resumes and ends as if never stopped."""
+    ``journal``: the loss evaluations of a searching method are recorded in it, and those
+    it already holds, from an interrupted run of the same inputs, are replayed instead of
+    measured (see journal.py): the run resumes and ends as if never stopped."""
     if not isinstance(model, onnx.ModelProto):
         raise ModelError(f"quantize takes an onnx.ModelProto, not {type(model).__name__}: load the file with onnx.load first")
     if not isinstance(config, QuantConfig):
@@ -120,7 +120,7 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
     measured = [] if calibration is None else kept  # a synthetic sample says nothing of fidelity
     if measured:
         notify(Progress("fidelity", 0, None))
-    fidelity = measure_fidelity(normalized, exported, measured, evaluator.kind if evaluator is not None else config.lapq.loss)
+    fidelity = measure_fidelity(normalized, exported, measured, evaluator.kind if evaluator is not None else "auto")
     times["fidelity"] = time.perf_counter() - clock
     warn_if_poor(fidelity, config, samples)
     started = next((r.start_ranges for r in reversed(records) if r.start_ranges is not None), None)
