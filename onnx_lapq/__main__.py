@@ -27,6 +27,7 @@ from .checkpoint import CheckpointFile
 from .errors import ConfigError, LapqError, ModelError
 from .fidelity import describe as describe_fidelity
 from .modelio import external_data_files, load_external_data, output_folder, read_model, same_file, save_model_atomic, save_text_atomic
+from .ops import fuses_to_integer
 from .pipeline import quantize
 from .progress import ProgressBar
 from .verify import integer_layers
@@ -142,8 +143,7 @@ def _summary(report: dict, seconds: float, output: str, kernels: tuple[int, int]
         line += f"\nONNX Runtime (CPU) runs {min(integer, layers)} of its {layers} quantized layers on integer kernels"
         if integer < layers:
             line += f"; the other {layers - integer} run dequantized, in float"
-            if min(bits["weight_bits"], bits["act_bits"]) < 8:
-                line += " (CPU kernels take 8-bit grids only)"
+            line += "" if fuses_to_integer(*(site["bits"] for site in report["weights"] + report["activations"])) else " (CPU kernels take 8-bit grids only)"
     if "fidelity" in report:
         line += "\n" + describe_fidelity(report["fidelity"])
     else:

@@ -25,9 +25,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .biascorr import output_shift
+from .graphindex import consumer_map
 from .largemodel import copy_model
 from .params import QParams
-from .plan import QuantPlan, consumer_map
+from .plan import QuantPlan
 from .qmath import QFormat, broadcast, fake_quantize, quantize
 
 log = logging.getLogger(__name__)
