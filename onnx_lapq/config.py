@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .bits import SUPPORTED_BITS, BitsPolicy, LayerBits, layer_bits
 from .errors import ConfigError
 
-SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse", "lp", "lapq")
 SEARCHES = ("powell", "coordinate")
 LOSSES = ("auto", "kl", "mse", "cosine", "ce")
@@ -32,6 +32,7 @@ STR_FIELDS = ("method", "search", "loss", "search_bias_correction")
 OPTIONAL_STR_FIELDS = ("label_key", "mask_input")
 STR_TUPLE_FIELDS = ("exclude", "exclude_op_types", "op_types", "custom_op_libraries")
 NUMBER_TUPLE_FIELDS = ("lp_grid",)
+LAYER_BITS_FIELDS = ("layer_bits",)  # checked and normalized by bits.layer_bits
 
 
 def _is_int(value) -> bool:
@@ -129,6 +130,9 @@ class QuantConfig:
     custom_op_libraries: paths of shared libraries of custom ops (ONNX Runtime's
         register_custom_ops_library) that every ONNX Runtime session of the run loads:
         for models with ops of custom domains.
+    layer_bits: explicit widths per layer, node name -> {"weight_bits": b, "act_bits": b}
+        (either may be left out), over keep_first_last_8bit and the uniform widths; stored
+        as a tuple of :class:`LayerBits`.  ``bits_policy`` is what the plan reads.
     """
 
     weight_bits: int = 8
@@ -164,8 +168,10 @@ class QuantConfig:
     weight_only: bool = False
     block_size: int = 32
     custom_op_libraries: tuple[str, ...] = ()
+    layer_bits: tuple[LayerBits, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "layer_bits", layer_bits(self.layer_bits))
         for field in STR_TUPLE_FIELDS + NUMBER_TUPLE_FIELDS:  # lists are welcome; frozen fields must hash
             if isinstance(getattr(self, field), list):
                 object.__setattr__(self, field, tuple(getattr(self, field)))
@@ -236,6 +242,11 @@ class QuantConfig:
         return op_type in self.exclude_op_types or any(re.fullmatch(p, name) for p in self.exclude)
 
     @property
+    def bits_policy(self) -> BitsPolicy:
+        """The widths of each layer, as the plan reads them."""
+        return BitsPolicy.of(self)
+
+    @property
     def needs_opset21(self) -> bool:
         """4-bit and 16-bit Q/DQ types and blockwise DequantizeLinear exist only from opset 21."""
-        return self.weight_only or any(b in (4, 16) for b in (self.weight_bits, self.act_bits))
+        return self.weight_only or any(b in (4, 16) for b in self.bits_policy.widths)

@@ -14,8 +14,8 @@ Sites:
                 input sites.
   * bias:       the float bias of Conv/Gemm with a quantized input, exported as int32 with
                 scale s_in * s_w and zero point 0.
-With keep_first_last_8bit the first and last layers take 8 bits; an activation read by
-layers of different widths takes the widest.
+The widths of each layer come from a :class:`~onnx_lapq.bits.BitsPolicy`; an activation
+read by layers of different widths takes the widest.
 With quantize_attention, MatMuls of two activations get input sites on both sides.
 With weight_only, the plan is the blockwise weights of 2-D MatMuls alone.
 How sites share scales, are dropped or stored wide is ``grouping``'s job; the refusals
@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 
 import onnx
 
+from .bits import BitsPolicy
 from .config import QuantConfig
 from .errors import ModelError
 from .graphindex import GraphIndex
@@ -145,7 +146,7 @@ def _attention_nodes(index: GraphIndex, config: QuantConfig) -> list[onnx.NodePr
     ]
 
 
-def _embedding_sites(index: GraphIndex, config: QuantConfig) -> list[WeightSite]:
+def _embedding_sites(index: GraphIndex, config: QuantConfig, bits: BitsPolicy) -> list[WeightSite]:
     """Constant 2-D float tables read by Gather (embeddings), when "Gather" is in op_types:
     per row, or in blocks along the row (axis 1) when weight-only."""
     sites = {}
@@ -157,45 +158,51 @@ def _embedding_sites(index: GraphIndex, config: QuantConfig) -> list[WeightSite]
         if len(init.dims) != 2 or init.data_type != onnx.TensorProto.FLOAT or table in sites:
             continue
         axis, block = (1, config.block_size) if config.weight_only else (0, None)
-        sites[table] = WeightSite(table, node.name, node.op_type, axis if config.per_channel or block else None, config.weight_bits, block)
+        sites[table] = WeightSite(table, node.name, node.op_type, axis if config.per_channel or block else None, bits.bits(node.name)[0], block)
     return list(sites.values())
 
 
-def _weight_only_plan(index: GraphIndex, nodes: list[onnx.NodeProto], config: QuantConfig) -> QuantPlan:
+def _weight_only_plan(index: GraphIndex, nodes: list[onnx.NodeProto], config: QuantConfig, bits: BitsPolicy) -> QuantPlan:
     """Blockwise weights of 2-D MatMuls alone, blocks along K (axis 0): ONNX Runtime's MatMulNBits form."""
-    weights: dict[str, WeightSite] = {w.tensor: w for w in _embedding_sites(index, config)}
-    for node in nodes:
-        if node.op_type == "MatMul" and len(index.initializers[node.input[1]].dims) == 2 and node.input[1] not in weights:
-            weights[node.input[1]] = WeightSite(node.input[1], node.name, node.op_type, 0, config.weight_bits, config.block_size)
+    embeddings = _embedding_sites(index, config, bits)
+    weights: dict[str, WeightSite] = {w.tensor: w for w in embeddings}
+    layers = [n for n in nodes if n.op_type == "MatMul" and len(index.initializers[n.input[1]].dims) == 2]
+    bits.check_names([n.name for n in layers] + [w.node for w in embeddings], [n.name for n in index.graph.node])
+    for node in layers:
+        if node.input[1] not in weights:
+            weights[node.input[1]] = WeightSite(node.input[1], node.name, node.op_type, 0, bits.bits(node.name)[0], config.block_size)
     if not weights:
         refuse_quantized(index.graph)
         raise ModelError("weight-only quantization found no linear layer (MatMul, or Gemm with transA=0 and alpha=1) with a constant 2-D weight: drop --weight-only or check the model")
     return QuantPlan(weights=tuple(weights.values()), activations=(), biases=(), reads=reading_order(index, weights))
 
 
-def build_plan(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
-    """The sites of a normalized model; ModelError when nothing can be quantized or a
-    weight to quantize is not finite or can be overridden."""
+def build_plan(model: onnx.ModelProto, config: QuantConfig, bits: BitsPolicy | None = None) -> QuantPlan:
+    """The sites of a normalized model, at the widths of ``bits`` (default: ``config.bits_policy``);
+    ModelError when nothing can be quantized or a weight to quantize is not finite or can be
+    overridden, ConfigError when ``bits`` names a node the model does not have."""
+    bits = config.bits_policy if bits is None else bits
     index = GraphIndex(model.graph)
     warn_unused_exclusions(model.graph, config)
     warn_subgraph_layers(model.graph, config)
     nodes = _compute_nodes(index, config)
     if config.weight_only:
-        return check_weights(index, _weight_only_plan(index, nodes, config))
+        return check_weights(index, _weight_only_plan(index, nodes, config, bits))
     attention = _attention_nodes(index, config) if config.quantize_attention else []
-    embeddings = _embedding_sites(index, config)
+    embeddings = _embedding_sites(index, config, bits)
     if not nodes and not attention and not embeddings:
         refuse_quantized(model.graph)
         raise ModelError(
             f"nothing to quantize: no {'/'.join(config.op_types)} node with a constant float weight "
             "outside the excluded ones; check --exclude or the model"
         )
-    edges = {nodes[0].name, nodes[-1].name} if config.keep_first_last_8bit and nodes else set()
+    bits.check_names([n.name for n in nodes + attention] + [w.node for w in embeddings], [n.name for n in model.graph.node])
+    edges = bits.edges([n.name for n in nodes])
     weights: dict[str, WeightSite] = {}
     acts: dict[str, ActivationSite] = {}
     biases: list[BiasSite] = []
     for node in nodes:
-        wbits, abits = (8, 8) if node.name in edges else (config.weight_bits, config.act_bits)
+        wbits, abits = bits.bits(node.name, node.name in edges)
         wname = node.input[1]
         if wname not in weights:
             axis = _weight_axis(node, index.initializers[wname].dims.__len__(), config.per_channel)
@@ -211,7 +218,7 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
             biases.append(BiasSite(bias, node.name, node.input[0], wname, node.op_type, attrs.get("group", 1), bool(attrs.get("transB", 0))))
     for node in attention:
         for name in node.input:
-            _add_activation(acts, name, config.act_bits, "input")
+            _add_activation(acts, name, bits.bits(node.name)[1], "input")
     consumer_weight_bits: dict[str, list[int]] = {}
     for node in nodes:
         consumer_weight_bits.setdefault(node.input[0], []).append(weights[node.input[1]].bits)
