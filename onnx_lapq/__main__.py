@@ -20,14 +20,16 @@ import time
 import traceback
 
 from . import __version__
+from .bits import read_bits_file
 from .calibrate import custom_ops
 from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, QUANTIZABLE_OP_TYPES, QuantConfig
 from .options import LOSSES, SEARCH_BIAS_CORRECTION, SEARCHES, CalibrationOptions, LapqOptions
 from .data import calibration_files, npz_batches
 from .checkpoint import CheckpointFile
-from .errors import ConfigError, LapqError, ModelError
+from .errors import BitsFileError, ConfigError, LapqError, ModelError
 from .fidelity import describe as describe_fidelity
 from .modelio import external_data_files, load_external_data, output_folder, read_model, same_file, save_model_atomic, save_text_atomic
+from .ops import fuses_to_integer
 from .pipeline import quantize
 from .progress import ProgressBar
 from .verify import integer_layers
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"clipping: per-tensor calibrators, or lapq (joint loss-aware search; default {DEFAULT.method})")
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="node names (regular expressions) or op types to keep float")
     p.add_argument("--keep-first-last-8bit", action="store_true", help="first and last quantized layers at 8 bits")
+    p.add_argument("--bits-file", metavar="FILE.json", help='bits of named layers, over the other bit flags: {"layers": {"fc": {"weight_bits": 4}}}')
     p.add_argument("--num-samples", type=int, default=None, help="use the first N calibration samples (default: all)")
     p.add_argument("--no-bias-correction", action="store_true", help="keep the float biases (default: correct them for the mean output shift of weight quantization)")
     p.add_argument("--quantize-attention", action="store_true", help="also quantize MatMuls of two activations (attention)")
@@ -114,6 +117,7 @@ def _config(args: argparse.Namespace) -> QuantConfig:
         op_types=op_types,
         weight_bits=args.weight_bits, act_bits=args.act_bits, per_channel=not args.per_tensor, method=args.method,
         exclude=patterns, exclude_op_types=exclude_types, keep_first_last_8bit=args.keep_first_last_8bit,
+        layer_bits=read_bits_file(args.bits_file) if args.bits_file else (),
         num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed, label_key=args.labels,
         bias_correction=not args.no_bias_correction, quantize_attention=args.quantize_attention, weight_only=args.weight_only, block_size=args.block_size,
         mask_input=None if args.mask_input.lower() == "none" else args.mask_input, custom_op_libraries=tuple(args.custom_op_library),
@@ -149,7 +153,7 @@ def _summary(result, seconds: float, output: str, kernels: tuple[int, int] | Non
         line += f"\nONNX Runtime (CPU) runs {min(integer, layers)} of its {layers} quantized layers on integer kernels"
         if integer < layers:
             line += f"; the other {layers - integer} run dequantized, in float"
-            if min(config.weight_bits, config.act_bits) < 8:
+            if not fuses_to_integer(*(site.bits for site in [*result.plan.weights, *result.plan.activations])):
                 line += " (CPU kernels take 8-bit grids only)"
     if result.fidelity is not None:
         line += "\n" + describe_fidelity(report["fidelity"])
@@ -282,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     except LapqError as exc:
         if args.verbose:
             traceback.print_exc()
-        message = _in_flag_words(str(exc), parser) if isinstance(exc, ConfigError) else str(exc)
+        message = _in_flag_words(str(exc), parser) if isinstance(exc, ConfigError) and not isinstance(exc, BitsFileError) else str(exc)
         print(f"onnx_lapq: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,10 +10,10 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from .bits import SUPPORTED_BITS, BitsPolicy, LayerBits, layer_bits
 from .errors import ConfigError
-from .options import LOSSES, SEARCH_BIAS_CORRECTION, SEARCHES, CalibrationOptions, LapqOptions, check_types
+from .options import CalibrationOptions, LapqOptions, check_types
 
-SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse", "lp", "lapq")
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 QUANTIZABLE_OP_TYPES = DEFAULT_OP_TYPES + ("Gather",)  # Gather: embedding tables, weight-only
@@ -63,6 +63,9 @@ class QuantConfig:
     custom_op_libraries: paths of shared libraries of custom ops (ONNX Runtime's
         register_custom_ops_library) that every ONNX Runtime session of the run loads:
         for models with ops of custom domains.
+    layer_bits: explicit widths per layer, node name -> {"weight_bits": b, "act_bits": b}
+        (either may be left out), over keep_first_last_8bit and the uniform widths; stored
+        as a tuple of :class:`LayerBits`.  ``bits_policy`` is what the plan reads.
     calibration: the calibrators' options (:class:`CalibrationOptions`).
     lapq: LAPQ's options (:class:`LapqOptions`).
     """
@@ -87,10 +90,12 @@ class QuantConfig:
     weight_only: bool = False
     block_size: int = 32
     custom_op_libraries: tuple[str, ...] = ()
+    layer_bits: tuple[LayerBits, ...] = ()
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     lapq: LapqOptions = field(default_factory=LapqOptions)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "layer_bits", layer_bits(self.layer_bits))
         check_types(self)
         _check_bits("weight_bits", self.weight_bits)
         _check_bits("act_bits", self.act_bits)
@@ -128,6 +133,11 @@ class QuantConfig:
         return op_type in self.exclude_op_types or any(re.fullmatch(p, name) for p in self.exclude)
 
     @property
+    def bits_policy(self) -> BitsPolicy:
+        """The widths of each layer, as the plan reads them."""
+        return BitsPolicy.of(self)
+
+    @property
     def needs_opset21(self) -> bool:
         """4-bit and 16-bit Q/DQ types and blockwise DequantizeLinear exist only from opset 21."""
-        return self.weight_only or any(b in (4, 16) for b in (self.weight_bits, self.act_bits))
+        return self.weight_only or any(b in (4, 16) for b in self.bits_policy.widths)

@@ -23,3 +23,7 @@ class ExportError(LapqError):
 
 class CheckpointError(ConfigError):
     """A search journal (checkpoint) cannot be read or does not belong to the run resuming it."""
+
+
+class BitsFileError(ConfigError):
+    """A bits file cannot be read or has the wrong shape (its message quotes the file's own keys)."""

@@ -24,9 +24,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .graphindex import consumer_map
 from .largemodel import copy_model
 from .params import QParams
-from .plan import QuantPlan, consumer_map
+from .plan import QuantPlan
 from .solution import Solution
 from .qmath import QFormat, broadcast, fake_quantize, quantize
 

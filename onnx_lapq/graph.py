@@ -35,7 +35,7 @@ from onnx import inliner, version_converter
 
 from .errors import ModelError
 from .largemodel import copy_model, fill_stubs, over_protobuf_limit, refuse_oversized_tensors, split_large
-from .plan import output_channel_axis
+from .ops import output_channel_axis
 
 log = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from .calibrate import quantized_session, session
-from .config import LOSSES
+from .options import LOSSES
 from .errors import ConfigError
 from .export import FOUR_BIT, export_qdq, proto, qdq_tensors
 from .largemodel import copy_model

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from .bits import LayerBits
 from .errors import ConfigError
 
 SEARCHES = ("powell", "coordinate")
@@ -38,6 +39,7 @@ _TYPES = {
     "str | None": (lambda v: v is None or isinstance(v, str), "a string or None"),
     "tuple[str, ...]": (lambda v: isinstance(v, tuple) and all(isinstance(x, str) for x in v), "a tuple of strings"),
     "tuple[float, ...]": (lambda v: isinstance(v, tuple) and all(_is_number(x) for x in v), "a tuple of numbers"),
+    "tuple[LayerBits, ...]": (lambda v: isinstance(v, tuple) and all(isinstance(x, LayerBits) for x in v), "a tuple of LayerBits"),
 }
 
 

@@ -7,8 +7,8 @@ s_b = s_in * s_w with zero point 0.  Where a bias would not fit int32 on that gr
 grids, or a channel of near-zero weights), the layer's weight scale grows, channel by
 channel, until it fits with room to spare, as ONNX Runtime's own quantizer does: a float
 bias is no way out, since ONNX Runtime's WeightBiasQuantization rewrites it into an
-int32 bias on the s_in * s_w grid anyway, overflowing (digits CNN W16A16: outputs off by
-0.81 against 8.7e-05).  This is the only module that knows how ranges map to integer grids.
+int32 bias on the s_in * s_w grid anyway, overflowing.  This is the only module that
+knows how ranges map to integer grids.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .clip import activation_format
+from .ops import folds_clip_into_quantize
 from .plan import QuantPlan
 from .qmath import QFormat, scale_zero_point
 
@@ -96,25 +97,17 @@ class ParamSpace:
 
     One coordinate per activation group and one per weight site; x_i is the log of the
     factor that scales the initial range of that site (all channels of a weight
-    together).  x = 0 is the initialization.  No 8-bit activation clip is lifted past
-    the ceiling of the Clip that makes its values (``QuantPlan.ceiling``).
+    together).  x = 0 is the initialization.  No activation clip whose Clip ONNX Runtime
+    folds into its QuantizeLinear is lifted past that Clip's ceiling (``QuantPlan.ceiling``).
 
     Coordinates run from the coarsest grid to the finest, and within one bit-width below
     8 in the order the graph reads the sites, a layer's input before its weight; at 8 bits
     and above the activations come first, then the weights, each front to back.  A budget
     smaller than one Powell sweep then goes to whole layers from the front, and at W4A8 to
-    the 4-bit weights before the 8-bit activations.  Against the earlier order (all
-    activations, then all weights), the calibration loss after 150 evaluations on 64
-    samples fell on squeezenet1.1 W4A8 0.373 -> 0.315 and W4A4 1.667 -> 1.330,
-    mobilenet_v1_0.25 W4A8 1.433 -> 0.928 and W4A4 4.744 -> 4.509, and was level on
-    mobilenet_v2 (0.359 -> 0.363, 4.856 -> 4.902); on cifar10_resnet20 W4A4 it was 0.454
-    after 300 evaluations against 0.595.  all-MiniLM-L6-v2 W4A4 went the other way (60
-    evaluations: 0.439 -> 0.517).  At W8A8, where per-channel 8-bit weights lose almost
-    nothing, the interleaved order was worse on squeezenet1.1 (0.0052 -> 0.0066),
-    mobilenet_v2 (0.0138 -> 0.0149), cifar10_resnet56 (0.0026 -> 0.0030) and
-    all-MiniLM-L6-v2 (0.0089 -> 0.0098), hence activations first there (it was better
-    on mobilenet_v1_0.25, 0.0372 -> 0.0333, and cifar10_resnet20, 0.0027 -> 0.0023, whose
-    top-1 still fell by 0.2 and 0.1 points).
+    the 4-bit weights before the 8-bit activations.  Below 8 bits both a layer's weights and
+    its input lose much, so whole layers fixed front to back serve a small budget best; at
+    8 bits and above, per-channel weights lose almost nothing and the activations, where
+    the loss is, come first.
     """
 
     def __init__(self, plan: QuantPlan, initial: SiteRanges):
@@ -150,11 +143,11 @@ class ParamSpace:
         return SiteRanges(activations=acts, weights=weights, biases=self.initial.biases)
 
     def _cap(self, group: str) -> float | None:
-        """The highest clip of an activation group of 8 bits or more: the plan's ceiling, where
-        the initial clip is below it (a search from above it may still come down).  Below 8
-        bits nothing fuses, and a clip past a Relu6's 6 can still pay through the grid it
-        makes: capped, the mobilenet_v1_0.25 and mobilenet_v2 W4A4 searches ended higher
-        (loss 4.79 against 4.51, 2.41 against 2.25, 150 evaluations on 64 samples)."""
+        """The highest clip of an activation group whose Clip ONNX Runtime folds into the
+        QuantizeLinear (``ops.folds_clip_into_quantize``): the plan's ceiling, where the
+        initial clip is below it (a search from above it may still come down).  At narrower
+        widths nothing folds, and a clip past a Relu6's 6 can still pay through the grid it
+        makes, so those groups are not capped."""
         ceiling = self.plan.ceiling(group)
         hi = self.initial.activations[group][1]
-        return ceiling if ceiling is not None and 0 < hi <= ceiling and self.plan.group_bits(group) >= 8 else None
+        return ceiling if ceiling is not None and 0 < hi <= ceiling and folds_clip_into_quantize(self.plan.group_bits(group)) else None

@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .data import InputSpec
 from .errors import ModelError
 from .graph import overridable_initializers
-from .plan import subgraphs
+from .graphindex import subgraphs
 from .largemodel import copy_model
 
 REDUCED = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}

@@ -24,6 +24,7 @@ import onnxruntime as ort
 from .calibrate import quantized_session, session
 from .errors import ExportError
 from .largemodel import over_protobuf_limit
+from .ops import INTEGER_KERNELS, LAYER_OPS
 
 
 def check_exported(model: onnx.ModelProto, reference: onnx.ModelProto, batch: dict[str, np.ndarray]) -> ort.InferenceSession:
@@ -49,13 +50,6 @@ def check_exported(model: onnx.ModelProto, reference: onnx.ModelProto, batch: di
             f"quantization error of {error:.3g}): please report this with the model; other bit-widths may avoid it"
         )
     return optimized
-
-
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-INTEGER_KERNELS = (
-    "QLinearConv", "QLinearConvTranspose", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
-    "MatMulNBits",
-)
 
 
 def integer_layers(model: onnx.ModelProto) -> tuple[int, int] | None:

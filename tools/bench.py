@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmark the onnx_lapq of this checkout
 
 from benchkit import kitdata, measure, report, runners  # noqa: E402
-from onnx_lapq.config import SEARCH_BIAS_CORRECTION  # noqa: E402
+from onnx_lapq.options import SEARCH_BIAS_CORRECTION  # noqa: E402
 
 ALL_METHODS = "ort-minmax,ort-entropy,ort-percentile,minmax,percentile,entropy,mse,lapq"
 DEFAULT_CONFIGS = "w8a8,w8a8-pt,w4a8,w4a4"

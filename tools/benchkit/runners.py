@@ -162,7 +162,7 @@ def _ort_pre_process(job: dict, result: dict, quant_pre_process) -> str:
 def _lapq_quantizer(job: dict, result: dict):
     import onnx
     import onnx_lapq
-    from onnx_lapq import QuantConfig, quantize  # ImportError while the package is incomplete
+    from onnx_lapq import LapqOptions, QuantConfig, quantize  # ImportError while the package is incomplete
 
     result["tool_version"] = f"onnx_lapq {_lapq_version(onnx_lapq)}"
 
@@ -170,7 +170,7 @@ def _lapq_quantizer(job: dict, result: dict):
         weight_only = {"weight_only": True, "op_types": ("MatMul", "Gather")} if job.get("weight_only") else {}
         cfg = QuantConfig(weight_bits=job["weight_bits"], act_bits=job["act_bits"], **weight_only,
                           per_channel=job["per_channel"], method=job["method"],
-                          seed=job["seed"], batch_size=job["batch_size"], **job.get("search", {}))
+                          seed=job["seed"], batch_size=job["batch_size"], lapq=LapqOptions(**job.get("search", {})))
         res = quantize(onnx.load(job["model_path"]), batches, config=cfg)
         onnx.save(res.model, job["out_model"])
         Path(job["report_path"]).write_text(json.dumps(res.report, indent=1, default=str))
