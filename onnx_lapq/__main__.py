@@ -27,11 +27,10 @@ from .options import LOSSES, SEARCH_BIAS_CORRECTION, SEARCHES, CalibrationOption
 from .data import calibration_files, npz_batches
 from .checkpoint import CheckpointFile
 from .errors import BitsFileError, ConfigError, LapqError, ModelError
-from .fidelity import describe as describe_fidelity
 from .modelio import external_data_files, load_external_data, output_folder, read_model, same_file, save_model_atomic, save_text_atomic
-from .ops import fuses_to_integer
 from .pipeline import quantize
 from .progress import ProgressBar
+from .summary import count, summary
 from .verify import integer_layers
 
 log = logging.getLogger("onnx_lapq")
@@ -125,47 +124,6 @@ def _config(args: argparse.Namespace) -> QuantConfig:
     )
 
 
-def _summary(result, seconds: float, output: str, kernels: tuple[int, int] | None) -> str:
-    config, report = result.config, result.report
-    sites = report["sites"]
-    size = report["size_bytes"]
-    if config.weight_only:
-        grid = f"W{config.weight_bits} weights only, blocks of {config.block_size}"
-    else:
-        grid = f"W{config.weight_bits}A{config.act_bits}" + ("" if config.per_channel else " per-tensor")
-    grid += ", first and last layers 8-bit" if config.keep_first_last_8bit else ""
-    grid += f", {result.float_type} model quantized in float32" if result.float_type != "float32" else ""
-    quantized = _count(sites["weight_sites"], "weight site")
-    if not config.weight_only:  # weight-only runs quantize no activations and calibrate nothing
-        quantized += f" and {_count(sites['activation_sites'], 'activation site')}"
-    data = "" if config.weight_only else f"{result.calibration_samples} calibration samples, "
-    line = (
-        f"wrote {output}: {quantized} ({grid}, {config.method}), "
-        f"{size['float'] / 1e6:.2f} MB -> {size['quantized'] / 1e6:.2f} MB, {data}{seconds:.1f} s"
-    )
-    for record in result.stages:
-        if record.summary():
-            line += "\n" + record.summary()
-    if result.exported_loss is not None:
-        line += f"; exported model {result.exported_loss:.4g}"
-    if kernels is not None:
-        integer, layers = kernels
-        line += f"\nONNX Runtime (CPU) runs {min(integer, layers)} of its {layers} quantized layers on integer kernels"
-        if integer < layers:
-            line += f"; the other {layers - integer} run dequantized, in float"
-            if not fuses_to_integer(*(site.bits for site in [*result.plan.weights, *result.plan.activations])):
-                line += " (CPU kernels take 8-bit grids only)"
-    if result.fidelity is not None:
-        line += "\n" + describe_fidelity(report["fidelity"])
-    else:
-        line += "\nfidelity not measured: no calibration data (--calib measures it)"
-    return line
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
 def _check_output_paths(args: argparse.Namespace, model_data: list[str]) -> None:
     """Before any work: every file the run writes (OUT, its external data file, the report,
     a checkpoint) is none of the files it reads (the model, its external data files
@@ -240,9 +198,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         checkpoint.remove()
     with custom_ops(config.custom_op_libraries):
         kernels = integer_layers(result.model)
-    print(_summary(result, time.perf_counter() - started, args.output, kernels))
+    print(summary(result, time.perf_counter() - started, args.output, kernels))
     if args.resume and checkpoint is not None:
-        print(f"resumed from {args.checkpoint}: {_count(result.report['replayed_evaluations'], 'evaluation')} replayed, the rest measured")
+        print(f"resumed from {args.checkpoint}: {count(result.report['replayed_evaluations'], 'evaluation')} replayed, the rest measured")
     return 0
 
 

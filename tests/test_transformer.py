@@ -10,7 +10,7 @@ from conftest import make_model, ort_session, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lapq
-from onnx_lapq.__main__ import _summary
+from onnx_lapq.summary import summary
 from onnx_lapq import LapqOptions
 
 D, HIDDEN = 16, 64
@@ -214,7 +214,7 @@ def test_weight_only_int4_runs_as_matmulnbits(block, tmp_path):
     assert np.abs(sess.run(None, feeds)[0] - unfused).mean() < 0.05 * np.abs(unfused).mean()
     ref = ort_session(block).run(None, feeds)[0]
     assert np.abs(unfused - ref).mean() < 0.25 * np.abs(ref).mean()
-    assert "sites (W4 weights only, blocks of 16, minmax)" in _summary(result, 1.0, "out.onnx", None)
+    assert "sites (W4 weights only, blocks of 16, minmax)" in summary(result, 1.0, "out.onnx", None)
 
 
 @pytest.mark.parametrize("weight_only", [False, True])
