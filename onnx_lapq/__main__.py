@@ -20,7 +20,7 @@ import time
 import traceback
 
 from . import __version__
-from .calibrate import custom_ops
+from .runtime import custom_ops
 from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, LOSSES, QUANTIZABLE_OP_TYPES, SEARCH_BIAS_CORRECTION, SEARCHES, QuantConfig
 from .data import calibration_files, npz_batches
 from .checkpoint import CheckpointFile

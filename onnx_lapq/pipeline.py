@@ -21,22 +21,23 @@ import onnx
 from onnx import numpy_helper
 
 from . import clip
-from .calibrate import collect_stats, custom_ops, release_shared_arena, require_custom_ops
 from .config import QuantConfig
 from .data import input_specs, iter_batches, synthetic_sample
 from .errors import CalibrationError, ConfigError, ModelError
+from .evaluator import LossEvaluator
 from .export import export_qdq
 from .fidelity import Fidelity, head, keep_head, warn_if_poor
 from .fidelity import measure as measure_fidelity
 from .graph import INT4_OPSET, MIN_OPSET, default_opset, normalize
 from .journal import JournaledLoss, SearchJournal, check_journal, run_binding
 from .lapq import resume, run_lapq
-from .loss import LossEvaluator
 from .largemodel import model_size
+from .observe import observe
 from .params import BIAS_HEADROOM, ParamSpace, QParams, SiteRanges, qparams
 from .plan import QuantPlan, build_plan
 from .precision import to_float32
 from .qmath import QFormat
+from .runtime import custom_ops, release_shared_arena, require_custom_ops
 from .stats import TensorStats
 from .verify import check_exported
 
@@ -116,7 +117,7 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
     ))
     kept: list[dict[str, np.ndarray]] = []  # the first samples, for the exported model's check and fidelity
     if config.weight_only:  # rounds the weights alone: no statistics to gather
-        stats, samples = {}, 0
+        stats, samples, channel_means = {}, 0, {}
         kept = [synthetic_sample(normalized, padding_mask(normalized, config.mask_input), config.seed)] if calibration is None \
             else head(_without(batches, config.label_key))
     else:
@@ -125,15 +126,17 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
             if journal is not None:
                 journal.bind(run_binding(model, batches, config))
         layer_inputs = [b.input_tensor for b in plan.biases] if config.bias_correction else []  # for their channel means
-        stats, samples = collect_stats(
-            normalized, list(dict.fromkeys([a.tensor for a in plan.activations] + layer_inputs)),
-            keep_head(_without(batches, config.label_key), kept),
-            half_bins=config.histogram_bins // 2, channel_means=frozenset(layer_inputs),
+        requests: dict[str, set[str]] = {}
+        for tensor, kind in [(a.tensor, "range") for a in plan.activations] + [(t, "channel_mean") for t in layer_inputs]:
+            requests.setdefault(tensor, set()).add(kind)
+        observed = observe(
+            normalized, requests, keep_head(_without(batches, config.label_key), kept), half_bins=config.histogram_bins // 2,
             mask_input=padding_mask(normalized, config.mask_input), on_batch=lambda done: notify(Progress("calibrate", done, config.num_samples)),
         )
+        stats, samples, channel_means = observed.of_kind("range"), observed.samples, observed.of_kind("channel_mean")
     times["calibrate"] = time.perf_counter() - clock
 
-    means = {b.input_tensor: stats[b.input_tensor].channel_mean for b in plan.biases} if config.bias_correction else None
+    means = {b.input_tensor: channel_means[b.input_tensor] for b in plan.biases} if config.bias_correction else None
     search_report: dict[str, Any] = {}
     initial_params = None
     evaluator = None
