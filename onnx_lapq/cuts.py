@@ -64,8 +64,8 @@ class GraphCuts:
     tunable: Collection[str]
     output: str
     fused: bool
-    cuts: list[Cut] = field(default_factory=list)
-    channels_last: set[str] = field(default_factory=set)
+    cuts: list[Cut] = field(default_factory=list, init=False)
+    channels_last: set[str] = field(default_factory=set, init=False)
 
     def __post_init__(self) -> None:
         self.first_use: dict[str, int] = {}  # tunable tensor -> position of the first node that reads it
