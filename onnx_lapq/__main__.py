@@ -21,7 +21,7 @@ import traceback
 
 from . import __version__
 from .bits import read_bits_file
-from .calibrate import custom_ops
+from .runtime import custom_ops
 from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, QUANTIZABLE_OP_TYPES, QuantConfig
 from .options import LOSSES, SEARCH_BIAS_CORRECTION, SEARCHES, CalibrationOptions, LapqOptions
 from .data import calibration_files, npz_batches

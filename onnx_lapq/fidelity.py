@@ -3,9 +3,9 @@ warning with the likely remedies when it does not.
 
 :func:`measure` runs the float model and the exported model's session once over the given
 batches (the first calibration samples, see :func:`keep_head`) and returns a
-:class:`Fidelity` of the first output: the run's loss (loss.py's distances; ``ce``, a
+:class:`Fidelity` of the first output: the run's loss (distance.py's distances; ``ce``, a
 distance to labels rather than to the float model, reads as ``kl`` here), and, for a
-classifier (loss.auto_loss's test of the graph), the share of samples whose top class is
+classifier (distance.auto_loss's test of the graph), the share of samples whose top class is
 the float model's, else the mean cosine similarity of the two outputs (sample by sample;
 for one value per sample, of the whole column of values).
 :func:`warn_if_poor` logs a warning naming the remedies most likely to help, in order,
@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .calibrate import session
+from .runtime import session
 from .config import QuantConfig
-from .loss import auto_loss, distance, outputs_probabilities, resolve_loss
+from .distance import auto_loss, distance, outputs_probabilities, resolve_loss
 
 log = logging.getLogger(__name__)
 KEPT_SAMPLES = 128  # calibration samples measured at most ...

@@ -19,7 +19,6 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from .calibrate import collect_stats, custom_ops, require_custom_ops
 from .config import QuantConfig
 from .data import input_specs, iter_batches, synthetic_sample
 from .errors import CalibrationError, ConfigError, ModelError
@@ -29,10 +28,12 @@ from .fidelity import measure as measure_fidelity
 from .graph import INT4_OPSET, MIN_OPSET, normalize
 from .journal import SearchJournal, check_journal, run_binding
 from .methods import RunContext, stages
+from .observe import observe
 from .plan import build_plan
 from .precision import to_float32
 from .progress import Progress
 from .result import QuantResult
+from .runtime import custom_ops, require_custom_ops
 from .solution import Solution
 from .verify import check_exported
 
@@ -95,7 +96,11 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
         for stage in run:
             for tensor, kinds in stage.observers(plan, config).items():
                 requests.setdefault(tensor, set()).update(kinds)
-        stats, samples = _observe(normalized, requests, keep_head(_without(batches, config.label_key), kept), config, notify)
+        stats = observe(
+            normalized, requests, keep_head(_without(batches, config.label_key), kept), half_bins=config.calibration.histogram_bins // 2,
+            mask_input=padding_mask(normalized, config.mask_input), on_batch=lambda done: notify(Progress("calibrate", done, config.num_samples)),
+        )
+        samples = stats.samples
     times["calibrate"] = time.perf_counter() - clock
 
     solution = Solution.of(normalized, plan)
@@ -129,29 +134,6 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
         start_params=params if started is None else context.params(started), calibration_samples=samples, seconds=times,
         float_type=interface.float_type, exported_loss=exported_loss, fidelity=fidelity,
     )
-
-
-class _Observations:
-    """The statistics the stages asked for, by observer kind."""
-
-    def __init__(self, stats):
-        self._stats = stats
-
-    def range(self, tensor: str):
-        return self._stats[tensor]
-
-    def channel_mean(self, tensor: str):
-        return self._stats[tensor].channel_mean
-
-
-def _observe(normalized, requests, batches, config, notify):
-    tensors = list(requests)
-    stats, samples = collect_stats(
-        normalized, tensors, batches, half_bins=config.calibration.histogram_bins // 2,
-        channel_means=frozenset(t for t, kinds in requests.items() if "channel_mean" in kinds),
-        mask_input=padding_mask(normalized, config.mask_input), on_batch=lambda done: notify(Progress("calibrate", done, config.num_samples)),
-    )
-    return _Observations(stats), samples
 
 
 def _linear_form(config: QuantConfig) -> str | None:

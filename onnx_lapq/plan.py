@@ -32,7 +32,7 @@ from .bits import BitsPolicy
 from .config import QuantConfig
 from .errors import ModelError
 from .graphindex import GraphIndex
-from .grouping import carried_in_bytes, clip_ceilings, group_sites, mark_wide, reading_order, tensor_order  # noqa: F401 (carried_in_bytes: loss.py's import)
+from .grouping import clip_ceilings, group_sites, mark_wide, reading_order, tensor_order
 from .ops import BIAS_OPS, FUSABLE_ACTIVATIONS, REQUANTIZED_OUTPUT_OPS, fuses_to_integer, output_channel_axis
 from .plancheck import check_weights, refuse_quantized, warn_subgraph_layers, warn_unused_exclusions
 

@@ -20,13 +20,10 @@ def _pow2_at_least(value: float) -> float:
 
 class TensorStats:
     """Observer of one tensor: count, exact zeros, min, max and a symmetric power-of-two
-    histogram; with ``channel_axis``, also the mean of each channel along that axis."""
+    histogram."""
 
-    def __init__(self, half_bins: int = 2048, channel_axis: int | None = None):
+    def __init__(self, half_bins: int = 2048):
         self.half_bins = half_bins
-        self.channel_axis = channel_axis
-        self.channel_sum: np.ndarray | None = None
-        self.channel_count = 0
         self.count = 0
         self.zeros = 0
         self.min = math.inf
@@ -34,20 +31,9 @@ class TensorStats:
         self.radius = 0.0
         self.counts = np.zeros(2 * half_bins, np.int64)
 
-    @property
-    def channel_mean(self) -> np.ndarray | None:
-        """Mean of each channel along ``channel_axis`` (None without one)."""
-        return None if self.channel_sum is None else self.channel_sum / max(self.channel_count, 1)
-
     def update(self, x: np.ndarray) -> None:
         """Fold a batch of values into the statistics."""
-        x = np.asarray(x, np.float32)
-        if self.channel_axis is not None and x.ndim > self.channel_axis and x.size:
-            axes = tuple(i for i in range(x.ndim) if i != self.channel_axis)
-            sums = x.sum(axis=axes, dtype=np.float64)
-            self.channel_sum = sums if self.channel_sum is None else self.channel_sum + sums
-            self.channel_count += x.size // x.shape[self.channel_axis]
-        x = x.ravel()
+        x = np.asarray(x, np.float32).ravel()
         if x.size == 0:
             return
         lo, hi = float(x.min()), float(x.max())

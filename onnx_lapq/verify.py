@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .calibrate import quantized_session, session
+from .runtime import quantized_session, session
 from .errors import ExportError
 from .largemodel import over_protobuf_limit
 from .ops import INTEGER_KERNELS, LAYER_OPS

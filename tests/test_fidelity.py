@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import DIGITS_CALIB, DIGITS_HELDOUT, DIGITS_MODEL, Net, make_model, run_cli
+from conftest import DIGITS_CALIB, DIGITS_HELDOUT, DIGITS_MODEL, Net, run_cli
 from onnx_lapq import QuantConfig, quantize
 from onnx_lapq.fidelity import KEPT_SAMPLES, POOR_COSINE, remedies
 from onnx_lapq import LapqOptions

@@ -20,7 +20,7 @@ from onnx import inliner, numpy_helper, version_converter
 
 from conftest import DIGITS_CALIB, DIGITS_MODEL, make_model
 from onnx_lapq import QuantConfig, largemodel, modelio, quantize
-from onnx_lapq.calibrate import session
+from onnx_lapq.runtime import session
 from onnx_lapq.graph import INT4_OPSET, MIN_OPSET, normalize
 
 LIMIT = 20_000  # bytes: the digits CNN is about 62 kB, its largest weight 37 kB

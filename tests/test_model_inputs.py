@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import Net, make_model, ort_run, ort_session, run_cli
 from onnx_lapq import QuantConfig, quantize
-from onnx_lapq.calibrate import session
+from onnx_lapq.runtime import session
 from onnx_lapq.errors import CalibrationError, ConfigError, ModelError
 from onnx_lapq.verify import integer_layers
 

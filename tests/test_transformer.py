@@ -164,7 +164,7 @@ def test_w8a8_search_runs_fed_where_a_float_stream_crosses_every_cut():
     evaluations would each open and run nearly the whole graph: the evaluator runs fed,
     with a cut before each site."""
     from onnx_lapq.graph import normalize
-    from onnx_lapq.loss import LossEvaluator
+    from onnx_lapq.evaluator import LossEvaluator
 
     model = float_stream_model()
     batches = [{"x": np.random.default_rng(s).standard_normal((16, 16)).astype(np.float32)} for s in range(2)]
@@ -179,9 +179,9 @@ def test_w8a8_search_runs_fed_where_a_float_stream_crosses_every_cut():
 def test_search_loss_is_the_exported_models_from_every_cut(block, bits):
     """Batches of different lengths; the evaluator's loss from every cut equals the exported
     model's bit for bit (ONNX Runtime fuses MatMuls with 8-bit inputs alike in both)."""
-    from onnx_lapq.calibrate import session
+    from onnx_lapq.runtime import session
     from onnx_lapq.graph import normalize
-    from onnx_lapq.loss import LossEvaluator
+    from onnx_lapq.evaluator import LossEvaluator
 
     batches = [padded_batch(8, 5, seed=0), padded_batch(8, 9, seed=1), padded_batch(5, 16, seed=2)]
     result = onnx_lapq.quantize(block, batches, config=onnx_lapq.QuantConfig(weight_bits=bits[0], act_bits=bits[1], bias_correction=False))

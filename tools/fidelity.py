@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the onnx_lapq of
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchkit import kitdata, measure  # noqa: E402
-from onnx_lapq.loss import distance, outputs_probabilities  # noqa: E402
+from onnx_lapq.distance import distance, outputs_probabilities  # noqa: E402
 
 
 def classifier_fidelity(reference: np.ndarray, quantized: np.ndarray, probabilities: bool) -> dict[str, float]:

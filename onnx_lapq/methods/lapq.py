@@ -19,11 +19,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..journal import JournaledLoss
-from ..loss import LossEvaluator
+from ..evaluator import LossEvaluator
 from ..params import ParamSpace, SiteRanges
 from ..plan import QuantPlan
 from ..progress import Progress
-from ..calibrate import release_shared_arena
+from ..runtime import release_shared_arena
 from ..solution import Solution
 from .base import RunContext
 from .calibrators import activation_observers, choose_ranges

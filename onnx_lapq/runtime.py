@@ -1,29 +1,29 @@
-"""Observe activation statistics in one streaming ONNX Runtime pass over the calibration data.
+"""ONNX Runtime sessions for the whole run: the one session factory, the shared memory arena
+and the custom op libraries.
 
-The float model is run with the observed tensors added as graph outputs; each batch's
-outputs are folded into a :class:`TensorStats` and dropped, so memory is bounded by
-one batch of activations plus a fixed-size histogram per tensor, whatever the number
-of samples.
-
-:func:`session` is the one factory of ONNX Runtime sessions for the whole run; inside
-``with custom_ops(libraries):`` every session it opens loads those custom op libraries.
+Every session of a run is opened by :func:`session`, so that options are set in one place.
+Inside ``with custom_ops(libraries):`` every session it opens (in that thread or task)
+loads those libraries.  Sessions that run one at a time, many of them (the loss evaluator's
+suffix graphs), draw on one process-wide arena: memory of one session's peak rather than
+their sum, without fetching fresh memory on every run; :func:`release_shared_arena` gives
+its free memory back once they are gone.  :func:`cores` is the number of CPU cores the
+process may run on, which callers divide among concurrent runs.
 """
 from __future__ import annotations
 
+import os
 import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import CalibrationError, ConfigError, ExportError, ModelError
+from .errors import ConfigError, ExportError, ModelError
 from .largemodel import copy_model, over_protobuf_limit, split_large, temporary_model_file
-from .stats import TensorStats
 
-OUTPUT_BUDGET = 128 << 20  # bytes of observed tensors one ONNX Runtime run may return
 ARENAS = ("own", "none", "shared")
 # op domains whose ops ONNX Runtime implements itself; others need a custom op library
 ORT_DOMAINS = (
@@ -118,8 +118,7 @@ def quantized_session(model: onnx.ModelProto, what: str, *, advice: str = "", **
 
 def release_shared_arena() -> None:
     """Give the shared arena's free memory back to the system (it otherwise keeps its peak for
-    the life of the process: squeezenet1.1 W4A4 LAPQ, 1.9 GB resident after quantize, 0.5 GB
-    after this).  Call it once the sessions that used it are gone."""
+    the life of the process).  Call it once the sessions that used it are gone."""
     ro = ort.RunOptions()
     ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     _arena_keeper().run(None, {"x": np.zeros(1, np.float32)}, ro)
@@ -175,52 +174,6 @@ def _add_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> None:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
 
 
-def _run(sess: ort.InferenceSession | None, tensors: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    if sess is None:
-        return []
-    try:
-        return sess.run(tensors, feeds)
-    except Exception as exc:  # ORT raises its own exception types
-        raise CalibrationError(f"ONNX Runtime could not run the model on the calibration data: {exc}".splitlines()[0]) from None
-
-
-def collect_stats(
-    model: onnx.ModelProto,
-    tensors: list[str],
-    batches: Iterable[dict[str, np.ndarray]],
-    *,
-    half_bins: int,
-    channel_means: frozenset[str] = frozenset(),
-    mask_input: str | None = None,
-    on_batch: Callable[[int], None] | None = None,
-) -> tuple[dict[str, TensorStats], int]:
-    """Statistics of ``tensors`` over all batches, and the number of samples seen.
-
-    Tensors in ``channel_means`` also get the mean of each channel (axis 1).
-    With ``mask_input`` (a [batch, sequence] input, nonzero at real positions), a
-    tensor whose leading dimensions are [batch, sequence] is observed at real positions
-    only, so padding does not widen its range.  ``on_batch(samples_so_far)`` is called
-    after each batch.
-    """
-    sess = session(model, outputs=tensors, arena="none") if tensors else None  # run sizes vary: no arena growth
-    stats = {name: TensorStats(half_bins, 1 if name in channel_means else None) for name in tensors}
-    done, rows_per_run = 0, 1  # the first run is one sample, to learn how much one returns
-    for batch in batches:
-        rows = next(iter(batch.values())).shape[0]
-        mask = np.asarray(batch[mask_input]).astype(bool) if mask_input else None
-        start = 0
-        while start < rows:
-            step = rows_per_run
-            outputs = _run(sess, tensors, {k: v[start:start + step] for k, v in batch.items()})
-            if done == 0 and start == 0 and outputs:
-                rows_per_run = max(1, int(OUTPUT_BUDGET // max(sum(o.nbytes for o in outputs), 1)))
-            chunk_mask = None if mask is None else mask[start:start + step]
-            for name, value in zip(tensors, outputs):
-                if chunk_mask is not None and value.ndim >= 2 and value.shape[:2] == chunk_mask.shape:
-                    value = value[chunk_mask]
-                stats[name].update(value)
-            start += step
-        done += rows
-        if on_batch is not None:
-            on_batch(done)
-    return stats, done
+def cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
