@@ -96,6 +96,17 @@ class Observations:
         """tensor -> result, for every tensor with a ``kind`` observer, in request order."""
         return {t: observers[kind].result() for t, observers in self._observers.items() if kind in observers}
 
+    def merged(self, other: "Observations") -> "Observations":
+        """These observations with ``other``'s (of the same samples) added."""
+        observers = {t: dict(kinds) for t, kinds in self._observers.items()}
+        for tensor, kinds in other._observers.items():
+            observers.setdefault(tensor, {}).update(kinds)
+        return Observations(observers, self.samples)
+
+    def requested(self, tensor: str, kind: str) -> bool:
+        """Whether ``kind`` of ``tensor`` was observed."""
+        return kind in self._observers.get(tensor, {})
+
     def range(self, tensor: str) -> TensorStats:
         return self.get("range", tensor)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
@@ -25,11 +26,11 @@ from .errors import CalibrationError, ConfigError, ModelError
 from .export import export_qdq
 from .fidelity import head, keep_head, warn_if_poor
 from .fidelity import measure as measure_fidelity
-from .graph import INT4_OPSET, MIN_OPSET, normalize
+from .graph import INT4_OPSET, MIN_OPSET, default_opset, normalize
 from .journal import SearchJournal, check_journal, run_binding
 from .methods import RunContext, stages
-from .observe import observe
-from .plan import build_plan
+from .observe import Observations, observe
+from .plan import QuantPlan, build_plan
 from .precision import to_float32
 from .progress import Progress
 from .result import QuantResult
@@ -92,14 +93,7 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
             batches = list(batches)
             if journal is not None:
                 journal.bind(run_binding(model, batches, config))
-        requests: dict[str, set[str]] = {}
-        for stage in run:
-            for tensor, kinds in stage.observers(plan, config).items():
-                requests.setdefault(tensor, set()).update(kinds)
-        stats = observe(
-            normalized, requests, keep_head(_without(batches, config.label_key), kept), half_bins=config.calibration.histogram_bins // 2,
-            mask_input=padding_mask(normalized, config.mask_input), on_batch=lambda done: notify(Progress("calibrate", done, config.num_samples)),
-        )
+        stats = _observe(normalized, _requests(run, plan, config), keep_head(_without(batches, config.label_key), kept), config, notify)
         samples = stats.samples
     times["calibrate"] = time.perf_counter() - clock
 
@@ -107,12 +101,14 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
     records = []
     with ExitStack() as cleanup:  # an evaluator a stage opened is released however the stages or the export end
         context = RunContext(normalized, plan, config, stats, batches if isinstance(batches, list) else None, notify, journal, cleanup)
-        for stage in run:
+        for position, stage in enumerate(run):
             clock = time.perf_counter()
             solution, record = stage.run(context, solution)
             records.append(record)
+            if solution.layer_bits is not None and solution.layer_bits != context.config.layer_bits:
+                _replan(context, solution.layer_bits, run[position + 1:])
             times[stage.name] = time.perf_counter() - clock
-        params = context.params(solution.ranges)
+        plan, params = context.plan, context.params(solution.ranges)
 
         clock = time.perf_counter()
         notify(Progress("export", 0, None))
@@ -134,6 +130,42 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
         start_params=params if started is None else context.params(started), calibration_samples=samples, seconds=times,
         float_type=interface.float_type, exported_loss=exported_loss, fidelity=fidelity,
     )
+
+
+def _requests(run, plan: QuantPlan, config: QuantConfig) -> dict[str, set[str]]:
+    """tensor -> the observer kinds that the stages of ``run`` need on ``plan``."""
+    requests: dict[str, set[str]] = {}
+    for stage in run:
+        for tensor, kinds in stage.observers(plan, config).items():
+            requests.setdefault(tensor, set()).update(kinds)
+    return requests
+
+
+def _observe(normalized: onnx.ModelProto, requests, batches, config: QuantConfig, notify) -> Observations:
+    """One streaming pass of ``normalized`` over ``batches`` for ``requests``."""
+    return observe(
+        normalized, requests, batches, half_bins=config.calibration.histogram_bins // 2,
+        mask_input=padding_mask(normalized, config.mask_input), on_batch=lambda done: notify(Progress("calibrate", done, config.num_samples)),
+    )
+
+
+def _replan(context: RunContext, layer_bits, later) -> None:
+    """The run's plan made again at the widths a stage chose (``layer_bits``), with what the
+    ``later`` stages need of it observed: the new plan's sites that were not observed before
+    (a layer that now runs at 8/8 bits gets an output site) take one more pass over the
+    calibration batches, which a stage that chooses widths keeps."""
+    config = replace(context.config, layer_bits=layer_bits)
+    if config.needs_opset21 and default_opset(context.model) < INT4_OPSET:
+        raise ConfigError("the widths a method chose need 4- or 16-bit types (opset 21): include such a width in weight_bits, act_bits or layer_bits")
+    plan = build_plan(context.model, config)
+    missing = {t: {k for k in kinds if not context.stats.requested(t, k)} for t, kinds in _requests(later, plan, config).items()}
+    missing = {t: kinds for t, kinds in missing.items() if kinds}
+    if missing:
+        if context.batches is None:
+            raise ConfigError("a stage that chooses bit-widths must keep the calibration batches (keeps_batches) to observe the new sites")
+        batches = _without(context.batches, config.label_key)
+        context.stats = context.stats.merged(_observe(context.model, missing, batches, config, context.notify))
+    context.plan, context.config = plan, config
 
 
 def _linear_form(config: QuantConfig) -> str | None:

@@ -2,8 +2,9 @@
 
 A :class:`Solution` holds the float values of every weight and bias site (read once from
 the model), the clipping ranges, and what later methods change: weight masks (False: the
-weight is pruned to exactly 0) and bias correction (the per-channel means of the inputs
-of the layers whose biases are corrected, see biascorr.py).  Methods run as stages, each
+weight is pruned to exactly 0), bias correction (the per-channel means of the inputs of
+the layers whose biases are corrected, see biascorr.py) and the bit-widths of layers (a
+stage that sets them makes the pipeline plan the model again at those widths).  Methods run as stages, each
 taking a Solution and returning a new one; a Solution is never changed in place.
 
 The values a QDQ model stores for a site are :meth:`Solution.values`: masked weights, and
@@ -20,6 +21,7 @@ import onnx
 from onnx import numpy_helper
 
 from .biascorr import corrected_bias
+from .bits import LayerBits
 from .params import QParams, SiteRanges
 from .plan import QuantPlan
 
@@ -32,6 +34,7 @@ class Solution:
     ranges: SiteRanges | None = None
     input_means: Mapping[str, np.ndarray] | None = None  # layer input -> per-channel mean; None: biases as they are
     masks: Mapping[str, np.ndarray] = field(default_factory=dict)  # weight tensor -> kept (True) or pruned (False)
+    layer_bits: tuple[LayerBits, ...] | None = None  # widths chosen per layer, over the config's; None: the config's
 
     @classmethod
     def of(cls, model: onnx.ModelProto, plan: QuantPlan) -> "Solution":

@@ -1,6 +1,7 @@
 """The method seam: the stages a config asks for, and stages that change the Solution's numbers."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,7 @@ from onnx import numpy_helper
 import onnx_lapq
 from conftest import DIGITS_CALIB, DIGITS_MODEL
 from onnx_lapq import methods, pipeline
+from onnx_lapq.bits import LayerBits
 from onnx_lapq.methods import StageRecord
 from onnx_lapq.methods.calibrators import Calibrate
 
@@ -100,3 +102,34 @@ def test_bias_correction_is_a_stage_whose_means_the_export_applies():
     values_off = off.solution.values(off.plan, off.params)
     bias = on.plan.biases[0].tensor
     assert not np.array_equal(values_on[bias], values_off[bias]) and np.array_equal(values_off[bias], off.solution.weights[bias])
+
+
+@dataclass(frozen=True)
+class WidenConv3a:
+    """A test stage: chooses 8-bit weights for conv3a, the way a mixed-precision method would."""
+
+    name: str = "widen_conv3a"
+    keeps_batches: bool = True
+
+    def observers(self, plan, config):
+        return {}
+
+    def run(self, context, solution):
+        return solution.but(layer_bits=(LayerBits("conv3a", weight_bits=8),)), StageRecord(stage=self.name)
+
+
+def test_a_stage_that_chooses_widths_makes_the_run_plan_again(monkeypatch):
+    """W3A8 everywhere, then a stage sets conv3a's weights to 8 bits: the later stages and the
+    export see the new plan, where conv3a runs at 8/8 and so gets an output site, observed in a
+    second pass; the result equals a run configured with that width from the start."""
+    model, calib = digits()
+    config = onnx_lapq.QuantConfig(weight_bits=3, act_bits=8, bias_correction=False)
+    monkeypatch.setattr(pipeline, "stages", lambda config: [WidenConv3a(), Calibrate("minmax")])
+    chosen = onnx_lapq.quantize(model, calib, config=config)
+    monkeypatch.undo()
+    configured = onnx_lapq.quantize(model, calib, config=dataclasses.replace(config, layer_bits={"conv3a": {"weight_bits": 8}}))
+    uniform = onnx_lapq.quantize(model, calib, config=config)
+    bits = {w.node: w.bits for w in chosen.plan.weights}
+    assert bits["conv3a"] == 8 and {b for n, b in bits.items() if n != "conv3a"} == {3}
+    assert len(chosen.plan.activations) == len(uniform.plan.activations) + 1  # conv3a's output site
+    assert chosen.model.SerializeToString() == configured.model.SerializeToString()
