@@ -120,13 +120,17 @@ def cli_args(entry: Entry, kit: Path, inputs: tuple[Path, Path] | None) -> list[
     return [model, "OUT/model.onnx", "--calib", npz, *entry.flags, "--report", "OUT/report.json"]
 
 
+def real_args(args: list[str], folders: dict[str, Path]) -> list[str]:
+    """``args`` with each leading KIT/, CACHE/ or OUT/ (a key of ``folders``) replaced by its folder."""
+    return [str(folders[head] / rest) if head in folders else arg
+            for arg in args for head, _, rest in [arg.partition("/")]]
+
+
 def run_entry(args: list[str], folders: dict[str, Path]) -> dict:
     """Run the CLI on ``args`` with KIT and CACHE taken from ``folders`` and OUT a temporary
     folder: the sha256 of OUT's model, its report's losses and the seconds, or the CLI's error."""
     with tempfile.TemporaryDirectory(prefix="onnx_lapq_regression_") as out:
-        real = {**folders, "OUT": Path(out)}
-        argv = [str(real[head] / rest) if head in real else arg
-                for arg in args for head, _, rest in [arg.partition("/")]]
+        argv = real_args(args, {**folders, "OUT": Path(out)})
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "onnx_lapq", *argv], cwd=REPO, capture_output=True, text=True)
         seconds = round(time.perf_counter() - t0, 1)
