@@ -6,10 +6,8 @@
    convex, or p* does worse than the best grid point, the best grid point is used.
    Calibrators' ranges are start candidates too, judged by the same loss: min/max (the
    p -> infinity limit), which often wins at 8 bits where clipping rarely pays, and
-   entropy (KL), which wins on ResNets at 4 bits (cifar10_resnet56 W4A4: start loss 1.04
-   against 1.41 at p*).  (A percentile start was tried and dropped, before the search
-   had its lattice: on cifar10_resnet20 W4A4 its search ended at 68.9% against 74.3% from Lp.)
-3. From the ranges at p*, ``search.minimize`` tunes the vector of log clip factors
+   entropy (KL), whose clipping of heavy-tailed activations often wins at 4 bits.
+3. From the best start, ``search.minimize`` tunes the vector of log clip factors
    (one per activation group, one per weight layer) against the same loss.
 """
 from __future__ import annotations
