@@ -16,7 +16,9 @@ import numpy as np
 import onnx
 
 from ..config import QuantConfig
+from ..evaluator import LossEvaluator
 from ..journal import SearchJournal
+from ..observe import Observations
 from ..params import QParams, SiteRanges, qparams
 from ..plan import QuantPlan
 from ..progress import Progress
@@ -54,18 +56,18 @@ class RunContext:
     model: onnx.ModelProto
     plan: QuantPlan
     config: QuantConfig
-    stats: Any
+    stats: Observations | None
     batches: list[dict[str, np.ndarray]] | None
     notify: Callable[[Progress], None]
     journal: SearchJournal | None
     cleanup: ExitStack
-    evaluator: Any = field(default=None)
+    evaluator: LossEvaluator | None = field(default=None)
 
     def params(self, ranges: SiteRanges) -> dict[str, QParams]:
         """Scales and zero points of every site for ``ranges``, on the config's grids."""
         return qparams(self.plan, ranges, weight_symmetric=self.config.weight_symmetric, act_symmetric=self.config.act_symmetric)
 
-    def keep_evaluator(self, evaluator, release: Callable[[], None]) -> None:
+    def keep_evaluator(self, evaluator: LossEvaluator, release: Callable[[], None]) -> None:
         """Make ``evaluator`` the run's, with ``release`` called when the run ends."""
         self.evaluator = evaluator
         self.cleanup.callback(release)
