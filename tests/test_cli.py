@@ -1,4 +1,6 @@
-"""`python -m onnx_lapq` end to end: success on the shipped model, one clean error line on bad input."""
+"""`python -m onnx_lapq` end to end: success on the shipped model (lapq's flags and report
+included) and on a model with external data, one clean error line on bad input, and the
+README's flag table and Python example."""
 from __future__ import annotations
 
 import argparse
@@ -15,8 +17,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import DIGITS_CALIB, DIGITS_HELDOUT, DIGITS_MODEL, REPO, make_model
+from conftest import DIGITS_CALIB, DIGITS_HELDOUT, DIGITS_MODEL, REPO, conv_chain_model, make_model, random_inputs
 from conftest import run_cli as cli
+from onnx_lapq import quantize
 from onnx_lapq.__main__ import build_parser
 
 
@@ -301,3 +304,35 @@ def test_readme_lists_every_flag_with_its_default():
             default = "–" if action.default in (None, []) else f"`{action.default}`"
         expected[action.option_strings[-1]] = default
     assert rows == expected
+
+
+@pytest.mark.slow
+def test_cli_lapq_writes_report(tmp_path):
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    proc = cli(DIGITS_MODEL, out, "--calib", DIGITS_CALIB, "--method", "lapq", "--weight-bits", "3", "--act-bits", "3",
+               "--max-evals", "40", "--search", "coordinate", "--search-bias-correction", "on", "--search-step", "0.05", "--report", report)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report.read_text())
+    assert data["nfev"] == 40 and "searched" in proc.stdout and data["bias_correction"] is True
+    steps = [np.log(a["scale"] / a["initial_scale"]) / 0.05 for a in data["activations"]]  # the searched clips lie on the lattice
+    assert data["config"]["lapq"]["search_step"] == 0.05 and np.allclose(steps, np.round(steps), atol=1e-3) and np.any(np.round(steps) != 0)
+    onnx.checker.check_model(onnx.load(out))
+
+
+@pytest.mark.slow
+def test_cli_reads_external_data_model(tmp_path):
+    model = conv_chain_model()
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(conv_chain_model(), str(src / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    assert (src / "weights.bin").stat().st_size > 1000
+    assert (src / "model.onnx").stat().st_size < 2000  # the weights really are outside
+    calib = random_inputs(model, 40)[0]
+    np.savez(tmp_path / "calib.npz", **calib)
+    out = tmp_path / "out.onnx"
+    proc = cli(src / "model.onnx", out, "--calib", tmp_path / "calib.npz")
+    assert proc.returncode == 0, proc.stderr
+    from_file = onnx.load(str(out))
+    in_memory = quantize(model, [calib]).model
+    assert from_file.SerializeToString() == in_memory.SerializeToString()
