@@ -1,6 +1,6 @@
 """The CLI never loses a file: outputs checked against every input (external data included)
 and for replaceability before any work, SIGTERM handled like Ctrl-C, messages that name the
-cause and the CLI's flags, --version and the README's calibration-file example."""
+cause and the CLI's flags, and --version."""
 from __future__ import annotations
 
 import os
@@ -17,7 +17,6 @@ import pytest
 from conftest import DIGITS_CALIB, DIGITS_MODEL, REPO, run_cli
 from onnx_lapq import __version__
 from onnx_lapq.__main__ import main
-from onnx_lapq.data import input_specs, iter_batches, npz_batches
 
 
 @pytest.fixture
@@ -276,19 +275,4 @@ def test_version(capsys):
     assert stop.value.code == 0
     assert capsys.readouterr().out == f"onnx_lapq {__version__}\n"
     assert re.fullmatch(r"\d+\.\d+\.\d+", __version__)
-
-
-def test_readme_calibration_file_example_fits_the_model(tmp_path, monkeypatch, capsys):
-    """The README's calibration-file block, verbatim, beside a link to models/: it prints the
-    input as its comment says and writes an .npz that the model's calibration accepts."""
-    readme = (REPO / "README.md").read_text()
-    code = readme.split("## Your own model: the calibration file", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    (tmp_path / "models").symlink_to(REPO / "models")
-    monkeypatch.chdir(tmp_path)
-    exec(code, {})
-    printed = re.search(r"^# (input .*)$", code, re.M).group(1)
-    assert capsys.readouterr().out == printed + "\n"
-    specs = input_specs(onnx.load(str(DIGITS_MODEL)))
-    batches = list(iter_batches(npz_batches(str(tmp_path / "calib.npz")), specs, batch_size=100))
-    assert [len(b["input"]) for b in batches] == [100, 100, 100]
 

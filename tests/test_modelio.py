@@ -1,6 +1,7 @@
-"""Writing files (onnx_lapq.modelio): save_model_atomic replaces its target whole or not at
-all, leaves no temporary file, spills large weights to <out>.data, gives new files the
-umask's mode and never modifies the model it writes."""
+"""Model files (onnx_lapq.modelio): a model whose weights are external data reads as the same
+model; save_model_atomic replaces its target whole or not at all, leaves no temporary file,
+spills large weights to <out>.data, gives new files the umask's mode and never modifies the
+model it writes."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import conv_chain_model, random_inputs
+from conftest import conv_chain_model, random_inputs, run_cli
 from onnx_lapq import ModelError, quantize, save_model_atomic
 from onnx_lapq import largemodel
 from onnx_lapq.modelio import save_text_atomic
@@ -85,3 +86,22 @@ def test_save_model_atomic_does_not_modify_model(tmp_path, monkeypatch):
     before = model.SerializeToString()
     save_model_atomic(model, str(tmp_path / "out.onnx"))
     assert model.SerializeToString() == before
+
+
+@pytest.mark.slow
+def test_cli_reads_external_data_model(tmp_path):
+    model = conv_chain_model()
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(conv_chain_model(), str(src / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    assert (src / "weights.bin").stat().st_size > 1000
+    assert (src / "model.onnx").stat().st_size < 2000  # the weights really are outside
+    calib = random_inputs(model, 40)[0]
+    np.savez(tmp_path / "calib.npz", **calib)
+    out = tmp_path / "out.onnx"
+    proc = run_cli(src / "model.onnx", out, "--calib", tmp_path / "calib.npz")
+    assert proc.returncode == 0, proc.stderr
+    from_file = onnx.load(str(out))
+    in_memory = quantize(model, [calib]).model
+    assert from_file.SerializeToString() == in_memory.SerializeToString()
