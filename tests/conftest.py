@@ -1,4 +1,5 @@
-"""Shared small-model builders, ONNX Runtime helpers and a numpy reference interpreter.
+"""Shared small-model builders, the digits CNN and a small lapq config, ONNX Runtime helpers
+and a numpy reference interpreter.
 
 Every model here is built from scratch with deterministic weights
 (np.random.default_rng) and pins its IR version (onnx 1.23 writes IR 14 by default,
@@ -6,6 +7,7 @@ which ONNX Runtime 1.31 refuses): IR 8 for opset 13, IR 10 for opset 21.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import subprocess
@@ -16,6 +18,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+from onnx_lapq import LapqOptions, QuantConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DIGITS_MODEL = REPO / "models" / "digits_cnn.onnx"
@@ -153,6 +157,19 @@ def random_inputs(model: onnx.ModelProto, n: int, *, seed: int = 0, batch: int |
     data = rng.standard_normal(shape).astype(np.float32)
     batch = batch or n
     return [{inp.name: data[i:i + batch]} for i in range(0, n, batch)]
+
+
+def digits():
+    """The shipped digits CNN and its whole calibration file as one batch."""
+    return onnx.load(DIGITS_MODEL), [dict(np.load(DIGITS_CALIB))]
+
+
+def lapq_config(**kw):
+    """A W3A3 lapq config of 120 evaluations; keywords that name LapqOptions' fields go there."""
+    searched = {f.name for f in dataclasses.fields(LapqOptions)}
+    top = {k: v for k, v in kw.items() if k not in searched}
+    options = {"max_evals": 120, **{k: v for k, v in kw.items() if k in searched}}
+    return QuantConfig(**{"weight_bits": 3, "act_bits": 3, "method": "lapq", **top}, lapq=LapqOptions(**options))
 
 
 # --------------------------------------------------------------------------- running

@@ -1,9 +1,8 @@
-"""The CLI never loses a file and never goes silent: outputs checked against every input
-(external data included) and for replaceability before any work, SIGTERM handled like
-Ctrl-C, progress lines in logs, messages that name the cause and the CLI's flags."""
+"""The CLI never loses a file: outputs checked against every input (external data included)
+and for replaceability before any work, SIGTERM handled like Ctrl-C, messages that name the
+cause and the CLI's flags, and --version."""
 from __future__ import annotations
 
-import io
 import os
 import re
 import signal
@@ -18,9 +17,6 @@ import pytest
 from conftest import DIGITS_CALIB, DIGITS_MODEL, REPO, run_cli
 from onnx_lapq import __version__
 from onnx_lapq.__main__ import main
-from onnx_lapq.data import input_specs, iter_batches, npz_batches
-from onnx_lapq.progress import Progress
-from onnx_lapq.progress import ProgressBar
 
 
 @pytest.fixture
@@ -52,7 +48,7 @@ def external_data_model(folder, location: str):
     return folder / "m.onnx"
 
 
-# --------------------------------------------------------------------------- item 1: outputs vs the input's external data
+# --------------------------------------------------------------------------- outputs vs the input's external data
 
 DATA_CLASHES = {
     # name: (external data location, OUT, --report or None, fragment); paths relative to the model's folder
@@ -94,7 +90,7 @@ def test_report_is_the_output_model_external_data(cli, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-# --------------------------------------------------------------------------- item 9a: bad external data named
+# --------------------------------------------------------------------------- bad external data named
 
 
 def _short(folder):
@@ -145,7 +141,7 @@ def test_bad_external_data_names_its_cause(cli, tmp_path, case, verbose):
     assert not (tmp_path / "q.onnx").exists()
 
 
-# --------------------------------------------------------------------------- item 5: OUT that cannot be replaced
+# --------------------------------------------------------------------------- OUT that cannot be replaced
 
 
 def _immutable(path):
@@ -184,7 +180,7 @@ def test_unreplaceable_output_fails_before_the_work(cli, tmp_path, case, flag):
             subprocess.run(["chattr", "-i", str(target)], check=True)
 
 
-# --------------------------------------------------------------------------- item 6: SIGTERM
+# --------------------------------------------------------------------------- SIGTERM
 
 SLOW_WRITE = """
 import os, sys, time
@@ -240,46 +236,7 @@ def test_sigterm_during_the_search_stops_cleanly(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-# --------------------------------------------------------------------------- item 7: progress lines in logs
-
-
-class Clock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
-
-
-def test_progress_lines_at_an_interval_on_a_log_stream():
-    stream, clock = io.StringIO(), Clock()
-    bar = ProgressBar(stream, interval=10.0, clock=clock)
-    for n in range(1, 101):
-        clock.now += 0.5  # 50 s in all: a line every 10 s
-        bar(Progress("search", n, 200, 1.0 / n))
-    lines = stream.getvalue().splitlines()
-    assert len(lines) == 4, lines
-    assert lines[0].startswith("search") and " 21/200 " in lines[0] and "best loss 0.04762" in lines[0]
-    assert re.search(r"ETA +85s", lines[0]), lines[0]  # 20 more of 200 in 10 s
-    assert " 41/200 " in lines[1] and " 81/200 " in lines[3]
-    bar.close()
-    assert " 100/200 " in stream.getvalue().splitlines()[-1]
-
-
-def test_progress_bar_on_a_terminal_draws_in_place():
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    stream, clock = Terminal(), Clock()
-    bar = ProgressBar(stream, interval=0.0, clock=clock)
-    for n in range(1, 4):
-        clock.now += 20
-        bar(Progress("calibrate", n * 32, None))
-    assert stream.getvalue().count("\r") == 3 and "\n" not in stream.getvalue()
-
-
-# --------------------------------------------------------------------------- item 9b, 9c: messages
+# --------------------------------------------------------------------------- messages
 
 
 def test_object_dtype_npz_is_told_how_to_fix_it(cli, tmp_path):
@@ -309,7 +266,7 @@ def test_config_errors_name_the_flags(cli, tmp_path, case):
     assert not any(field in proc.stderr for field in fields), proc.stderr
 
 
-# --------------------------------------------------------------------------- item 11: --version
+# --------------------------------------------------------------------------- --version
 
 
 def test_version(capsys):
@@ -319,17 +276,3 @@ def test_version(capsys):
     assert capsys.readouterr().out == f"onnx_lapq {__version__}\n"
     assert re.fullmatch(r"\d+\.\d+\.\d+", __version__)
 
-
-def test_readme_calibration_file_example_fits_the_model(tmp_path, monkeypatch, capsys):
-    """The README's calibration-file block, verbatim, beside a link to models/: it prints the
-    input as its comment says and writes an .npz that the model's calibration accepts."""
-    readme = (REPO / "README.md").read_text()
-    code = readme.split("## Your own model: the calibration file", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    (tmp_path / "models").symlink_to(REPO / "models")
-    monkeypatch.chdir(tmp_path)
-    exec(code, {})
-    printed = re.search(r"^# (input .*)$", code, re.M).group(1)
-    assert capsys.readouterr().out == printed + "\n"
-    specs = input_specs(onnx.load(str(DIGITS_MODEL)))
-    batches = list(iter_batches(npz_batches(str(tmp_path / "calib.npz")), specs, batch_size=100))
-    assert [len(b["input"]) for b in batches] == [100, 100, 100]

@@ -1,5 +1,7 @@
-"""The loss evaluator: its loss equals the exported model's, caching never changes a loss, its
-mode comes from the graph, and its sessions, threads and timings."""
+"""The loss evaluator: its loss equals the exported model's (at any batch, whatever stale
+shapes the model records), caching never changes a loss, its mode comes from the graph, its
+sessions, threads and timings, and its release when the export fails or the search is
+interrupted."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +9,7 @@ import dataclasses
 import numpy as np
 import onnx
 import pytest
-from conftest import block_model, conv_chain_model, make_model, random_inputs
+from conftest import block_model, conv_chain_model, digits, lapq_config, make_model, random_inputs
 
 import onnx_lapq
 from onnx_lapq.evaluator import LossEvaluator
@@ -190,3 +192,55 @@ def test_corrected_bias_follows_its_weight_when_its_own_scale_stays():
     moved(before)
     fresh = LossEvaluator(model, plan, [batch], after, loss="mse", solution=solution)
     assert moved(after) == fresh(after)
+
+
+@pytest.mark.parametrize("bits", [(4, 4), (8, 8)])
+@pytest.mark.slow
+def test_stale_value_info_of_the_model_does_not_fix_the_batch(bits):
+    """A model whose value_info still records batch 1 (an export at a fixed batch made
+    dynamic later) runs at any batch; so do the evaluator's sessions."""
+    model = block_model(opset=21)
+    for name, shape in [("relu1", [1, 4, 8, 8]), ("relu2", [1, 4, 8, 8]), ("cat", [1, 6, 8, 8]), ("pool", [1, 4, 4, 4]), ("flat", [1, 64])]:
+        model.graph.value_info.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
+    calib = random_inputs(model, 48, batch=16)
+    result = onnx_lapq.quantize(model, calib, config=lapq_config(weight_bits=bits[0], act_bits=bits[1], max_evals=20))
+    assert result.report["nfev"] == 20
+    assert result.report["exported_loss"] == pytest.approx(result.report["final_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_failed_export_still_closes_the_evaluator(monkeypatch):
+    """The search's evaluator stops its threads and gives its memory back even when the
+    export after the search fails."""
+    import onnx_lapq.pipeline as pipeline_module
+
+    closed = []
+    monkeypatch.setattr(LossEvaluator, "close", lambda self: closed.append(self._pool.shutdown()))
+
+    def broken(*args, **kw):
+        raise onnx_lapq.ExportError("export failed")
+
+    monkeypatch.setattr(pipeline_module, "check_exported", broken)
+    with pytest.raises(onnx_lapq.ExportError, match="export failed"):
+        onnx_lapq.quantize(*digits(), config=lapq_config(max_evals=5))
+    assert len(closed) == 1
+
+
+def test_an_interrupted_search_releases_the_evaluator(monkeypatch):
+    """Ctrl-C in the middle of the search (here raised by the progress callback) still stops
+    the evaluator's threads and drops its sessions and cached activations, although the
+    traceback keeps the evaluator itself alive."""
+    closed = []
+    close = LossEvaluator.close
+    monkeypatch.setattr(LossEvaluator, "close", lambda self: (close(self), closed.append(self)))
+
+    def interrupt(progress):
+        if progress.stage == "search" and progress.done == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        onnx_lapq.quantize(*digits(), config=lapq_config(max_evals=100), on_step=interrupt)
+    (evaluator,) = closed
+    assert not any(t.is_alive() for t in evaluator._pool._threads)
+    assert evaluator._fed_sessions == [] and evaluator._fp32 is None
+    assert all(cut.values is None for cut in evaluator.cuts)

@@ -2,13 +2,14 @@
 
 The reference is an independent numpy re-computation of the float network with
 qmath.fake_quantize applied to each weight, bias (int32, scale s_in * s_w) and
-activation site, using only ``result.plan`` and ``result.params``.
+activation site, using only ``result.plan`` and ``result.params``.  Also: ORT-style names
+and types, the export check that refuses a model ONNX Runtime's optimizations change, and
+biases (corrected ones remove the mean output shift; ones too large for int32 grow their
+layer's weight scales).
 """
 from __future__ import annotations
 
 import dataclasses
-
-import os
 
 import numpy as np
 import onnx
@@ -16,15 +17,13 @@ import pytest
 from onnx import TensorProto
 
 from conftest import (
-    DIGITS_CALIB, DIGITS_MODEL, Net, block_model, make_model, conv_chain_model, init_array, initializer, numpy_forward, ort_run, random_inputs, run_cli, with_outputs,
+    DIGITS_CALIB, DIGITS_MODEL, Net, block_model, make_model, conv_chain_model, init_array, initializer, numpy_forward, ort_run, random_inputs, with_outputs,
 )
-from onnx_lapq import ExportError, ModelError, QuantConfig, quantize, save_model_atomic
-from onnx_lapq.modelio import save_text_atomic
-from onnx_lapq import largemodel
+from onnx_lapq import ExportError, QuantConfig, quantize
 from onnx_lapq.export import export_qdq
 from onnx_lapq.graph import normalize
 from onnx_lapq.qmath import fake_quantize
-from onnx_lapq.verify import check_exported, integer_layers
+from onnx_lapq.verify import check_exported
 
 CONFIGS = {
     "w8a8": dict(),
@@ -199,168 +198,14 @@ def test_symmetric_activation_codes_stay_on_grid(name):
     np.testing.assert_array_equal(got, fake_quantize(feeds["x"], qp.scale, qp.zero_point, qp.fmt))
 
 
-# --------------------------------------------------------------------------- graph normalization
-
-
-def bn_model():
-    net = Net(np.random.default_rng(5))
-    h = net.bn("bn1", net.conv("conv1", "x", 3, 4), 4)
-    h = net.op("Relu", "relu1", [h])
-    h = net.bn("bn2", net.conv("conv2", h, 4, 4, bias=False), 4)
-    h = net.op("Flatten", "flat", [h], axis=1)
-    h = net.bn("bn3", net.gemm("fc", h, 4 * 8 * 8, 6), 6)
-    return net.model([("x", TensorProto.FLOAT, ["N", 3, 8, 8])], [(h, TensorProto.FLOAT, ["N", 6])])
-
-
-def test_batchnorm_folded_same_outputs():
-    model = bn_model()
-    before = model.SerializeToString()
-    folded = normalize(model)
-    assert model.SerializeToString() == before  # the input is not modified
-    assert sum(n.op_type == "BatchNormalization" for n in model.graph.node) == 3
-    assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
-    assert [n.op_type for n in folded.graph.node] == ["Conv", "Relu", "Conv", "Flatten", "Gemm"]
-    feeds = random_inputs(model, 8, seed=1)[0]
-    np.testing.assert_allclose(ort_run(folded, feeds)[0], ort_run(model, feeds)[0], rtol=1e-5, atol=1e-5)
-    result = quantize(model, random_inputs(model, 32))
-    assert not any(n.op_type == "BatchNormalization" for n in result.model.graph.node)
-    assert len(result.plan.biases) == 3  # bias-less conv2 got its folded bias
-
-
-def test_constant_add_after_biasless_conv_folds_into_bias():
-    net = Net(np.random.default_rng(6))
-    c = net.conv("conv1", "x", 3, 4, bias=False)
-    net.inits["shift"] = np.random.default_rng(0).standard_normal((1, 4, 1, 1)).astype(np.float32)
-    net.op("Add", "add", [c, "shift"])
-    model = net.model([("x", TensorProto.FLOAT, ["N", 3, 8, 8])], [("add", TensorProto.FLOAT, ["N", 4, 8, 8])])
-    folded = normalize(model)
-    assert [n.op_type for n in folded.graph.node] == ["Conv"]
-    assert len(folded.graph.node[0].input) == 3
-    feeds = random_inputs(model, 4)[0]
-    np.testing.assert_allclose(ort_run(folded, feeds)[0], ort_run(model, feeds)[0], rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("x_shape, c_shape, folds", [
-    (["N", 8], (5,), True), (["N", 8], (1, 5), True), (["N", 8], (3, 5), False), (["N", 2, 8], (5,), False),
-])
-def test_matmul_bias_add_becomes_a_gemm_that_runs_on_integer_kernels(x_shape, c_shape, folds):
-    """Add(MatMul(x, W), c) with a 2-D x and one c per column becomes Gemm(x, W, c), and then
-    runs as ONNX Runtime's QGemm at W8A8 (it fused the pair into a float Gemm before)."""
-    rng = np.random.default_rng(0)
-    w, c = rng.standard_normal((8, 5)).astype(np.float32), rng.standard_normal(c_shape).astype(np.float32)
-    out_shape = x_shape[:-1] + [5] if c_shape != (3, 5) else [3, 5]
-    model = make_model(
-        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"]), onnx.helper.make_node("Add", ["y", "c"], ["z"])],
-        [("x", TensorProto.FLOAT, x_shape)], [("z", TensorProto.FLOAT, out_shape)], {"w": w, "c": c},
-    )
-    normalized = normalize(model)
-    assert [n.op_type for n in normalized.graph.node] == (["Gemm"] if folds else ["MatMul", "Add"])
-    feeds = {"x": rng.standard_normal([3 if d == "N" else d for d in x_shape]).astype(np.float32)}
-    np.testing.assert_allclose(ort_run(normalized, feeds)[0], ort_run(model, feeds)[0], rtol=1e-5, atol=1e-5)
-    if folds:
-        calib = [{"x": rng.standard_normal((16, 8)).astype(np.float32)}]
-        assert integer_layers(quantize(model, calib).model) == (1, 1)
-
-
-# --------------------------------------------------------------------------- files
-
-
-@pytest.mark.slow
-def test_cli_reads_external_data_model(tmp_path):
-    model = conv_chain_model()
-    src = tmp_path / "src"
-    src.mkdir()
-    onnx.save(conv_chain_model(), str(src / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="weights.bin", size_threshold=0)
-    assert (src / "weights.bin").stat().st_size > 1000
-    assert (src / "model.onnx").stat().st_size < 2000  # the weights really are outside
-    calib = random_inputs(model, 40)[0]
-    np.savez(tmp_path / "calib.npz", **calib)
-    out = tmp_path / "out.onnx"
-    proc = run_cli(src / "model.onnx", out, "--calib", tmp_path / "calib.npz")
-    assert proc.returncode == 0, proc.stderr
-    from_file = onnx.load(str(out))
-    in_memory = quantize(model, [calib]).model
-    assert from_file.SerializeToString() == in_memory.SerializeToString()
-
-
-def test_save_model_atomic_leaves_no_temp_files(tmp_path):
-    model = quantize(conv_chain_model(), random_inputs(conv_chain_model(), 32)).model
-    target = tmp_path / "out.onnx"
-    target.write_bytes(b"old contents")
-    save_model_atomic(model, str(target))
-    assert sorted(os.listdir(tmp_path)) == ["out.onnx"]
-    assert target.read_bytes() == model.SerializeToString()
-
-
-def test_save_model_atomic_failure_keeps_old_file(tmp_path):
-    class Broken:
-        graph = onnx.GraphProto()  # no initializers, no other fields: a small model
-
-        def ListFields(self):
-            return []
-
-        def SerializeToString(self):
-            raise RuntimeError("disk full")
-
-    target = tmp_path / "out.onnx"
-    target.write_bytes(b"old contents")
-    with pytest.raises(RuntimeError):
-        save_model_atomic(Broken(), str(target))
-    assert sorted(os.listdir(tmp_path)) == ["out.onnx"]
-    assert target.read_bytes() == b"old contents"
-
-
-def test_save_model_atomic_missing_folder(tmp_path):
-    with pytest.raises(ModelError, match="does not exist"):
-        save_model_atomic(conv_chain_model(), str(tmp_path / "nope" / "out.onnx"))
-    assert os.listdir(tmp_path) == []
-
-
-def test_save_model_atomic_external_data_path(tmp_path, monkeypatch):
-    """Over the protobuf limit (lowered here) the weights go to <out>.data beside the model."""
-    monkeypatch.setattr(largemodel, "PROTOBUF_LIMIT", 100)
-    model = conv_chain_model()
-    expected = conv_chain_model()
-    save_model_atomic(model, str(tmp_path / "out.onnx"))
-    assert sorted(os.listdir(tmp_path)) == ["out.onnx", "out.onnx.data"]
-    loaded = onnx.load(str(tmp_path / "out.onnx"))
-    for a, b in zip(loaded.graph.initializer, expected.graph.initializer):
-        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
-
-
-@pytest.fixture
-def umask_027():
-    """Files created meanwhile get mode 0o640 (0o666 less the umask)."""
-    old = os.umask(0o027)
-    yield 0o640
-    os.umask(old)
-
-
-def test_save_model_atomic_gives_the_mode_of_a_new_file(tmp_path, monkeypatch, umask_027):
-    """The renamed temporary file keeps the mode any new file gets (a private 0o600 from
-    mkstemp would lock other users and services out of the model), external data too."""
-    save_model_atomic(conv_chain_model(), str(tmp_path / "small.onnx"))
-    monkeypatch.setattr(largemodel, "PROTOBUF_LIMIT", 100)
-    save_model_atomic(conv_chain_model(), str(tmp_path / "big.onnx"))
-    save_text_atomic("{}", str(tmp_path / "report.json"))
-    modes = {name: os.stat(tmp_path / name).st_mode & 0o777 for name in os.listdir(tmp_path)}
-    assert modes == dict.fromkeys(["small.onnx", "big.onnx", "big.onnx.data", "report.json"], umask_027)
-
-
-def test_save_model_atomic_does_not_modify_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(largemodel, "PROTOBUF_LIMIT", 100)
-    model = conv_chain_model()
-    before = model.SerializeToString()
-    save_model_atomic(model, str(tmp_path / "out.onnx"))
-    assert model.SerializeToString() == before
+# --------------------------------------------------------------------------- the export check and biases
 
 
 def test_optimizer_drift_is_refused_not_exported():
     """The export check refuses a model that ONNX Runtime's optimizations change.  Such a model:
-    the digits CNN at W16A16 on plain per-channel weight scales, conv1's bias left float (what
-    export did before biases grew their weight scales): ONNX Runtime's WeightBiasQuantization
-    rewrites that float bias onto the int32 grid s_in * s_w, where it overflows."""
+    the digits CNN at W16A16 on plain per-channel weight scales, conv1's bias left float: ONNX
+    Runtime's WeightBiasQuantization rewrites that float bias onto the int32 grid s_in * s_w,
+    where it overflows."""
     model = normalize(onnx.load(DIGITS_MODEL), min_opset=21)
     calib = dict(np.load(DIGITS_CALIB))
     result = quantize(model, [calib], config=QuantConfig(weight_bits=16, act_bits=16, bias_correction=False))
@@ -403,26 +248,11 @@ def test_bias_correction_removes_mean_output_shift(name):
     assert shift(quant_out) < 1e-3 * np.abs(float_out).mean() + float(np.max(result.params["c1_B"].scale))
 
 
-@pytest.mark.parametrize("shape, folds", [((6,), False), ((6, 1), False), ((6, 1, 1), True), ((1, 6, 1, 1), True)])
-def test_conv_bias_add_folds_only_per_channel_constants(shape, folds):
-    """Add(Conv(x), c) becomes the Conv's bias only when c broadcasts along the channels."""
-    rng = np.random.default_rng(0)
-    w, c = rng.standard_normal((6, 3, 3, 3)).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
-    model = make_model(
-        [onnx.helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]), onnx.helper.make_node("Add", ["y", "c"], ["z"])],
-        [("x", TensorProto.FLOAT, ["N", 3, 6, 6])], [("z", TensorProto.FLOAT, ["N", 6, 6, 6])], {"w": w, "c": c},
-    )
-    normalized = normalize(model)
-    assert (len(normalized.graph.node) == 1) is folds
-    x = {"x": rng.standard_normal((2, 3, 6, 6)).astype(np.float32)}
-    np.testing.assert_allclose(ort_run(normalized, x)[0], ort_run(model, x)[0], atol=1e-5)
-
-
 def test_sixteen_bit_per_channel_biases_fit_int32_by_growing_weight_scales():
     """At W16A16 per channel, s_in * s_w is too fine for the digits CNN's biases in int32.  A
     float bias is no way out (ONNX Runtime's WeightBiasQuantization requantizes it onto that
-    grid, overflowing: quantize used to refuse the model); the overflowing channels' weight
-    scales grow just enough, the other channels keep theirs, and every bias is int32."""
+    grid, overflowing); the overflowing channels' weight scales grow just enough, the other
+    channels keep theirs, and every bias is int32."""
     model = onnx.load(DIGITS_MODEL)
     calib = [{"input": np.load(DIGITS_CALIB)["input"][:64]}]
     result = quantize(model, calib, config=QuantConfig(weight_bits=16, act_bits=16, bias_correction=False))
@@ -455,3 +285,4 @@ def test_a_broadcast_gemm_bias_widens_every_channel(bias_shape):
     result = quantize(model, [x], config=QuantConfig(weight_bits=16, act_bits=16, bias_correction=False))
     error = np.abs(ort_run(result.model, x)[0] - ort_run(model, x)[0]).mean()
     assert error < 1e-3 * 50
+

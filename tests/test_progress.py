@@ -1,5 +1,6 @@
-"""Progress in logs: a steady line while a stage runs without events, and the stages that
-had none (lapq's start, export, fidelity) named."""
+"""The progress bar (onnx_lapq.progress): counts, ETA and best loss, lines at an interval on a
+log stream and in place on a terminal, a steady line while a stage runs without events, and
+the stages that had none (lapq's start, export, fidelity) named."""
 from __future__ import annotations
 
 import io
@@ -117,3 +118,37 @@ def test_a_with_block_stops_the_heartbeat():
     assert written.startswith("export     finished, ")
     time.sleep(0.2)
     assert stream.getvalue() == written and not bar._heartbeat.is_alive()
+
+
+def test_progress_bar_shows_count_eta_and_loss():
+    stream = io.StringIO()
+    bar = ProgressBar(stream)
+    for n in range(1, 11):
+        bar(Progress("search", n, 10, 1.0 / n))
+    bar.close()
+    line = stream.getvalue().strip()
+    assert line.startswith("search") and "10/10" in line and "ETA" in line and "loss 0.1" in line
+
+
+def test_progress_lines_at_an_interval_on_a_log_stream():
+    stream, clock = io.StringIO(), Clock()
+    bar = ProgressBar(stream, interval=10.0, clock=clock)
+    for n in range(1, 101):
+        clock.now += 0.5  # 50 s in all: a line every 10 s
+        bar(Progress("search", n, 200, 1.0 / n))
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 4, lines
+    assert lines[0].startswith("search") and " 21/200 " in lines[0] and "best loss 0.04762" in lines[0]
+    assert re.search(r"ETA +85s", lines[0]), lines[0]  # 20 more of 200 in 10 s
+    assert " 41/200 " in lines[1] and " 81/200 " in lines[3]
+    bar.close()
+    assert " 100/200 " in stream.getvalue().splitlines()[-1]
+
+
+def test_progress_bar_on_a_terminal_draws_in_place():
+    stream, clock = Terminal(), Clock()
+    bar = ProgressBar(stream, interval=0.0, clock=clock)
+    for n in range(1, 4):
+        clock.now += 20
+        bar(Progress("calibrate", n * 32, None))
+    assert stream.getvalue().count("\r") == 3 and "\n" not in stream.getvalue()

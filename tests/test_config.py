@@ -1,0 +1,51 @@
+"""The typed options (QuantConfig, LapqOptions, CalibrationOptions): every field's type is
+checked, a wrong type or a nested options object of the wrong class is a one-line
+ConfigError naming the field, lists and numpy integers are taken, and quantize refuses
+anything but a QuantConfig."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from conftest import conv_chain_model, random_inputs
+from onnx_lapq import CalibrationOptions, ConfigError, LapqOptions, QuantConfig, quantize
+from onnx_lapq.options import checked_types
+
+
+def test_quantize_rejects_non_config():
+    with pytest.raises(ConfigError):
+        quantize(conv_chain_model(), random_inputs(conv_chain_model(), 8), config={"weight_bits": 4})
+    with pytest.raises(ConfigError, match="on_step must be a function"):
+        quantize(conv_chain_model(), random_inputs(conv_chain_model(), 8), on_step=True)
+
+
+def test_every_config_field_has_a_checked_type():
+    nested = {f.name for f in dataclasses.fields(QuantConfig) if f.type in ("CalibrationOptions", "LapqOptions")}
+    assert nested == {"calibration", "lapq"}
+    for options in (QuantConfig, LapqOptions, CalibrationOptions):
+        unchecked = [f.name for f in dataclasses.fields(options) if f.name not in nested and f.type not in checked_types()]
+        assert not unchecked
+
+
+@pytest.mark.parametrize("bad", [
+    {"percentile": "99.9"}, {"block_size": 32.0}, {"bias_correction": "no"}, {"per_channel": 0}, {"batch_size": 2.5},
+    {"time_limit": float("nan")}, {"seed": None}, {"lp_grid": 2.0}, {"exclude": (1,)}, {"mask_input": 5}, {"max_evals": 10.5},
+    {"weight_bits": True},
+])
+def test_config_rejects_wrong_types_with_a_config_error(bad):
+    (field, value), = bad.items()
+    owner = next(o for o in (QuantConfig, LapqOptions, CalibrationOptions) if field in {f.name for f in dataclasses.fields(o)})
+    with pytest.raises(ConfigError, match=f"^{field}=.* must be "):
+        owner(**bad)
+
+
+def test_nested_options_of_the_wrong_type_are_a_config_error():
+    with pytest.raises(ConfigError, match="^lapq=.* must be an onnx_lapq.LapqOptions"):
+        QuantConfig(lapq={"max_evals": 10})
+
+
+def test_config_takes_lists_and_numpy_ints():
+    config = QuantConfig(exclude=["a.*"], weight_bits=np.int64(4), lapq=LapqOptions(lp_grid=[2, 3.5]))
+    assert config.exclude == ("a.*",) and config.lapq.lp_grid == (2, 3.5) and hash(config)
