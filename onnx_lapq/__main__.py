@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="node names (regular expressions) or op types to keep float")
     p.add_argument("--keep-first-last-8bit", action="store_true", help="first and last quantized layers at 8 bits")
     p.add_argument("--bits-file", metavar="FILE.json", help='bits of named layers, over the other bit flags: {"layers": {"fc": {"weight_bits": 4}}}')
-    p.add_argument("--num-samples", type=int, default=None, help="use the first N calibration samples (default: all)")
+    p.add_argument("--num-samples", type=int, default=DEFAULT.num_samples, help="use the first N calibration samples (default: all)")
     p.add_argument("--no-bias-correction", action="store_true", help="keep the float biases (default: correct them for the mean output shift of weight quantization)")
     p.add_argument("--quantize-attention", action="store_true", help="also quantize MatMuls of two activations (attention)")
     p.add_argument("--weight-only", action="store_true", help="quantize only MatMul weights, blockwise (4 bits: ONNX Runtime's MatMulNBits)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -31,18 +32,25 @@ def test_a_config_names_its_stages_in_order(config, names):
 
 
 @dataclass(frozen=True)
-class PruneHalf:
-    """A test stage: masks the smaller half of every weight, the way a sparsity method would."""
+class Change:
+    """A test stage that observes nothing and maps the Solution with ``change(context, solution)``,
+    the way a reconstruction, sparsity or mixed-precision method would."""
 
-    name: str = "prune_half"
+    name: str
+    change: Callable
     keeps_batches: bool = False
 
     def observers(self, plan, config):
         return {}
 
     def run(self, context, solution):
-        masks = {w.tensor: np.abs(solution.weights[w.tensor]) >= np.median(np.abs(solution.weights[w.tensor])) for w in context.plan.weights}
-        return solution.but(masks=masks), StageRecord(stage=self.name)
+        return self.change(context, solution), StageRecord(stage=self.name)
+
+
+def _prune_half(context, solution):
+    """Masks the smaller half of every weight."""
+    weights = {w.tensor: np.abs(solution.weights[w.tensor]) for w in context.plan.weights}
+    return solution.but(masks={t: w >= np.median(w) for t, w in weights.items()})
 
 
 def _weight_codes(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -54,7 +62,7 @@ def _weight_codes(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 def test_a_stage_that_masks_weights_exports_exact_zeros(monkeypatch):
     """Masks in the Solution reach the exported integers: every pruned weight is code 0, and the
     later calibrator clips the masked weights, so the kept ones keep their full grid."""
-    monkeypatch.setattr(pipeline, "stages", lambda config: [PruneHalf(), Calibrate("minmax")])
+    monkeypatch.setattr(pipeline, "stages", lambda config: [Change("prune_half", _prune_half), Calibrate("minmax")])
     model, calib = digits()
     result = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(bias_correction=False))
     codes = _weight_codes(result.model)
@@ -104,27 +112,14 @@ def test_bias_correction_is_a_stage_whose_means_the_export_applies():
     assert not np.array_equal(values_on[bias], values_off[bias]) and np.array_equal(values_off[bias], off.solution.weights[bias])
 
 
-@dataclass(frozen=True)
-class WidenConv3a:
-    """A test stage: chooses 8-bit weights for conv3a, the way a mixed-precision method would."""
-
-    name: str = "widen_conv3a"
-    keeps_batches: bool = True
-
-    def observers(self, plan, config):
-        return {}
-
-    def run(self, context, solution):
-        return solution.but(layer_bits=(LayerBits("conv3a", weight_bits=8),)), StageRecord(stage=self.name)
-
-
 def test_a_stage_that_chooses_widths_makes_the_run_plan_again(monkeypatch):
     """W3A8 everywhere, then a stage sets conv3a's weights to 8 bits: the later stages and the
     export see the new plan, where conv3a runs at 8/8 and so gets an output site, observed in a
     second pass; the result equals a run configured with that width from the start."""
     model, calib = digits()
     config = onnx_lapq.QuantConfig(weight_bits=3, act_bits=8, bias_correction=False)
-    monkeypatch.setattr(pipeline, "stages", lambda config: [WidenConv3a(), Calibrate("minmax")])
+    monkeypatch.setattr(pipeline, "stages", lambda config: [Change("widen_conv3a", lambda c, s: s.but(layer_bits=(LayerBits("conv3a", weight_bits=8),)), keeps_batches=True),
+                                                        Calibrate("minmax")])
     chosen = onnx_lapq.quantize(model, calib, config=config)
     monkeypatch.undo()
     configured = onnx_lapq.quantize(model, calib, config=dataclasses.replace(config, layer_bits={"conv3a": {"weight_bits": 8}}))
@@ -133,3 +128,18 @@ def test_a_stage_that_chooses_widths_makes_the_run_plan_again(monkeypatch):
     assert bits["conv3a"] == 8 and {b for n, b in bits.items() if n != "conv3a"} == {3}
     assert len(chosen.plan.activations) == len(uniform.plan.activations) + 1  # conv3a's output site
     assert chosen.model.SerializeToString() == configured.model.SerializeToString()
+
+
+def _negate_fc(context, solution):
+    return solution.but(weights={**solution.weights, "fc.weight": -solution.weights["fc.weight"]})
+
+
+def test_new_weight_values_from_a_stage_are_what_the_export_quantizes(monkeypatch):
+    """A stage's new float weights are the values every later stage and the export take."""
+    model, calib = digits()
+    config = onnx_lapq.QuantConfig(bias_correction=False)
+    plain = _weight_codes(onnx_lapq.quantize(model, calib, config=config).model)
+    monkeypatch.setattr(pipeline, "stages", lambda config: [Change("negate_fc", _negate_fc), Calibrate("minmax")])
+    negated = _weight_codes(onnx_lapq.quantize(model, calib, config=config).model)
+    assert np.array_equal(negated["fc.weight"], -plain["fc.weight"])
+    assert all(np.array_equal(negated[t], plain[t]) for t in plain if t != "fc.weight")

@@ -54,10 +54,6 @@ class LapqRecord(StageRecord):
     race: RaceRecord | None = None
     replayed_evaluations: int | None = None
 
-    @property
-    def final_loss(self) -> float:
-        return self.outcome.search.fun
-
     def report(self) -> dict[str, Any]:
         outcome, search = self.outcome, self.outcome.search
         entries = {
@@ -85,4 +81,4 @@ class LapqRecord(StageRecord):
     def summary(self) -> str:
         outcome = self.outcome
         start = f"{outcome.start} start" if outcome.p_star is None else f"Lp start (p*={outcome.p_star:.2f})"
-        return f"{self.loss} loss: {start} {outcome.init_loss:.4g} -> searched {self.final_loss:.4g} in {outcome.search.nfev} evaluations"
+        return f"{self.loss} loss: {start} {outcome.init_loss:.4g} -> searched {outcome.search.fun:.4g} in {outcome.search.nfev} evaluations"
