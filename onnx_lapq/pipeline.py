@@ -13,7 +13,7 @@ loads ``config.custom_op_libraries``.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -70,59 +70,37 @@ def quantize(
 def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, notify: Callable[[Progress], None],
               journal: SearchJournal | None) -> QuantResult:
     times: dict[str, float] = {}
-    clock = time.perf_counter()
-    widened, interface = to_float32(model)  # float16/bfloat16 models are quantized in float32
-    normalized = normalize(widened, min_opset=INT4_OPSET if config.needs_opset21 else MIN_OPSET, linear_as=_linear_form(config))
-    plan = build_plan(normalized, config)
-    require_custom_ops(normalized)
-    run = stages(config)
-    times["prepare"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    batches = None if calibration is None else interface.widen(iter_batches(
-        calibration, interface.specs(input_specs(normalized)), batch_size=config.batch_size, num_samples=config.num_samples,
-        label_key=config.label_key,
-    ))
-    kept: list[dict[str, np.ndarray]] = []  # the first samples, for the exported model's check and fidelity
-    stats, samples = None, 0
-    if config.weight_only:  # rounds the weights alone: no statistics to gather
-        kept = [synthetic_sample(normalized, padding_mask(normalized, config.mask_input), config.seed)] if calibration is None \
-            else head(_without(batches, config.label_key))
-    else:
-        if any(stage.keeps_batches for stage in run):  # evaluated many times: kept in memory
-            batches = list(batches)
-            if journal is not None:
-                journal.bind(run_binding(model, batches, config))
-        stats = _observe(normalized, _requests(run, plan, config), keep_head(_without(batches, config.label_key), kept), config, notify)
-        samples = stats.samples
-    times["calibrate"] = time.perf_counter() - clock
+    with _timed(times, "prepare"):
+        widened, interface = to_float32(model)  # float16/bfloat16 models are quantized in float32
+        normalized = normalize(widened, min_opset=INT4_OPSET if config.needs_opset21 else MIN_OPSET, linear_as=_linear_form(config))
+        plan = build_plan(normalized, config)
+        require_custom_ops(normalized)
+        run = stages(config)
+    with _timed(times, "calibrate"):
+        batches, kept, stats = _calibrate(model, normalized, interface, calibration, plan, run, config, notify, journal)
 
     solution = Solution.of(normalized, plan)
     records = []
     with ExitStack() as cleanup:  # an evaluator a stage opened is released however the stages or the export end
-        context = RunContext(normalized, plan, config, stats, batches if isinstance(batches, list) else None, notify, journal, cleanup)
+        context = RunContext(normalized, plan, config, stats, batches, notify, journal, cleanup)
         for position, stage in enumerate(run):
-            clock = time.perf_counter()
-            solution, record = stage.run(context, solution)
-            records.append(record)
-            if solution.layer_bits is not None and solution.layer_bits != context.config.layer_bits:
-                _replan(context, solution.layer_bits, run[position + 1:])
-            times[stage.name] = time.perf_counter() - clock
-        plan, params = context.plan, context.params(solution.ranges)
-
-        clock = time.perf_counter()
-        notify(Progress("export", 0, None))
-        quantized = interface.restore(export_qdq(normalized, plan, params, solution))
-        exported = interface.session(check_exported(quantized, interface.restore(normalized), interface.narrow(kept[0])))
-        evaluator = context.evaluator
-        exported_loss = None if evaluator is None else evaluator.measure(exported)
-    times["export"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    measured = [] if calibration is None else kept  # a synthetic sample says nothing of fidelity
-    if measured:
-        notify(Progress("fidelity", 0, None))
-    fidelity = measure_fidelity(normalized, exported, measured, evaluator.kind if evaluator is not None else "auto")
-    times["fidelity"] = time.perf_counter() - clock
+            with _timed(times, stage.name):
+                solution, record = stage.run(context, solution)
+                records.append(record)
+                if solution.layer_bits is not None and solution.layer_bits != context.config.layer_bits:
+                    _replan(context, solution.layer_bits, run[position + 1:])
+        plan, params, evaluator = context.plan, context.params(solution.ranges), context.evaluator
+        with _timed(times, "export"):
+            notify(Progress("export", 0, None))
+            quantized = interface.restore(export_qdq(normalized, plan, params, solution))
+            exported = interface.session(check_exported(quantized, interface.restore(normalized), interface.narrow(kept[0])))
+            exported_loss = None if evaluator is None else evaluator.measure(exported)
+    with _timed(times, "fidelity"):
+        measured = [] if calibration is None else kept  # a synthetic sample says nothing of fidelity
+        if measured:
+            notify(Progress("fidelity", 0, None))
+        fidelity = measure_fidelity(normalized, exported, measured, evaluator.kind if evaluator is not None else "auto")
+    samples = 0 if stats is None else stats.samples
     warn_if_poor(fidelity, config, samples)
     started = next((r.start_ranges for r in reversed(records) if r.start_ranges is not None), None)
     return QuantResult(
@@ -130,6 +108,38 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
         start_params=params if started is None else context.params(started), calibration_samples=samples, seconds=times,
         float_type=interface.float_type, exported_loss=exported_loss, fidelity=fidelity,
     )
+
+
+@contextmanager
+def _timed(times: dict[str, float], step: str):
+    """Adds the wall seconds of the block to ``times[step]``."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[step] = times.get(step, 0.0) + time.perf_counter() - started
+
+
+def _calibrate(model, normalized, interface, calibration, plan, run, config: QuantConfig, notify, journal):
+    """The calibration batches (a list when a stage keeps them, else None), the first samples
+    (for the exported model's check and the fidelity) and the statistics the stages need,
+    observed in one pass (None for weight-only quantization, which observes nothing: without
+    calibration data its check runs on one synthetic sample)."""
+    batches = None if calibration is None else interface.widen(iter_batches(
+        calibration, interface.specs(input_specs(normalized)), batch_size=config.batch_size, num_samples=config.num_samples,
+        label_key=config.label_key,
+    ))
+    if config.weight_only:
+        if calibration is None:
+            return None, [synthetic_sample(normalized, padding_mask(normalized, config.mask_input), config.seed)], None
+        return None, head(_without(batches, config.label_key)), None
+    if any(stage.keeps_batches for stage in run):  # evaluated many times: kept in memory
+        batches = list(batches)
+        if journal is not None:
+            journal.bind(run_binding(model, batches, config))
+    kept: list[dict[str, np.ndarray]] = []
+    stats = _observe(normalized, _requests(run, plan, config), keep_head(_without(batches, config.label_key), kept), config, notify)
+    return (batches if isinstance(batches, list) else None), kept, stats
 
 
 def _requests(run, plan: QuantPlan, config: QuantConfig) -> dict[str, set[str]]:
