@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 MIN_OPSET = 13
 INT4_OPSET = 21
 MAX_OPSET = 23
-MAX_IR = 11  # ONNX Runtime 1.31 refuses the IR 14 that onnx 1.23 writes by default
+MAX_IR = 11  # the newest IR version ONNX Runtime reads; onnx writes a newer one by default
 # The lowest IR version that carries each opset (ONNX's own table), so that we never
 # write a newer IR than ONNX Runtime reads.
 _IR_FOR_OPSET = {13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10, 22: 10, 23: 11}

@@ -11,8 +11,8 @@ the bounds (bounds that are not multiples of ``step`` are the only values off th
 lattice), and each point is evaluated once (a repeat is answered from memory
 and costs no budget).  Without the lattice, scipy's Brent line search (its tolerance is
 relative to the step length) keeps halving its step towards a minimum at the current
-point and spent over half of a cifar10_resnet20 W4A4 budget on points within 1e-3 of
-ones already measured, where the loss differs by rounding noise alone.
+point and can spend most of a budget on points next to ones already measured, where the
+loss differs by rounding noise alone.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Self-checks of an exported model: onnx.checker, a load in plain ONNX Runtime with all
 optimizations, and agreement of that optimized session with the unoptimized graph.
 
-The last check guards against ONNX Runtime rewrites that change numbers (seen when a
-float bias sat beside 16-bit Q/DQ: ONNX Runtime's WeightBiasQuantization moved it onto an
-int32 grid it overflowed; params.py now keeps every bias on a grid that holds it): on a calibration batch, the optimized model may differ from the
+The last check guards against ONNX Runtime rewrites that change numbers (such as
+WeightBiasQuantization moving a float bias onto an int32 grid too fine to hold it): on a
+calibration batch, the optimized model may differ from the
 same model run without graph optimizations by at most twice the quantization error
 itself (mean |optimized - unoptimized| <= 2 mean |unoptimized - float| + 1e-3 mean |float|);
 integer kernels legitimately round differently, by about the quantization error.

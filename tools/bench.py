@@ -186,8 +186,8 @@ def attach_report(row: dict, path: Path, max_inline: int = 4000) -> None:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a results.json; a row made before rows kept their search figures gets
-    them from its report file where that still exists."""
+    """The rows of a results.json; a row without its search figures gets them from its
+    report file where that still exists."""
     rows = read_json(path, [])
     for row in rows:
         if "report" not in row and "search" not in row and row.get("report_path"):

@@ -3,9 +3,9 @@
     python tools/paired.py --kit ../shared/kit --results DIR [DIR ...] --model cifar10_resnet20 \
         --config w8a8 --method lapq [--against ort-minmax,ort-entropy,ort-percentile,fp32] [--seeds 0,1,2,3,4]
 
-A top-1 gap of a few items says little by itself: two W8A8 models of a CIFAR ResNet
-disagree on a hundred or more of the 9,744 scored images, and which of them gains there is
-close to a coin flip.  For each seed (one calibration draw and its scored split, as
+A top-1 gap of a few items says little by itself: two W8A8 models of one network
+can disagree on a hundred or more scored items, and which of them gains there is close to
+a coin flip.  For each seed (one calibration draw and its scored split, as
 tools/bench.py makes them) this scores the saved models of ``--method`` and of each
 ``--against`` method (``fp32``: the float model) on the same items and counts the items
 where ``--method`` earns more top-1 credit (``wins``) and less (``losses``; credit as the
