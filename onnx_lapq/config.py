@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 from .bits import SUPPORTED_BITS, BitsPolicy, LayerBits, layer_bits
 from .errors import ConfigError
-from .options import CalibrationOptions, LapqOptions, check_types
+from .options import CALIBRATORS, CalibrationOptions, LapqOptions, check_types
 
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse", "lp", "lapq")
+CALIBRATION_METHODS = CALIBRATORS + ("lapq",)  # QuantConfig.method: a calibrator or LAPQ
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 QUANTIZABLE_OP_TYPES = DEFAULT_OP_TYPES + ("Gather",)  # Gather: embedding tables, weight-only
 

@@ -15,6 +15,7 @@ import numpy as np
 from .bits import LayerBits
 from .errors import ConfigError
 
+CALIBRATORS = ("minmax", "percentile", "entropy", "mse", "lp")  # per-tensor clipping methods (CalibrationOptions)
 SEARCHES = ("powell", "coordinate")
 LOSSES = ("auto", "kl", "mse", "cosine", "ce")
 SEARCH_BIAS_CORRECTION = ("auto", "on", "off", "race")

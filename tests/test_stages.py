@@ -143,3 +143,7 @@ def test_new_weight_values_from_a_stage_are_what_the_export_quantizes(monkeypatc
     negated = _weight_codes(onnx_lapq.quantize(model, calib, config=config).model)
     assert np.array_equal(negated["fc.weight"], -plain["fc.weight"])
     assert all(np.array_equal(negated[t], plain[t]) for t in plain if t != "fc.weight")
+
+
+def test_every_method_a_config_accepts_has_its_stage():
+    assert set(methods.CLIPPING) == set(onnx_lapq.config.CALIBRATION_METHODS)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from ..config import QuantConfig
 from .base import RunContext, Stage, StageRecord
 from .bias_correction import BiasCorrection
-from .calibrators import CALIBRATORS, Calibrate
+from ..options import CALIBRATORS
+from .calibrators import Calibrate
 from .lapq import Lapq
 
 CLIPPING = {**{name: Calibrate(name) for name in CALIBRATORS}, "lapq": Lapq()}  # config.method -> the stage that clips

@@ -22,7 +22,6 @@ from ..stats import TensorStats
 from .base import RunContext, StageRecord
 
 RANGE = "range"  # the observer kind of min/max and histograms
-CALIBRATORS = ("minmax", "percentile", "entropy", "mse", "lp")
 
 
 def activation_observers(plan: QuantPlan) -> dict[str, frozenset[str]]:
@@ -62,7 +61,7 @@ def _merged(members: list[TensorStats]) -> TensorStats:
 
 @dataclass(frozen=True)
 class Calibrate:
-    """The stage of one calibrator (``method``: one of CALIBRATORS)."""
+    """The stage of one calibrator (``method``: one of options.CALIBRATORS)."""
 
     method: str
     keeps_batches: bool = False
