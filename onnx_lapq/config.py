@@ -6,9 +6,10 @@ raises :class:`ConfigError` with a message that says how to fix it.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .bits import SUPPORTED_BITS, BitsPolicy, LayerBits, layer_bits
 from .errors import ConfigError
@@ -141,3 +142,22 @@ class QuantConfig:
     def needs_opset21(self) -> bool:
         """4-bit and 16-bit Q/DQ types and blockwise DequantizeLinear exist only from opset 21."""
         return self.weight_only or any(b in (4, 16) for b in self.bits_policy.widths)
+
+
+def _nested_option_hint(init):
+    """QuantConfig's generated __init__, with a ConfigError that names the nested options
+    class of a keyword that belongs to one (``max_evals`` -> ``lapq=LapqOptions(...)``)
+    instead of Python's bare TypeError."""
+    owners = {f.name: (name, kind) for name, kind in (("lapq", LapqOptions), ("calibration", CalibrationOptions)) for f in fields(kind)}
+
+    @functools.wraps(init)
+    def checked(self, **options):
+        for option in options:
+            if option in owners:
+                name, kind = owners[option]
+                raise ConfigError(f"{option} is an option of {kind.__name__}: write QuantConfig({name}={kind.__name__}({option}=...))")
+        init(self, **options)
+    return checked
+
+
+QuantConfig.__init__ = _nested_option_hint(QuantConfig.__init__)

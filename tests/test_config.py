@@ -49,3 +49,11 @@ def test_nested_options_of_the_wrong_type_are_a_config_error():
 def test_config_takes_lists_and_numpy_ints():
     config = QuantConfig(exclude=["a.*"], weight_bits=np.int64(4), lapq=LapqOptions(lp_grid=[2, 3.5]))
     assert config.exclude == ("a.*",) and config.lapq.lp_grid == (2, 3.5) and hash(config)
+
+
+@pytest.mark.parametrize("option, owner", [("max_evals", "lapq=LapqOptions"), ("percentile", "calibration=CalibrationOptions")])
+def test_a_nested_option_given_to_quantconfig_says_where_it_goes(option, owner):
+    with pytest.raises(ConfigError, match=rf"^{option} is an option of .*: write QuantConfig\({owner}\({option}=\.\.\.\)\)$"):
+        QuantConfig(**{option: 1})
+    with pytest.raises(ConfigError, match=f"^{option} is an option of"):
+        dataclasses.replace(QuantConfig(), **{option: 1})
