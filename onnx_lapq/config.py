@@ -38,9 +38,9 @@ class QuantConfig:
     method: how clipping ranges are chosen: a calibrator from the statistics (minmax,
         percentile, entropy (KL), mse, or lp; options in ``calibration``), where mse and
         lp also choose per-channel weight clipping exactly, on the weights, and the others
-        clip weights at their min/max; or lapq, which starts from the Lp clipping at the
-        best p and searches all clipping values jointly against the end-to-end loss
-        (LAPQ, Nahshan et al. 2019; options in ``lapq``).
+        clip weights at their min/max; or lapq, which starts from the best of the Lp
+        clipping at the best p, min/max and entropy, and searches all clipping values
+        jointly against the end-to-end loss (LAPQ, Nahshan et al. 2019; options in ``lapq``).
     exclude: regular expressions; nodes whose name matches one fully stay float.
     exclude_op_types: op types that stay float.
     op_types: op types whose weights and inputs are quantized; add "Gather" to store

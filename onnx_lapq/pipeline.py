@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from .config import QuantConfig
+from .bits import layer_bits
 from .data import input_specs, iter_batches, synthetic_sample
 from .errors import CalibrationError, ConfigError, ModelError
 from .export import export_qdq
@@ -87,8 +88,8 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
             with _timed(times, stage.name):
                 solution, record = stage.run(context, solution)
                 records.append(record)
-                if solution.layer_bits is not None and solution.layer_bits != context.config.layer_bits:
-                    _replan(context, solution.layer_bits, run[position + 1:])
+                if solution.layer_bits is not None:
+                    _replan(context, stage.name, solution, run[position + 1:])
         plan, params, evaluator = context.plan, context.params(solution.ranges), context.evaluator
         with _timed(times, "export"):
             notify(Progress("export", 0, None))
@@ -101,10 +102,10 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
             notify(Progress("fidelity", 0, None))
         fidelity = measure_fidelity(normalized, exported, measured, evaluator.kind if evaluator is not None else "auto")
     samples = 0 if stats is None else stats.samples
-    warn_if_poor(fidelity, config, samples)
+    warn_if_poor(fidelity, context.config, samples)
     started = next((r.start_ranges for r in reversed(records) if r.start_ranges is not None), None)
     return QuantResult(
-        model=quantized, plan=plan, params=params, solution=solution, stages=tuple(records), config=config, original=model,
+        model=quantized, plan=plan, params=params, solution=solution, stages=tuple(records), config=context.config, original=model,
         start_params=params if started is None else context.params(started), calibration_samples=samples, seconds=times,
         float_type=interface.float_type, exported_loss=exported_loss, fidelity=fidelity,
     )
@@ -159,12 +160,18 @@ def _observe(normalized: onnx.ModelProto, requests, batches, config: QuantConfig
     )
 
 
-def _replan(context: RunContext, layer_bits, later) -> None:
-    """The run's plan made again at the widths a stage chose (``layer_bits``), with what the
-    ``later`` stages need of it observed: the new plan's sites that were not observed before
-    (a layer that now runs at 8/8 bits gets an output site) take one more pass over the
-    calibration batches, which a stage that chooses widths keeps."""
-    config = replace(context.config, layer_bits=layer_bits)
+def _replan(context: RunContext, stage: str, solution: Solution, later) -> None:
+    """The run's plan made again at the widths ``stage`` chose (``solution.layer_bits``, entry
+    by entry over the config's), with what the ``later`` stages need of it observed: the new
+    plan's sites that were not observed before (a layer that now runs at 8/8 bits gets an
+    output site) take one more pass over the calibration batches, which a stage that chooses
+    widths keeps.  Widths come before ranges: ranges chosen on the old plan would not fit."""
+    chosen = {entry.node: entry for entry in layer_bits(solution.layer_bits)}
+    config = replace(context.config, layer_bits=tuple(e for e in context.config.layer_bits if e.node not in chosen) + tuple(chosen.values()))
+    if config.layer_bits == context.config.layer_bits:
+        return
+    if solution.ranges is not None:
+        raise ConfigError(f"stage {stage!r} chose bit-widths after ranges were chosen for the old ones: run it before the clipping stage")
     if config.needs_opset21 and default_opset(context.model) < INT4_OPSET:
         raise ConfigError("the widths a method chose need 4- or 16-bit types (opset 21): include such a width in weight_bits, act_bits or layer_bits")
     plan = build_plan(context.model, config)

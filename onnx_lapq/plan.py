@@ -177,11 +177,11 @@ def _weight_only_plan(index: GraphIndex, nodes: list[onnx.NodeProto], config: Qu
     return QuantPlan(weights=tuple(weights.values()), activations=(), biases=(), reads=reading_order(index, weights))
 
 
-def build_plan(model: onnx.ModelProto, config: QuantConfig, bits: BitsPolicy | None = None) -> QuantPlan:
-    """The sites of a normalized model, at the widths of ``bits`` (default: ``config.bits_policy``);
-    ModelError when nothing can be quantized or a weight to quantize is not finite or can be
-    overridden, ConfigError when ``bits`` names a node the model does not have."""
-    bits = config.bits_policy if bits is None else bits
+def build_plan(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
+    """The sites of a normalized model, at the widths of ``config.bits_policy``; ModelError when
+    nothing can be quantized or a weight to quantize is not finite or can be overridden,
+    ConfigError when the policy names a node the model does not have."""
+    bits = config.bits_policy
     index = GraphIndex(model.graph)
     warn_unused_exclusions(model.graph, config)
     warn_subgraph_layers(model.graph, config)

@@ -147,3 +147,24 @@ def test_new_weight_values_from_a_stage_are_what_the_export_quantizes(monkeypatc
 
 def test_every_method_a_config_accepts_has_its_stage():
     assert set(methods.CLIPPING) == set(onnx_lapq.config.CALIBRATION_METHODS)
+
+
+def test_widths_chosen_after_the_ranges_are_refused(monkeypatch):
+    """Ranges chosen on the old plan do not fit the new one: a stage that sets widths after the
+    clipping stage is a ConfigError naming it, not a crash or a silently wrong export."""
+    monkeypatch.setattr(pipeline, "stages", lambda config: [
+        Calibrate("minmax"), Change("widen_conv3a", lambda c, s: s.but(layer_bits=(LayerBits("conv3a", weight_bits=8),)), keeps_batches=True)])
+    with pytest.raises(onnx_lapq.ConfigError, match="'widen_conv3a' chose bit-widths after ranges"):
+        onnx_lapq.quantize(*digits(), config=onnx_lapq.QuantConfig(weight_bits=3, act_bits=8, bias_correction=False))
+
+
+def test_widths_a_stage_chooses_go_over_the_configs_entry_by_entry(monkeypatch):
+    """The config's own per-layer widths stay where the stage names other layers, and the
+    result's config holds the widths the model was made with."""
+    monkeypatch.setattr(pipeline, "stages", lambda config: [
+        Change("widen_conv3a", lambda c, s: s.but(layer_bits=(LayerBits("conv3a", weight_bits=8),)), keeps_batches=True), Calibrate("minmax")])
+    config = onnx_lapq.QuantConfig(weight_bits=3, act_bits=8, bias_correction=False, layer_bits={"fc": {"weight_bits": 4}})
+    result = onnx_lapq.quantize(*digits(), config=config)
+    bits = {w.node: w.bits for w in result.plan.weights}
+    assert bits["conv3a"] == 8 and bits["fc"] == 4 and bits["conv1"] == 3
+    assert {e.node for e in result.config.layer_bits} == {"conv3a", "fc"}

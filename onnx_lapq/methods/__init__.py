@@ -21,7 +21,7 @@ CLIPPING = {**{name: Calibrate(name) for name in CALIBRATORS}, "lapq": Lapq()}  
 def stages(config: QuantConfig) -> list[Stage]:
     """The stages of a run of ``config``, in order: bias correction first where it is on (a
     later stage may evaluate with it, and LAPQ may switch it off), then the clipping method."""
-    correction = [BiasCorrection()] if config.bias_correction else []
+    correction = [BiasCorrection()] if config.bias_correction and not config.weight_only else []
     return [*correction, CLIPPING[config.method]]
 
 

@@ -5,6 +5,8 @@ kinds, which one streaming pass collects for all stages together) and whether it
 the calibration batches in memory (``keeps_batches``: a stage that evaluates the
 end-to-end loss reads them many times).  ``run`` takes the :class:`RunContext` and the
 Solution so far and returns a new Solution with a :class:`StageRecord` of what it did.
+Stages that choose bit-widths run before those that choose ranges: the pipeline plans the
+model again at the new widths, and ranges of the old plan would not fit it.
 """
 from __future__ import annotations
 

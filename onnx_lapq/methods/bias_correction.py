@@ -8,6 +8,7 @@ later stage that moves weight scales (LAPQ) keeps it exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..plan import QuantPlan
 from ..solution import Solution
@@ -20,8 +21,8 @@ CHANNEL_MEAN = "channel_mean"  # the observer kind of per-channel means
 class BiasCorrection:
     """Correct Conv/Gemm biases for the mean output shift of weight quantization (Nagel et al. 2019)."""
 
-    name: str = "bias_correction"
-    keeps_batches: bool = False
+    name: ClassVar[str] = "bias_correction"
+    keeps_batches: ClassVar[bool] = False
 
     def observers(self, plan: QuantPlan, config) -> dict[str, frozenset[str]]:
         return {b.input_tensor: frozenset({CHANNEL_MEAN}) for b in plan.biases}

@@ -9,6 +9,7 @@ must hold, with room for bias correction to move them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -64,7 +65,7 @@ class Calibrate:
     """The stage of one calibrator (``method``: one of options.CALIBRATORS)."""
 
     method: str
-    keeps_batches: bool = False
+    keeps_batches: ClassVar[bool] = False
 
     @property
     def name(self) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 
@@ -38,8 +39,8 @@ BIAS_CORRECTION_ESSENTIAL = 2.0
 class Lapq:
     """Loss-aware post-training quantization (Nahshan et al. 2019) of every clipping value."""
 
-    name: str = "lapq"
-    keeps_batches: bool = True
+    name: ClassVar[str] = "lapq"
+    keeps_batches: ClassVar[bool] = True
 
     def observers(self, plan: QuantPlan, config) -> dict[str, frozenset[str]]:
         return activation_observers(plan)
