@@ -57,3 +57,9 @@ def test_a_nested_option_given_to_quantconfig_says_where_it_goes(option, owner):
         QuantConfig(**{option: 1})
     with pytest.raises(ConfigError, match=f"^{option} is an option of"):
         dataclasses.replace(QuantConfig(), **{option: 1})
+
+
+def test_option_names_are_unique_across_the_nested_options():
+    """The journal and the CLI's error wording read nested options by their field names alone."""
+    names = [f.name for options in (QuantConfig, LapqOptions, CalibrationOptions) for f in dataclasses.fields(options)]
+    assert len(names) == len(set(names))
