@@ -23,7 +23,7 @@ from . import __version__
 from .bits import read_bits_file
 from .runtime import custom_ops
 from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, QUANTIZABLE_OP_TYPES, QuantConfig
-from .options import LOSSES, SEARCH_BIAS_CORRECTION, SEARCHES, CalibrationOptions, LapqOptions
+from .options import LOSSES, SEARCH_BIAS_CORRECTION, SEARCHES, WEIGHT_METHODS, CalibrationOptions, LapqOptions
 from .data import calibration_files, npz_batches
 from .checkpoint import CheckpointFile
 from .errors import BitsFileError, ConfigError, LapqError, ModelError
@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per output channel")
     p.add_argument("--method", default=DEFAULT.method, choices=[m for m in CALIBRATION_METHODS if m != "lp"],
                    help=f"clipping: per-tensor calibrators, or lapq (joint loss-aware search; default {DEFAULT.method})")
+    p.add_argument("--weights", default=DEFAULT.weights, choices=WEIGHT_METHODS,
+                   help=f"how weights are rounded: nearest, or gptq (each layer reconstructed to fit its quantized inputs; default {DEFAULT.weights})")
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="node names (regular expressions) or op types to keep float")
     p.add_argument("--keep-first-last-8bit", action="store_true", help="first and last quantized layers at 8 bits")
     p.add_argument("--bits-file", metavar="FILE.json", help='bits of named layers, over the other bit flags: {"layers": {"fc": {"weight_bits": 4}}}')
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-input", default=DEFAULT.mask_input, metavar="NAME",
                    help="input marking real (1) vs padded (0) positions; 'auto' finds a 2-D integer input named *mask*, 'none' disables")
     p.add_argument("--batch-size", type=int, default=DEFAULT.batch_size, help=f"samples per ONNX Runtime call (default {DEFAULT.batch_size})")
-    p.add_argument("--seed", type=int, default=DEFAULT.seed, help=f"seed of the search's random subset (--search-samples), the only random choice (default {DEFAULT.seed})")
+    p.add_argument("--seed", type=int, default=DEFAULT.seed, help=f"seed of the random choices: the search's subset (--search-samples), the patches --weights samples (default {DEFAULT.seed})")
     lapq = p.add_argument_group("lapq search")
     p.search_flags = []
 
@@ -114,7 +116,7 @@ def _config(args: argparse.Namespace) -> QuantConfig:
     )
     return QuantConfig(
         op_types=op_types,
-        weight_bits=args.weight_bits, act_bits=args.act_bits, per_channel=not args.per_tensor, method=args.method,
+        weight_bits=args.weight_bits, act_bits=args.act_bits, per_channel=not args.per_tensor, method=args.method, weights=args.weights,
         exclude=patterns, exclude_op_types=exclude_types, keep_first_last_8bit=args.keep_first_last_8bit,
         layer_bits=read_bits_file(args.bits_file) if args.bits_file else (),
         num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed, label_key=args.labels,

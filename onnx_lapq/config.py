@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 
 from .bits import SUPPORTED_BITS, BitsPolicy, LayerBits, layer_bits
 from .errors import ConfigError
-from .options import CALIBRATORS, CalibrationOptions, LapqOptions, check_types
+from .options import CALIBRATORS, WEIGHT_METHODS, CalibrationOptions, LapqOptions, ReconstructionOptions, check_types
 
 CALIBRATION_METHODS = CALIBRATORS + ("lapq",)  # QuantConfig.method: a calibrator or LAPQ
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -67,8 +67,13 @@ class QuantConfig:
     layer_bits: explicit widths per layer, node name -> {"weight_bits": b, "act_bits": b}
         (either may be left out), over keep_first_last_8bit and the uniform widths; stored
         as a tuple of :class:`LayerBits`.  ``bits_policy`` is what the plan reads.
+    weights: how the weights are rounded onto their grids: "nearest", or "gptq", which
+        reconstructs each layer's weights front to back so that its output in the quantized
+        model matches the float model's (options in ``reconstruction``); the clipping
+        method then chooses the activation ranges.
     calibration: the calibrators' options (:class:`CalibrationOptions`).
     lapq: LAPQ's options (:class:`LapqOptions`).
+    reconstruction: the weight reconstruction's options (:class:`ReconstructionOptions`).
     """
 
     weight_bits: int = 8
@@ -92,8 +97,10 @@ class QuantConfig:
     block_size: int = 32
     custom_op_libraries: tuple[str, ...] = ()
     layer_bits: tuple[LayerBits, ...] = ()
+    weights: str = "nearest"
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     lapq: LapqOptions = field(default_factory=LapqOptions)
+    reconstruction: ReconstructionOptions = field(default_factory=ReconstructionOptions)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_bits", layer_bits(self.layer_bits))
@@ -102,6 +109,10 @@ class QuantConfig:
         _check_bits("act_bits", self.act_bits)
         if self.method not in CALIBRATION_METHODS:
             raise ConfigError(f"method={self.method!r} is unknown: use one of {', '.join(CALIBRATION_METHODS)}")
+        if self.weights not in WEIGHT_METHODS:
+            raise ConfigError(f"weights={self.weights!r} is unknown: use one of {', '.join(WEIGHT_METHODS)}")
+        if self.weights != "nearest" and self.weight_only:
+            raise ConfigError(f"weights={self.weights!r} reconstructs from calibration data, which weight_only runs without: use weights='nearest'")
         for pattern in self.exclude:
             try:
                 re.compile(pattern)
@@ -148,7 +159,7 @@ def _nested_option_hint(init):
     """QuantConfig's generated __init__, with a ConfigError that names the nested options
     class of a keyword that belongs to one (``max_evals`` -> ``lapq=LapqOptions(...)``)
     instead of Python's bare TypeError."""
-    owners = {f.name: (name, kind) for name, kind in (("lapq", LapqOptions), ("calibration", CalibrationOptions)) for f in fields(kind)}
+    owners = {f.name: (name, kind) for name, kind in (("lapq", LapqOptions), ("calibration", CalibrationOptions), ("reconstruction", ReconstructionOptions)) for f in fields(kind)}
 
     @functools.wraps(init)
     def checked(self, **options):

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import CalibrationError
+from .errors import CalibrationError, ConfigError
 
 log = logging.getLogger(__name__)
 SHORT_CALIBRATION = 32
@@ -206,3 +206,16 @@ def synthetic_sample(model: onnx.ModelProto, mask_input: str | None, seed: int) 
         else:
             sample[spec.name] = (np.ones if spec.name == mask_input else np.zeros)(shape, spec.dtype)
     return sample
+
+
+def padding_mask(model: onnx.ModelProto, mask_input: str | None) -> str | None:
+    """The graph input that marks padding (see QuantConfig.mask_input), or None."""
+    specs = {s.name: s for s in input_specs(model)}
+    if mask_input is None:
+        return None
+    if mask_input != "auto":
+        if mask_input not in specs:
+            raise ConfigError(f"mask_input {mask_input!r} is not a graph input: choose one of {sorted(specs)}")
+        return mask_input
+    found = [s.name for s in specs.values() if "mask" in s.name.lower() and len(s.shape) == 2 and s.dtype.kind in "iub"]
+    return found[0] if len(found) == 1 else None

@@ -19,6 +19,7 @@ CALIBRATORS = ("minmax", "percentile", "entropy", "mse", "lp")  # per-tensor cli
 SEARCHES = ("powell", "coordinate")
 LOSSES = ("auto", "kl", "mse", "cosine", "ce")
 SEARCH_BIAS_CORRECTION = ("auto", "on", "off", "race")
+WEIGHT_METHODS = ("nearest", "gptq")  # how weights are rounded: to nearest, or by a reconstruction solver
 
 
 def _is_int(value) -> bool:
@@ -154,3 +155,36 @@ class LapqOptions:
             raise ConfigError(f"search_samples={self.search_samples} must be at least 1 (or None for all)")
         if self.memory_budget_mb < 0:
             raise ConfigError("memory_budget_mb must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReconstructionOptions:
+    """Options of layer-wise weight reconstruction (methods/reconstruction.py).
+
+    weight_clipping: how each weight's grid is chosen before its rounding: mse or lp (the
+        range minimizing the weight's own error) or minmax.
+    max_columns: input patches sampled per layer for its Gram statistics (all where fewer).
+    statistics_correction: set each reconstructed layer's bias so that its mean output
+        matches the float model's.
+    damping: added to the diagonal of each Gram matrix, as a fraction of its mean (gptq).
+    act_order: gptq rounds the columns of largest input energy first.
+    block: columns per lazy update of gptq.
+    """
+
+    weight_clipping: str = "mse"
+    max_columns: int = 65536
+    statistics_correction: bool = True
+    damping: float = 0.01
+    act_order: bool = True
+    block: int = 128
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.weight_clipping not in ("minmax", "mse", "lp"):
+            raise ConfigError(f"weight_clipping={self.weight_clipping!r} is unknown: use minmax, mse or lp")
+        if self.max_columns < 16:
+            raise ConfigError(f"max_columns={self.max_columns} must be at least 16 (e.g. 65536)")
+        if not 0.0 < self.damping <= 1.0:
+            raise ConfigError(f"damping={self.damping} must be in (0, 1], e.g. 0.01")
+        if self.block < 1:
+            raise ConfigError(f"block={self.block} must be at least 1")

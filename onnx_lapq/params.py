@@ -69,6 +69,13 @@ def qparams(plan: QuantPlan, ranges: SiteRanges, *, weight_symmetric: bool, act_
     return out
 
 
+def range_of(qp: QParams) -> tuple[np.ndarray, np.ndarray]:
+    """The clipping range (lo, hi) whose grid is exactly ``qp``'s (scale_zero_point gives it back)."""
+    scale = np.asarray(qp.scale, np.float64)
+    zero = np.asarray(qp.zero_point, np.float64)
+    return (qp.fmt.qmin - zero) * scale, (qp.fmt.qmax - zero) * scale
+
+
 def _widened_for_biases(plan: QuantPlan, ranges: SiteRanges, formats: dict[str, QFormat], acts: dict[str, QParams]) -> dict[str, tuple]:
     """Weight ranges scaled up, channel by channel, so that each bias of magnitude
     ``ranges.biases`` fits int32 on its s_in * s_w grid (only the weights that need it)."""
@@ -95,7 +102,8 @@ LOG_FACTOR_BOUNDS = (float(np.log(0.05)), float(np.log(2.0)))
 class ParamSpace:
     """The search vector x <-> clipping ranges.
 
-    One coordinate per activation group and one per weight site; x_i is the log of the
+    One coordinate per activation group and one per weight site (but those in ``fixed``,
+    weights that a method rounded onto their grid); x_i is the log of the
     factor that scales the initial range of that site (all channels of a weight
     together).  x = 0 is the initialization.  No activation clip whose Clip ONNX Runtime
     folds into its QuantizeLinear is lifted past that Clip's ceiling (``QuantPlan.ceiling``).
@@ -110,7 +118,7 @@ class ParamSpace:
     the loss is, come first.
     """
 
-    def __init__(self, plan: QuantPlan, initial: SiteRanges):
+    def __init__(self, plan: QuantPlan, initial: SiteRanges, fixed: frozenset[str] = frozenset()):
         self.plan = plan
         self.initial = initial
         read = {t: i for i, t in enumerate(plan.reads)}
@@ -120,7 +128,7 @@ class ParamSpace:
             group_read[a.group] = min(group_read.get(a.group, unread), read.get(a.tensor, unread))
         coordinates = [
             (plan.group_bits(g), 0, group_read.get(g, unread), 0, "act", g) for g in plan.groups
-        ] + [(w.bits, int(w.bits >= 8), read.get(w.tensor, unread), 1, "weight", w.tensor) for w in plan.weights]
+        ] + [(w.bits, int(w.bits >= 8), read.get(w.tensor, unread), 1, "weight", w.tensor) for w in plan.weights if w.tensor not in fixed]
         self.coordinates = [(kind, name) for *_, kind, name in sorted(coordinates, key=lambda c: c[:4])]
         self.names = [f"{kind}:{name}" for kind, name in self.coordinates]
         self.caps = {g: c for g in plan.groups if (c := self._cap(g)) is not None}
@@ -139,7 +147,7 @@ class ParamSpace:
     def ranges(self, x: np.ndarray) -> SiteRanges:
         factors = dict(zip(self.coordinates, np.exp(np.asarray(x, np.float64))))
         acts = {g: (lo * factors["act", g], min(hi * factors["act", g], self.caps.get(g, np.inf))) for g, (lo, hi) in self.initial.activations.items()}
-        weights = {w: (lo * factors["weight", w], hi * factors["weight", w]) for w, (lo, hi) in self.initial.weights.items()}
+        weights = {w: (lo * factors["weight", w], hi * factors["weight", w]) if ("weight", w) in factors else (lo, hi) for w, (lo, hi) in self.initial.weights.items()}
         return SiteRanges(activations=acts, weights=weights, biases=self.initial.biases)
 
     def _cap(self, group: str) -> float | None:

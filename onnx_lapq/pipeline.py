@@ -22,7 +22,7 @@ import onnx
 
 from .config import QuantConfig
 from .bits import layer_bits
-from .data import input_specs, iter_batches, synthetic_sample
+from .data import input_specs, iter_batches, padding_mask, synthetic_sample
 from .errors import CalibrationError, ConfigError, ModelError
 from .export import export_qdq
 from .fidelity import head, keep_head, warn_if_poor
@@ -192,19 +192,6 @@ def _linear_form(config: QuantConfig) -> str | None:
     if {"MatMul", "Gemm"} & set(config.exclude_op_types):
         return None
     return "MatMul" if config.weight_only else "Gemm"
-
-
-def padding_mask(model: onnx.ModelProto, mask_input: str | None) -> str | None:
-    """The graph input that marks padding (see QuantConfig.mask_input), or None."""
-    specs = {s.name: s for s in input_specs(model)}
-    if mask_input is None:
-        return None
-    if mask_input != "auto":
-        if mask_input not in specs:
-            raise ConfigError(f"mask_input {mask_input!r} is not a graph input: choose one of {sorted(specs)}")
-        return mask_input
-    found = [s.name for s in specs.values() if "mask" in s.name.lower() and len(s.shape) == 2 and s.dtype.kind in "iub"]
-    return found[0] if len(found) == 1 else None
 
 
 def _without(batches, label_key: str | None):

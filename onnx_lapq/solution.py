@@ -3,8 +3,10 @@
 A :class:`Solution` holds the float values of every weight and bias site (read once from
 the model), the clipping ranges, and what later methods change: weight masks (False: the
 weight is pruned to exactly 0), bias correction (the per-channel means of the inputs of
-the layers whose biases are corrected, see biascorr.py) and the bit-widths of layers (a
-stage that sets them makes the pipeline plan the model again at those widths).  Methods run as stages, each
+the layers whose biases are corrected, see biascorr.py), the bit-widths of layers (a
+stage that sets them makes the pipeline plan the model again at those widths) and the grids
+of weights that a method already rounded onto (``weight_grids``: their clipping range, which
+later stages keep, so that the stored weights are their codes exactly).  Methods run as stages, each
 taking a Solution and returning a new one; a Solution is never changed in place.
 
 The values a QDQ model stores for a site are :meth:`Solution.values`: masked weights, and
@@ -35,6 +37,7 @@ class Solution:
     input_means: Mapping[str, np.ndarray] | None = None  # layer input -> per-channel mean; None: biases as they are
     masks: Mapping[str, np.ndarray] = field(default_factory=dict)  # weight tensor -> kept (True) or pruned (False)
     layer_bits: tuple[LayerBits, ...] | None = None  # widths chosen per layer, over the config's; None: the config's
+    weight_grids: Mapping[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # weight -> the range a method rounded it on
 
     @classmethod
     def of(cls, model: onnx.ModelProto, plan: QuantPlan) -> "Solution":

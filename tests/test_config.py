@@ -1,4 +1,4 @@
-"""The typed options (QuantConfig, LapqOptions, CalibrationOptions): every field's type is
+"""The typed options (QuantConfig, LapqOptions, CalibrationOptions, ReconstructionOptions): every field's type is
 checked, a wrong type or a nested options object of the wrong class is a one-line
 ConfigError naming the field, lists and numpy integers are taken, and quantize refuses
 anything but a QuantConfig."""
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import conv_chain_model, random_inputs
-from onnx_lapq import CalibrationOptions, ConfigError, LapqOptions, QuantConfig, quantize
+from onnx_lapq import CalibrationOptions, ConfigError, LapqOptions, QuantConfig, ReconstructionOptions, quantize
 from onnx_lapq.options import checked_types
 
 
@@ -22,9 +22,9 @@ def test_quantize_rejects_non_config():
 
 
 def test_every_config_field_has_a_checked_type():
-    nested = {f.name for f in dataclasses.fields(QuantConfig) if f.type in ("CalibrationOptions", "LapqOptions")}
-    assert nested == {"calibration", "lapq"}
-    for options in (QuantConfig, LapqOptions, CalibrationOptions):
+    nested = {f.name for f in dataclasses.fields(QuantConfig) if f.type in ("CalibrationOptions", "LapqOptions", "ReconstructionOptions")}
+    assert nested == {"calibration", "lapq", "reconstruction"}
+    for options in (QuantConfig, LapqOptions, CalibrationOptions, ReconstructionOptions):
         unchecked = [f.name for f in dataclasses.fields(options) if f.name not in nested and f.type not in checked_types()]
         assert not unchecked
 
@@ -32,11 +32,11 @@ def test_every_config_field_has_a_checked_type():
 @pytest.mark.parametrize("bad", [
     {"percentile": "99.9"}, {"block_size": 32.0}, {"bias_correction": "no"}, {"per_channel": 0}, {"batch_size": 2.5},
     {"time_limit": float("nan")}, {"seed": None}, {"lp_grid": 2.0}, {"exclude": (1,)}, {"mask_input": 5}, {"max_evals": 10.5},
-    {"weight_bits": True},
+    {"weight_bits": True}, {"damping": "0.1"}, {"act_order": 1},
 ])
 def test_config_rejects_wrong_types_with_a_config_error(bad):
     (field, value), = bad.items()
-    owner = next(o for o in (QuantConfig, LapqOptions, CalibrationOptions) if field in {f.name for f in dataclasses.fields(o)})
+    owner = next(o for o in (QuantConfig, LapqOptions, CalibrationOptions, ReconstructionOptions) if field in {f.name for f in dataclasses.fields(o)})
     with pytest.raises(ConfigError, match=f"^{field}=.* must be "):
         owner(**bad)
 
@@ -51,7 +51,9 @@ def test_config_takes_lists_and_numpy_ints():
     assert config.exclude == ("a.*",) and config.lapq.lp_grid == (2, 3.5) and hash(config)
 
 
-@pytest.mark.parametrize("option, owner", [("max_evals", "lapq=LapqOptions"), ("percentile", "calibration=CalibrationOptions")])
+@pytest.mark.parametrize("option, owner", [
+    ("max_evals", "lapq=LapqOptions"), ("percentile", "calibration=CalibrationOptions"), ("damping", "reconstruction=ReconstructionOptions"),
+])
 def test_a_nested_option_given_to_quantconfig_says_where_it_goes(option, owner):
     with pytest.raises(ConfigError, match=rf"^{option} is an option of .*: write QuantConfig\({owner}\({option}=\.\.\.\)\)$"):
         QuantConfig(**{option: 1})
@@ -61,5 +63,5 @@ def test_a_nested_option_given_to_quantconfig_says_where_it_goes(option, owner):
 
 def test_option_names_are_unique_across_the_nested_options():
     """The journal and the CLI's error wording read nested options by their field names alone."""
-    names = [f.name for options in (QuantConfig, LapqOptions, CalibrationOptions) for f in dataclasses.fields(options)]
+    names = [f.name for options in (QuantConfig, LapqOptions, CalibrationOptions, ReconstructionOptions) for f in dataclasses.fields(options)]
     assert len(names) == len(set(names))

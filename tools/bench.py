@@ -9,9 +9,11 @@
 Models: every kit model (eval.py's MODELS table gives preprocessing and labels)
 plus all-MiniLM-L6-v2 (STS-B Spearman x100). Configs: `w{W}a{A}` = W-bit
 per-channel weights, A-bit activations; `w{W}a{A}-pt` = per-tensor weights.
+`w{W}a{A}-fl` = first and last layers at 8 bits.
 Methods: `ort-minmax|ort-entropy|ort-percentile` run onnxruntime's
 quantize_static (QDQ; see benchkit/runners.py); any other name is passed to
-onnx_lapq as QuantConfig(method=...). A method/config a tool refuses becomes a
+onnx_lapq as QuantConfig(method=...), and `WEIGHTS+METHOD` (e.g. gptq+lapq) as
+QuantConfig(weights=WEIGHTS, method=METHOD). A method/config a tool refuses becomes a
 row with `error` set, never a missing row.
 
 Fixed splits (seed 0 unless --seed; details in benchkit/kitdata.py):
@@ -98,14 +100,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             ap.error(f"unknown model {m!r}; the kit has: {', '.join(known)}")
     for c in a.configs:
         if not report.CONFIG_RE.match(c):
-            ap.error(f"config {c!r} is not w<bits>a<bits>[-pt|-wo], e.g. w8a8, w4a8-pt, w4a8-wo")
+            ap.error(f"config {c!r} is not w<bits>a<bits>[-pt|-wo|-fl], e.g. w8a8, w4a8-pt, w4a8-wo, w4a4-fl")
     return a
 
 
-def parse_config(config: str) -> tuple[int, int, bool, bool]:
-    """(weight bits, activation bits, per-channel, weight-only) of a config name."""
+def parse_config(config: str) -> tuple[int, int, bool, bool, bool]:
+    """(weight bits, activation bits, per-channel, weight-only, first and last layers at 8 bits) of a config name."""
     m = report.CONFIG_RE.match(config)
-    return int(m[1]), int(m[2]), m[3] != "-pt", m[3] == "-wo"
+    return int(m[1]), int(m[2]), m[3] != "-pt", m[3] == "-wo", m[3] == "-fl"
 
 
 def row_key(r: dict) -> tuple:
@@ -148,16 +150,17 @@ def fp32_reference(a: argparse.Namespace, task: kitdata.Task, fp32_sess, fresh: 
 
 def quantize_row(a: argparse.Namespace, task: kitdata.Task, config: str, method: str) -> dict:
     """Quantize in a worker subprocess; the row's quantization fields."""
-    w, act, per_channel, weight_only = parse_config(config)
+    w, act, per_channel, weight_only, first_last = parse_config(config)
     stem = f"{task.model}__{config}__{method}{file_tag(a)}"
     job = {"tool": runners.tool_of(method), "method": method, "model": task.model,
            "model_path": str(task.model_path), "calib_npz": str(task.calib_npz),
-           "weight_bits": w, "act_bits": act, "per_channel": per_channel, "weight_only": weight_only, "seed": a.seed,
+           "weight_bits": w, "act_bits": act, "per_channel": per_channel, "weight_only": weight_only,
+           "keep_first_last_8bit": first_last, "seed": a.seed,
            "batch_size": CALIB_BATCH, "out_model": str(a.out / "models" / f"{stem}.onnx"),
            "report_path": str(a.out / "reports" / f"{stem}.json"),
            "search": {k: v for k, v in (("time_limit", a.lapq_time_limit), ("max_evals", a.lapq_max_evals),
                                         ("search_samples", a.lapq_search_samples),
-                                        ("search_bias_correction", a.lapq_search_bias_correction)) if v is not None and method == "lapq"}}
+                                        ("search_bias_correction", a.lapq_search_bias_correction)) if v is not None and method.endswith("lapq")}}
     for d in ("models", "reports"):
         (a.out / d).mkdir(parents=True, exist_ok=True)
     res = runners.quantize_in_subprocess(job, Path(__file__).resolve(), a.out / "jobs", a.timeout)

@@ -1,7 +1,7 @@
 """Quantization methods as stages over a Solution, and the stages a config asks for.
 
 Each method is a module here: the per-tensor calibrators (calibrators.py), bias correction
-(bias_correction.py) and LAPQ (lapq.py).  A run is an ordered list of stages; each
+(bias_correction.py), weight reconstruction (reconstruction.py) and LAPQ (lapq.py).  A run is an ordered list of stages; each
 declares the statistics it needs and maps the Solution so far to a new one (base.py).
 
     stages(config)  # method="lapq" with bias correction: [BiasCorrection(), Lapq()]
@@ -14,15 +14,18 @@ from .bias_correction import BiasCorrection
 from ..options import CALIBRATORS
 from .calibrators import Calibrate
 from .lapq import Lapq
+from .reconstruction import Reconstruct
 
 CLIPPING = {**{name: Calibrate(name) for name in CALIBRATORS}, "lapq": Lapq()}  # config.method -> the stage that clips
 
 
 def stages(config: QuantConfig) -> list[Stage]:
     """The stages of a run of ``config``, in order: bias correction first where it is on (a
-    later stage may evaluate with it, and LAPQ may switch it off), then the clipping method."""
+    later stage may evaluate with it, and LAPQ may switch it off), then the weights'
+    reconstruction where one is asked for, then the clipping method."""
     correction = [BiasCorrection()] if config.bias_correction and not config.weight_only else []
-    return [*correction, CLIPPING[config.method]]
+    reconstruction = [] if config.weights == "nearest" else [Reconstruct(config.weights)]
+    return [*correction, *reconstruction, CLIPPING[config.method]]
 
 
 __all__ = ["RunContext", "Stage", "StageRecord", "stages"]

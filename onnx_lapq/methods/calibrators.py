@@ -32,10 +32,11 @@ def activation_observers(plan: QuantPlan) -> dict[str, frozenset[str]]:
 
 def choose_ranges(
     solution: Solution, plan: QuantPlan, stats, method: str, options: CalibrationOptions, *,
-    weight_symmetric: bool, act_symmetric: bool, lp_norm: float | None = None,
+    weight_symmetric: bool, act_symmetric: bool, lp_norm: float | None = None, weight_method: str | None = None,
 ) -> SiteRanges:
     """Clipping ranges of every activation group and weight by ``method`` (lp at ``lp_norm``,
-    default ``options.lp_norm``); the weights' values come from ``solution``."""
+    default ``options.lp_norm``; weights by ``weight_method`` where given); the weights' values
+    come from ``solution``, and a weight on a grid a method fixed (``solution.weight_grids``) keeps it."""
     p = options.lp_norm if lp_norm is None else lp_norm
     acts = {}
     for group in plan.groups:
@@ -44,8 +45,9 @@ def choose_ranges(
             _merged(members), method, plan.group_bits(group), percentile=options.percentile, p=p, symmetric=act_symmetric,
         )
     weight_ranges = {
-        site.tensor: clip.weight_range(
-            solution.weight(site.tensor), site.axis, QFormat(site.bits, signed=True, symmetric=weight_symmetric), method, p, site.block_size,
+        site.tensor: solution.weight_grids.get(site.tensor) or clip.weight_range(
+            solution.weight(site.tensor), site.axis, QFormat(site.bits, signed=True, symmetric=weight_symmetric), weight_method or method, p,
+            site.block_size,
         )
         for site in plan.weights
     }

@@ -89,7 +89,7 @@ class Lapq:
             return evaluate(context.params(ranges))
 
         def space_for(ranges: SiteRanges) -> ParamSpace:
-            return ParamSpace(plan, ranges)
+            return ParamSpace(plan, ranges, frozenset(solution.weight_grids))
 
         best_shown = [np.inf]  # across the race's two searches and the continuation
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from .runners import tool_of
 
-# w<W>a<A> (per-channel weights), w<W>a<A>-pt (per-tensor), w<W>a<A>-wo (weight-only: activations stay float)
-CONFIG_RE = re.compile(r"^w(\d+)a(\d+)(-pt|-wo)?$")
+# w<W>a<A> (per-channel weights), w<W>a<A>-pt (per-tensor), w<W>a<A>-wo (weight-only: activations stay float),
+# w<W>a<A>-fl (first and last layers at 8 bits)
+CONFIG_RE = re.compile(r"^w(\d+)a(\d+)(-pt|-wo|-fl)?$")
 MARKERS = "os^Dv<>p*h"
 
 

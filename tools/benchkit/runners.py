@@ -18,7 +18,8 @@ Tools:
   reader yields the same batches as onnx_lapq gets. quant_seconds covers all
   three steps.
 - anything else: onnx_lapq.quantize(model, batches, config=QuantConfig(
-  weight_bits, act_bits, per_channel, method, seed, batch_size)).
+  weight_bits, act_bits, per_channel, method, seed, batch_size)); `WEIGHTS+METHOD`
+  sets weights=WEIGHTS (a reconstruction solver) and method=METHOD.
 
 Error stages: "setup" (the tool cannot be imported: not a result, retried on
 resume), "quantize" (the tool refused or crashed: a result).
@@ -118,6 +119,8 @@ def _ort_quantizer(job: dict, result: dict):
     name = job["method"][len(ORT_PREFIX):]
 
     def run(batches):
+        if job.get("keep_first_last_8bit"):
+            raise ValueError("quantize_static has no per-layer bit-widths: no first/last 8-bit rows")
         if job.get("weight_only"):
             raise ValueError("quantize_static has no weight-only mode (ORT's MatMulNBitsQuantizer needs the onnx_ir package)")
         if name not in calib:
@@ -168,8 +171,10 @@ def _lapq_quantizer(job: dict, result: dict):
 
     def run(batches):
         weight_only = {"weight_only": True, "op_types": ("MatMul", "Gather")} if job.get("weight_only") else {}
+        weights, _, method = job["method"].rpartition("+")
         cfg = QuantConfig(weight_bits=job["weight_bits"], act_bits=job["act_bits"], **weight_only,
-                          per_channel=job["per_channel"], method=job["method"],
+                          per_channel=job["per_channel"], method=method, weights=weights or "nearest",
+                          keep_first_last_8bit=job.get("keep_first_last_8bit", False),
                           seed=job["seed"], batch_size=job["batch_size"], lapq=LapqOptions(**job.get("search", {})))
         res = quantize(onnx.load(job["model_path"]), batches, config=cfg)
         onnx.save(res.model, job["out_model"])

@@ -1,0 +1,214 @@
+"""Layer-wise weight reconstruction as a stage: quantized weights that fit their quantized inputs.
+
+Front to back, each Conv/Gemm/MatMul with a constant weight gets the weight on its integer
+grid that minimizes E‖W x − Ŵ x̂‖² over the calibration set (AdaQuant's layer-wise
+calibration; x its input in the float model, x̂ in the model quantized so far, both from
+ONNX Runtime: layerinputs.py), by a solver on Gram matrices (gptq.py: rounding with error
+feedback; adaround.py: learned rounding).  Layers whose inputs do not depend on each other
+are collected in one pass (a "wave").  Statistics correction then sets each bias so that the
+layer's mean output matches the float model's: b + W E[x] − Ŵ E[x̂].
+
+The grid of each weight is fixed here (its range from ``weight_clipping`` on the float
+weight); the Solution records it in ``weight_grids`` so that the clipping stage after this one
+keeps it and only chooses activation ranges.  The model quantized so far uses activation
+ranges from the config's calibrator (lp where the method is lapq).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..data import padding_mask
+from ..export import export_qdq
+from ..gptq import gptq
+from ..layerinputs import LayerInput, collect
+from ..options import CALIBRATORS
+from ..params import QParams, range_of
+from ..plan import QuantPlan, WeightSite
+from ..progress import Progress
+from ..rowgrid import RowGrid
+from ..solution import Solution
+from ..unfold import LayerShape
+from .base import RunContext, StageRecord
+from .calibrators import activation_observers, choose_ranges
+
+# solver name -> Ŵ [G, r, d] from (W, Ĥ, C, grid, ReconstructionOptions)
+SOLVERS = {
+    "gptq": lambda w, hessian, cross, grid, o: gptq(w, hessian, cross, grid, damping=o.damping, act_order=o.act_order, block=o.block),
+}
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One layer's relative output error E‖Wx − Ŵx̂‖² / E‖Wx‖², rounded to nearest and
+    reconstructed (never above the former: where the solver loses, the layer keeps the
+    nearest rounding), and how many patches its statistics sampled of how many."""
+
+    node: str
+    error_nearest: float
+    error_reconstructed: float
+    sampled: int
+    positions: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReconstructionRecord(StageRecord):
+    solver: str
+    layers: tuple[LayerRecord, ...]
+    skipped: tuple[tuple[str, str], ...]  # (node, why it was rounded to nearest instead)
+    collect_seconds: float
+    solve_seconds: float
+    max_columns: int
+
+    def report(self) -> dict[str, Any]:
+        return {"reconstruction": {
+            "solver": self.solver,
+            "layers": [vars(layer) for layer in self.layers],
+            "skipped": [{"node": node, "reason": why} for node, why in self.skipped],
+            "collect_seconds": round(self.collect_seconds, 3),
+            "solve_seconds": round(self.solve_seconds, 3),
+            "sampling": f"up to {self.max_columns} patches per layer, drawn uniformly at random in proportion to each batch's rows; means over every patch",
+        }}
+
+    def summary(self) -> str:
+        if not self.layers:
+            return f"{self.solver}: no layer reconstructed"
+        before = np.median([layer.error_nearest for layer in self.layers])
+        after = np.median([layer.error_reconstructed for layer in self.layers])
+        skipped = f", {len(self.skipped)} rounded to nearest" if self.skipped else ""
+        return f"{self.solver}: {len(self.layers)} layers, median output error {before:.3g} -> {after:.3g}{skipped}"
+
+
+@dataclass(frozen=True)
+class Reconstruct:
+    """Sequential layer-wise reconstruction of the weights by ``solver`` (one of solvers.SOLVERS)."""
+
+    solver: str
+    keeps_batches: ClassVar[bool] = True
+
+    @property
+    def name(self) -> str:
+        return self.solver
+
+    def observers(self, plan: QuantPlan, config) -> dict[str, frozenset[str]]:
+        return activation_observers(plan)
+
+    def run(self, context: RunContext, solution: Solution) -> tuple[Solution, ReconstructionRecord]:
+        config, plan, options = context.config, context.plan, context.config.reconstruction
+        nodes = {n.name: n for n in context.model.graph.node}
+        order = {n.name: i for i, n in enumerate(context.model.graph.node)}
+        sites = sorted(plan.weights, key=lambda s: order[s.node])
+        shapes, skipped = {}, []
+        for site in sites:
+            shape = LayerShape.of(nodes[site.node], solution.weights[site.tensor].shape)
+            if isinstance(shape, str):
+                skipped.append((site.node, shape))
+            else:
+                shapes[site.tensor] = shape
+        act_method = config.method if config.method in CALIBRATORS else "lp"
+        ranges = choose_ranges(
+            solution, plan, context.stats, act_method, config.calibration,
+            weight_symmetric=config.weight_symmetric, act_symmetric=config.act_symmetric, weight_method=options.weight_clipping,
+        )
+        params = context.params(ranges)
+        biases = {b.node: b for b in plan.biases}
+        weights, grids, records = dict(solution.weights), dict(solution.weight_grids), []
+        collect_seconds = solve_seconds = 0.0
+        batches = [{k: v for k, v in b.items() if k != config.label_key} for b in context.batches]
+        todo = [s for s in sites if s.tensor in shapes]
+        for wave in _waves(context.model, todo):
+            started = time.perf_counter()
+            current = solution.but(weights=weights, weight_grids=grids)
+            quantized = export_qdq(context.model, plan, params, current)
+            exported = {n.name: n for n in quantized.graph.node}
+            wanted = [LayerInput(shapes[s.tensor], nodes[s.node].input[0], exported[s.node].input[0]) for s in wave]
+            grams = collect(
+                context.model, quantized, wanted, batches, max_columns=options.max_columns, seed=config.seed,
+                mask_input=padding_mask(context.model, config.mask_input),
+            )
+            collect_seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            for site, gram in zip(wave, grams):
+                record, new_weight, shift = _reconstruct(site, shapes[site.tensor], gram, current.weight(site.tensor), params[site.tensor], self.solver, options)
+                weights[site.tensor] = new_weight
+                grids[site.tensor] = range_of(params[site.tensor])
+                bias = biases.get(site.node)
+                if bias is not None and options.statistics_correction and shift.size == weights[bias.tensor].size:
+                    weights[bias.tensor] = (weights[bias.tensor] + shift.reshape(weights[bias.tensor].shape)).astype(np.float32)
+                records.append(record)
+                context.notify(Progress("reconstruct", len(records), len(todo)))
+            solve_seconds += time.perf_counter() - started
+        record = ReconstructionRecord(
+            stage=self.name, solver=self.solver, layers=tuple(records), skipped=tuple(skipped),
+            collect_seconds=collect_seconds, solve_seconds=solve_seconds, max_columns=options.max_columns,
+        )
+        return solution.but(weights=weights, weight_grids=grids), record
+
+
+def _reconstruct(site: WeightSite, shape: LayerShape, gram, weight: np.ndarray, qp: QParams, solver: str, options):
+    """(record, reconstructed weight, the bias shift of statistics correction) of one layer."""
+    w = shape.to_matrix(weight)
+    groups, rows, _ = w.shape
+    grid = _row_grid(qp, groups * rows)
+    hessian, cross, float_hessian = gram.mean("hessian"), gram.mean("cross"), gram.mean("float_hessian")
+    w_hat = SOLVERS[solver](w, hessian, cross, grid, options)
+    nearest = grid.quantize(w.reshape(groups * rows, -1)).reshape(w.shape)
+    energy = np.einsum("grd,gde,gre->", w, float_hessian, w)
+
+    def error(candidate: np.ndarray) -> float:
+        value = np.einsum("grd,gde,gre->", candidate, hessian, candidate) - 2 * np.einsum("grd,gde,gre->", candidate, cross, w) + energy
+        return float(max(value, 0.0) / energy) if energy > 0 else 0.0
+
+    before, after = error(nearest), error(w_hat)
+    if after > before:  # the solver's greedy or damped answer can lose to plain rounding on a layer: keep the better
+        w_hat, after = nearest, before
+    shift = (np.matmul(w, gram.mean("float_mean")[:, :, None]) - np.matmul(w_hat, gram.mean("quantized_mean")[:, :, None])).ravel()
+    record = LayerRecord(site.node, round(before, 6), round(after, 6), gram.sampled, gram.positions)
+    return record, shape.from_matrix(w_hat), shift
+
+
+def _row_grid(qp: QParams, rows: int) -> RowGrid:
+    """The grid of a weight's matrix rows: per channel (the output axis), per tensor, or blockwise
+    (a MatMul's [K/block, N] parameters, transposed to [N, K/block])."""
+    if qp.block_size is not None:
+        return RowGrid(np.asarray(qp.scale).T, np.asarray(qp.zero_point).T, qp.fmt.qmin, qp.fmt.qmax, qp.block_size)
+    return RowGrid.of(qp.scale, qp.zero_point, qp.fmt, rows)
+
+
+def _waves(model, sites: list[WeightSite]) -> list[list[WeightSite]]:
+    """``sites`` (in graph order) in runs whose layers' inputs do not depend on each other."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    layer_of = {s.node: s for s in sites}
+    upstream: dict[str, frozenset[str]] = {}
+
+    def layers_above(tensor: str) -> frozenset[str]:
+        stack, seen, found = [tensor], set(), set()
+        while stack:
+            name = stack.pop()
+            if name in upstream:
+                found |= upstream[name]
+                continue
+            node = producer.get(name)
+            if node is None or name in seen:
+                continue
+            seen.add(name)
+            if node.name in layer_of:
+                found.add(node.name)
+            stack.extend(i for i in node.input if i)
+        return frozenset(found)
+
+    waves: list[list[WeightSite]] = []
+    members: set[str] = set()
+    nodes = {n.name: n for n in model.graph.node}
+    for site in sites:
+        above = layers_above(nodes[site.node].input[0])
+        upstream[nodes[site.node].input[0]] = above
+        if not waves or above & members:
+            waves.append([])
+            members = set()
+        waves[-1].append(site)
+        members.add(site.node)
+    return waves

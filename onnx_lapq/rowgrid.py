@@ -1,0 +1,68 @@
+"""A layer's weight as a matrix of rows (one per output channel) and the integer grid of each row.
+
+Reconstruction works on W as a [rows, d] matrix whose row r maps one unfolded input column
+(``unfold.py``) to output channel r.  :class:`RowGrid` is the grid the weight's QParams put on
+that matrix: a scale and zero point per row, or per row and block of ``block`` consecutive
+columns (blockwise weight-only grids).  ``quantize_columns`` is exactly what the export's
+QuantizeLinear/DequantizeLinear does to those entries, so a matrix a solver returns is stored
+bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .qmath import QFormat
+
+
+@dataclass(frozen=True)
+class RowGrid:
+    """scale, zero_point: [rows] or [rows, blocks] (float32 / int64); qmin..qmax the code range."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    qmin: int
+    qmax: int
+    block: int | None = None
+
+    @classmethod
+    def of(cls, scale, zero_point, fmt: QFormat, rows: int, block: int | None = None) -> "RowGrid":
+        """The grid of a weight whose per-row (or per-tensor, broadcast) parameters are given."""
+        scale = np.asarray(scale, np.float32)
+        zero_point = np.asarray(zero_point, np.int64)
+        if scale.ndim == 0:
+            scale, zero_point = np.full(rows, scale, np.float32), np.full(rows, zero_point, np.int64)
+        return cls(scale, zero_point, fmt.qmin, fmt.qmax, block)
+
+    def _column_params(self, columns: slice | np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.block is None:
+            return self.scale[:, None], self.zero_point[:, None]
+        index = np.arange(width)[columns] // self.block
+        return self.scale[:, index], self.zero_point[:, index]
+
+    def quantize_columns(self, values: np.ndarray, columns: slice | np.ndarray, width: int) -> np.ndarray:
+        """Fake-quantized ``values`` ([rows, k], float64) that sit at ``columns`` of a matrix ``width`` wide."""
+        scale, zero = self._column_params(columns, width)
+        q = np.clip(np.rint(values.astype(np.float32) / scale).astype(np.float64) + zero, self.qmin, self.qmax)
+        return ((q - zero).astype(np.float32) * scale).astype(np.float64)
+
+    def quantize(self, matrix: np.ndarray) -> np.ndarray:
+        """Round to nearest on the grid, every entry of a [rows, d] matrix."""
+        return self.quantize_columns(matrix, slice(None), matrix.shape[1])
+
+    def floor_and_fraction(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(floor of W/s, W/s - floor, scale, zero point), all [rows, d]: what a learned rounding
+        (AdaRound) chooses between; codes are clamp(floor + up + z, qmin, qmax)."""
+        scale, zero = self._column_params(slice(None), matrix.shape[1])
+        scale = np.broadcast_to(scale, matrix.shape)
+        zero = np.broadcast_to(zero, matrix.shape)
+        scaled = matrix / scale.astype(np.float64)
+        floor = np.floor(scaled)
+        return floor, scaled - floor, scale, zero
+
+    def dequantize(self, codes: np.ndarray) -> np.ndarray:
+        """Real values (float64) of integer codes ``codes`` ([rows, d], zero point included)."""
+        scale, zero = self._column_params(slice(None), codes.shape[1])
+        q = np.clip(codes, self.qmin, self.qmax)
+        return ((q - zero).astype(np.float32) * scale).astype(np.float64)

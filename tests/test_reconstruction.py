@@ -1,0 +1,133 @@
+"""Weight reconstruction as a stage: what it changes, what later stages keep, what the export holds."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import onnx_lapq
+from conftest import Net, block_model, digits, random_inputs
+from onnx import TensorProto
+from onnx_lapq import ConfigError, LapqOptions, QuantConfig, ReconstructionOptions, methods
+from onnx_lapq.layerinputs import prefix
+from onnx_lapq.methods.reconstruction import _waves
+from onnx_lapq.plan import build_plan
+from onnx_lapq.qmath import quantize as codes_of
+from onnx_lapq.runtime import session
+
+
+def _depthwise_model():
+    """x -> conv1 -> Relu -> depthwise 3x3 (group 6) -> Relu -> pointwise 1x1 -> Relu -> Flatten -> Gemm."""
+    net = Net(np.random.default_rng(5))
+    h = net.op("Relu", "relu1", [net.conv("conv1", "x", 3, 6)])
+    net.inits["dw_W"] = (net.rng.standard_normal((6, 1, 3, 3)) / 3).astype(np.float32)
+    net.inits["dw_B"] = (0.1 * net.rng.standard_normal(6)).astype(np.float32)
+    net.nodes.append(onnx.helper.make_node("Conv", [h, "dw_W", "dw_B"], ["dw"], name="dw", group=6, pads=[1] * 4, kernel_shape=[3, 3]))
+    h = net.op("Relu", "relu2", ["dw"])
+    h = net.op("Relu", "relu3", [net.conv("pw", h, 6, 8, k=1, pad=0)])
+    net.gemm("fc", net.op("Flatten", "flat", [h], axis=1), 8 * 8 * 8, 10)
+    return net.model([("x", TensorProto.FLOAT, ["N", 3, 8, 8])], [("fc", TensorProto.FLOAT, ["N", 10])])
+
+
+def _record(result, stage="gptq"):
+    return next(r for r in result.stages if r.stage == stage)
+
+
+def test_config_puts_reconstruction_between_bias_correction_and_clipping():
+    names = [s.name for s in methods.stages(QuantConfig(weights="gptq", method="lapq"))]
+    assert names == ["bias_correction", "gptq", "lapq"]
+    with pytest.raises(ConfigError, match="weights='adaround2' is unknown"):
+        QuantConfig(weights="adaround2")
+    with pytest.raises(ConfigError, match="weight_only"):
+        QuantConfig(weights="gptq", weight_only=True)
+    with pytest.raises(ConfigError, match="ReconstructionOptions"):
+        QuantConfig(damping=0.1)
+
+
+@pytest.mark.parametrize("build", [_depthwise_model, block_model])
+def test_every_layer_fits_its_inputs_better_than_rounding_and_the_export_holds_the_solution(build):
+    model = build()
+    calibration = random_inputs(model, 96, batch=32)
+    result = onnx_lapq.quantize(model, calibration, config=QuantConfig(weight_bits=3, act_bits=8, weights="gptq", method="mse"))
+    record = _record(result)
+    assert len(record.layers) == len(result.plan.weights) and not record.skipped
+    for layer in record.layers:
+        assert layer.error_reconstructed <= layer.error_nearest, layer
+    assert sum(layer.error_reconstructed for layer in record.layers) < 0.8 * sum(layer.error_nearest for layer in record.layers)
+    # the exported integer weights are the reconstructed ones, on the grid the stage fixed
+    exported = {t.name: t for t in result.model.graph.initializer}
+    for site in result.plan.weights:
+        qp = result.params[site.tensor]
+        stored = numpy_helper.to_array(exported[f"{site.tensor}_quantized"]).astype(np.int64)
+        np.testing.assert_array_equal(stored, codes_of(result.solution.weights[site.tensor], qp.scale, qp.zero_point, qp.fmt, qp.axis))
+        lo, hi = result.solution.weight_grids[site.tensor]
+        assert np.all(np.abs(result.solution.weights[site.tensor]) <= np.broadcast_to(np.maximum(-lo, hi), qp.scale.shape).reshape(
+            (-1,) + (1,) * (result.solution.weights[site.tensor].ndim - 1)) + 1e-6)
+
+
+def test_reconstruction_lowers_the_loss_at_low_bits_on_the_digits_cnn():
+    model, calibration = digits()
+    losses = {}
+    for weights in ("nearest", "gptq"):
+        config = QuantConfig(weight_bits=2, act_bits=4, method="lapq", weights=weights, lapq=LapqOptions(max_evals=40))
+        result = onnx_lapq.quantize(model, calibration, config=config)
+        losses[weights] = result.exported_loss
+        assert result.exported_loss == pytest.approx(_record(result, "lapq").outcome.search.fun, rel=1e-6)
+    assert losses["gptq"] < 0.5 * losses["nearest"]
+
+
+def test_lapq_after_reconstruction_searches_activations_only_and_keeps_the_weight_grids():
+    model, calibration = digits()
+    config = QuantConfig(weight_bits=4, act_bits=4, method="lapq", weights="gptq", lapq=LapqOptions(max_evals=30))
+    result = onnx_lapq.quantize(model, calibration, config=config)
+    start = result.start_params
+    for site in result.plan.weights:
+        np.testing.assert_array_equal(result.params[site.tensor].scale, start[site.tensor].scale)
+    assert len(_record(result, "lapq").outcome.search.x) == len(result.plan.groups)  # one coordinate per activation group
+    assert [layer["node"] for layer in result.report["reconstruction"]["layers"]] == [s.node for s in result.plan.weights]
+
+
+def test_statistics_correction_is_an_option_and_moves_only_biases():
+    model = _depthwise_model()
+    calibration = random_inputs(model, 64, batch=32)
+    runs = {}
+    for on in (True, False):
+        config = QuantConfig(weight_bits=3, weights="gptq", bias_correction=False, reconstruction=ReconstructionOptions(statistics_correction=on))
+        runs[on] = onnx_lapq.quantize(model, calibration, config=config)
+    plan = runs[True].plan
+    changed = [b.tensor for b in plan.biases if not np.array_equal(runs[True].solution.weights[b.tensor], runs[False].solution.weights[b.tensor])]
+    assert changed  # correction moved biases
+    for bias in plan.biases:
+        np.testing.assert_array_equal(runs[False].solution.weights[bias.tensor], numpy_helper.to_array(
+            next(t for t in model.graph.initializer if t.name == bias.tensor)))
+
+
+def test_reconstruction_is_deterministic_and_its_sampling_bounded():
+    model = _depthwise_model()
+    calibration = random_inputs(model, 64, batch=16)
+    config = QuantConfig(weight_bits=4, weights="gptq", reconstruction=ReconstructionOptions(max_columns=256))
+    first = onnx_lapq.quantize(model, calibration, config=config)
+    second = onnx_lapq.quantize(model, calibration, config=config)
+    assert first.model.SerializeToString() == second.model.SerializeToString()
+    for layer in _record(first).layers:
+        assert layer.sampled <= 256 + 16 and layer.sampled <= layer.positions
+    assert first.report["reconstruction"]["solver"] == "gptq"
+
+
+def test_layers_whose_inputs_do_not_depend_on_each_other_share_a_pass():
+    model = onnx_lapq.graph.normalize(block_model())
+    plan = build_plan(model, QuantConfig(weight_bits=4))
+    order = {n.name: i for i, n in enumerate(model.graph.node)}
+    waves = [[s.node for s in wave] for wave in _waves(model, sorted(plan.weights, key=lambda s: order[s.node]))]
+    assert ["conva", "convb"] in waves
+    assert sum(len(w) for w in waves) == len(plan.weights) == len(waves) + 1
+
+
+def test_prefix_keeps_only_what_the_outputs_need():
+    model = block_model()
+    cut = prefix(model, ["relu2"])
+    assert {n.name for n in cut.graph.node} == {"conv1", "relu1", "conv2", "add", "relu2"}
+    assert {t.name for t in cut.graph.initializer} == {"conv1_W", "conv1_B", "conv2_W", "conv2_B"}
+    feeds = random_inputs(model, 4)[0]
+    np.testing.assert_array_equal(session(cut).run(["relu2"], feeds)[0], session(model, outputs=["relu2"]).run(["relu2"], feeds)[0])
