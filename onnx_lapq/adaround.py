@@ -44,10 +44,6 @@ objective gains δ‖Ŵ − W‖² (+ const), which keeps it strictly convex and
 reaches (diag Ĥ = 0) towards round-to-nearest; adding δ to Ĥ alone would instead pull Ŵ
 towards 0.
 
-Safeguard.  Rows are independent, so each row keeps the better of the learned rounding and
-round to nearest (``grid.quantize``) under the undamped L: the result is never worse than
-round to nearest, row by row.
-
 Arithmetic.  Gram matrices and the starting point are formed in float64; the iterations run in
 float32 on the residual Ŵ − W, which is of the order of one grid step, with 2h − 1 written as
 clamp((ζ − γ) tanh(α/2), −1, 1) (the same function, since ζ + γ = 1).  Adam's step size is
@@ -201,21 +197,6 @@ def _learn_alpha(alpha: np.ndarray, middle: np.ndarray, half_step: np.ndarray, h
     return alpha
 
 
-def reconstruction_error(weight: np.ndarray, hessian: np.ndarray, cross: np.ndarray, w_hat: np.ndarray,
-                         float_gram: np.ndarray | None = None) -> np.ndarray:
-    """Per group [G]: tr(Ŵ Ĥ Ŵᵀ) − 2 tr(Ŵ C Wᵀ), plus tr(W F Wᵀ) when the float Gram F = E[x xᵀ]
-    is given, so that it equals E‖W x − Ŵ x̂‖²."""
-    out = _row_error(weight, hessian, cross, w_hat).sum(axis=1)
-    if float_gram is not None:
-        out = out + np.einsum("grd,gde,gre->g", weight, float_gram, weight)
-    return out
-
-
-def _row_error(weight: np.ndarray, hessian: np.ndarray, cross: np.ndarray, w_hat: np.ndarray) -> np.ndarray:
-    """[G, r]: each row's ŵ Ĥ ŵᵀ − 2 ŵ C wᵀ."""
-    return np.einsum("grd,grd->gr", w_hat, w_hat @ hessian - 2.0 * weight @ np.swapaxes(cross, 1, 2))
-
-
 def adaround(weight: np.ndarray, hessian: np.ndarray, cross: np.ndarray, grid: RowGrid, *,
              iterations: int = 1000, regularization: float = 0.01, beta: tuple[float, float] = (20.0, 2.0),
              warmup: float = 0.2, learning_rate: float = 1e-2, damping: float = 0.01) -> np.ndarray:
@@ -239,7 +220,4 @@ def adaround(weight: np.ndarray, hessian: np.ndarray, cross: np.ndarray, grid: R
         shaped(0.5 * rounding.step), np.ascontiguousarray(damped_h, np.float32), shaped(offset),
         shaped(rec_weight), _beta_schedule(iterations, warmup, beta), regularization, learning_rate)
 
-    learned = grid.dequantize(rounding.floor + (alpha.reshape(groups * r, d) >= 0)).reshape(groups, r, d)
-    nearest = grid.quantize(rows).reshape(groups, r, d)
-    better = _row_error(weight, hessian, cross, learned) <= _row_error(weight, hessian, cross, nearest)
-    return np.where(better[:, :, None], learned, nearest)
+    return grid.dequantize(rounding.floor + (alpha.reshape(groups * r, d) >= 0)).reshape(groups, r, d)

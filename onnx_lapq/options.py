@@ -19,7 +19,7 @@ CALIBRATORS = ("minmax", "percentile", "entropy", "mse", "lp")  # per-tensor cli
 SEARCHES = ("powell", "coordinate")
 LOSSES = ("auto", "kl", "mse", "cosine", "ce")
 SEARCH_BIAS_CORRECTION = ("auto", "on", "off", "race")
-WEIGHT_METHODS = ("nearest", "gptq")  # how weights are rounded: to nearest, or by a reconstruction solver
+WEIGHT_METHODS = ("nearest", "gptq", "adaround")  # how weights are rounded: to nearest, or by a reconstruction solver
 
 
 def _is_int(value) -> bool:
@@ -166,9 +166,11 @@ class ReconstructionOptions:
     max_columns: input patches sampled per layer for its Gram statistics (all where fewer).
     statistics_correction: set each reconstructed layer's bias so that its mean output
         matches the float model's.
-    damping: added to the diagonal of each Gram matrix, as a fraction of its mean (gptq).
+    damping: added to the diagonal of each Gram matrix, as a fraction of its mean.
     act_order: gptq rounds the columns of largest input energy first.
     block: columns per lazy update of gptq.
+    iterations: Adam steps of adaround's learned rounding.
+    regularization: weight of adaround's push of each rounding to up or down (λ).
     """
 
     weight_clipping: str = "mse"
@@ -177,6 +179,8 @@ class ReconstructionOptions:
     damping: float = 0.01
     act_order: bool = True
     block: int = 128
+    iterations: int = 1000
+    regularization: float = 0.01
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -188,3 +192,7 @@ class ReconstructionOptions:
             raise ConfigError(f"damping={self.damping} must be in (0, 1], e.g. 0.01")
         if self.block < 1:
             raise ConfigError(f"block={self.block} must be at least 1")
+        if self.iterations < 1:
+            raise ConfigError(f"iterations={self.iterations} must be at least 1 (e.g. 1000)")
+        if self.regularization < 0:
+            raise ConfigError(f"regularization={self.regularization} must be >= 0 (e.g. 0.01)")

@@ -6,6 +6,11 @@ that matrix: a scale and zero point per row, or per row and block of ``block`` c
 columns (blockwise weight-only grids).  ``quantize_columns`` is exactly what the export's
 QuantizeLinear/DequantizeLinear does to those entries, so a matrix a solver returns is stored
 bit for bit.
+
+The objective of a layer's rows, with Ĥ = E[x̂ x̂ᵀ] and C = E[x̂ xᵀ] ([G, d, d]; x̂ its input in the
+partly quantized model, x in the float one) is E‖w x − ŵ x̂‖² = ŵ Ĥ ŵᵀ − 2 ŵ C wᵀ + w F wᵀ
+(F = E[x xᵀ]) row by row (:func:`row_error`); rows are independent, so
+:func:`better_than_nearest` can keep, row by row, a solver's answer or round to nearest.
 """
 from __future__ import annotations
 
@@ -66,3 +71,22 @@ class RowGrid:
         scale, zero = self._column_params(slice(None), codes.shape[1])
         q = np.clip(codes, self.qmin, self.qmax)
         return ((q - zero).astype(np.float32) * scale).astype(np.float64)
+
+
+def row_error(weight: np.ndarray, hessian: np.ndarray, cross: np.ndarray, w_hat: np.ndarray,
+              float_gram: np.ndarray | None = None) -> np.ndarray:
+    """[G, r]: each row's ŵ Ĥ ŵᵀ − 2 ŵ C wᵀ, plus w F wᵀ when the float Gram F is given, so
+    that it equals E‖w x − ŵ x̂‖² (see the module docstring)."""
+    out = np.einsum("grd,grd->gr", w_hat, w_hat @ hessian - 2.0 * weight @ np.swapaxes(cross, 1, 2))
+    if float_gram is not None:
+        out = out + np.einsum("grd,grd->gr", weight, weight @ float_gram)
+    return out
+
+
+def better_than_nearest(weight: np.ndarray, hessian: np.ndarray, cross: np.ndarray, w_hat: np.ndarray, grid: RowGrid) -> np.ndarray:
+    """``w_hat`` [G, r, d] with every row whose objective is above round to nearest's replaced
+    by round to nearest: a solver's answer, never worse than plain rounding row by row."""
+    groups, rows, d = weight.shape
+    nearest = grid.quantize(weight.reshape(groups * rows, d)).reshape(weight.shape)
+    keep = row_error(weight, hessian, cross, w_hat) <= row_error(weight, hessian, cross, nearest)
+    return np.where(keep[:, :, None], w_hat, nearest)

@@ -83,7 +83,7 @@ class LayerShape:
         """How many patches an input ``x`` has (per group)."""
         if self.op_type != "Conv":
             return int(np.prod(x.shape[:-1]))
-        return x.shape[0] * int(np.prod(self._windows(x).shape[2:2 + len(self.strides)]))
+        return x.shape[0] * int(np.prod(self._out_shape(x)))
 
     def patches(self, x: np.ndarray, chosen: np.ndarray) -> np.ndarray:
         """The patches at flat positions ``chosen`` (indices below :meth:`positions`), as

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_lapq.adaround import adaround, reconstruction_error
+from onnx_lapq.adaround import adaround
+from onnx_lapq.rowgrid import better_than_nearest, row_error
 from onnx_lapq.qmath import QFormat
 from onnx_lapq.rowgrid import RowGrid
 
@@ -86,6 +87,8 @@ def test_learned_rounding_beats_round_to_nearest_on_correlated_inputs(seed):
     grid = max_abs_grid(weight[0], INT3)
     out = adaround(weight, *grams(x, x_hat), grid)
     nearest = grid.quantize(weight[0])[None]
+    assert output_error(weight, x, x_hat, out).sum() < 0.7 * output_error(weight, x, x_hat, nearest).sum()
+    out = better_than_nearest(weight, *grams(x, x_hat), out, grid)
     learned_rows, nearest_rows = output_error(weight, x, x_hat, out), output_error(weight, x, x_hat, nearest)
     assert (learned_rows <= nearest_rows * (1 + 1e-9)).all()
     assert learned_rows.sum() < 0.7 * nearest_rows.sum()
@@ -97,9 +100,9 @@ def test_reconstruction_error_is_the_output_error():
     w_hat = grid.quantize(weight[0])[None]
     hessian, cross = grams(x, x_hat)
     float_gram = (x.T @ x / len(x))[None]
-    got = reconstruction_error(weight, hessian, cross, w_hat, float_gram)
-    assert got.shape == (1,)
-    assert got[0] == pytest.approx(output_error(weight, x, x_hat, w_hat).sum(), rel=1e-9)
+    got = row_error(weight, hessian, cross, w_hat, float_gram)
+    assert got.shape == (1, weight.shape[1])
+    np.testing.assert_allclose(got[0], output_error(weight, x, x_hat, w_hat), rtol=1e-9)
 
 
 def test_two_calls_give_the_same_bytes():

@@ -34,6 +34,9 @@ def _record(result, stage="gptq"):
     return next(r for r in result.stages if r.stage == stage)
 
 
+SOLVERS = ("gptq", "adaround")
+
+
 def test_config_puts_reconstruction_between_bias_correction_and_clipping():
     names = [s.name for s in methods.stages(QuantConfig(weights="gptq", method="lapq"))]
     assert names == ["bias_correction", "gptq", "lapq"]
@@ -45,12 +48,14 @@ def test_config_puts_reconstruction_between_bias_correction_and_clipping():
         QuantConfig(damping=0.1)
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("build", [_depthwise_model, block_model])
-def test_every_layer_fits_its_inputs_better_than_rounding_and_the_export_holds_the_solution(build):
+def test_every_layer_fits_its_inputs_better_than_rounding_and_the_export_holds_the_solution(build, solver):
     model = build()
     calibration = random_inputs(model, 96, batch=32)
-    result = onnx_lapq.quantize(model, calibration, config=QuantConfig(weight_bits=3, act_bits=8, weights="gptq", method="mse"))
-    record = _record(result)
+    config = QuantConfig(weight_bits=3, act_bits=8, weights=solver, method="mse")
+    result = onnx_lapq.quantize(model, calibration, config=config)
+    record = _record(result, solver)
     assert len(record.layers) == len(result.plan.weights) and not record.skipped
     for layer in record.layers:
         assert layer.error_reconstructed <= layer.error_nearest, layer

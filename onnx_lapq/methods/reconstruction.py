@@ -4,7 +4,8 @@ Front to back, each Conv/Gemm/MatMul with a constant weight gets the weight on i
 grid that minimizes E‖W x − Ŵ x̂‖² over the calibration set (AdaQuant's layer-wise
 calibration; x its input in the float model, x̂ in the model quantized so far, both from
 ONNX Runtime: layerinputs.py), by a solver on Gram matrices (gptq.py: rounding with error
-feedback; adaround.py: learned rounding).  Layers whose inputs do not depend on each other
+feedback; adaround.py: learned rounding); a row where the solver's answer fits worse than
+rounding to nearest keeps the latter.  Layers whose inputs do not depend on each other
 are collected in one pass (a "wave").  Statistics correction then sets each bias so that the
 layer's mean output matches the float model's: b + W E[x] − Ŵ E[x̂].
 
@@ -23,13 +24,14 @@ import numpy as np
 
 from ..data import padding_mask
 from ..export import export_qdq
+from ..adaround import adaround
 from ..gptq import gptq
 from ..layerinputs import LayerInput, collect
 from ..options import CALIBRATORS
 from ..params import QParams, range_of
 from ..plan import QuantPlan, WeightSite
 from ..progress import Progress
-from ..rowgrid import RowGrid
+from ..rowgrid import RowGrid, better_than_nearest, row_error
 from ..solution import Solution
 from ..unfold import LayerShape
 from .base import RunContext, StageRecord
@@ -38,14 +40,17 @@ from .calibrators import activation_observers, choose_ranges
 # solver name -> Ŵ [G, r, d] from (W, Ĥ, C, grid, ReconstructionOptions)
 SOLVERS = {
     "gptq": lambda w, hessian, cross, grid, o: gptq(w, hessian, cross, grid, damping=o.damping, act_order=o.act_order, block=o.block),
+    "adaround": lambda w, hessian, cross, grid, o: adaround(
+        w, hessian, cross, grid, iterations=o.iterations, regularization=o.regularization, damping=o.damping,
+    ),
 }
 
 
 @dataclass(frozen=True)
 class LayerRecord:
     """One layer's relative output error E‖Wx − Ŵx̂‖² / E‖Wx‖², rounded to nearest and
-    reconstructed (never above the former: where the solver loses, the layer keeps the
-    nearest rounding), and how many patches its statistics sampled of how many."""
+    reconstructed (never above the former: a row where the solver loses keeps the nearest
+    rounding), and how many patches its statistics sampled of how many."""
 
     node: str
     error_nearest: float
@@ -153,20 +158,16 @@ def _reconstruct(site: WeightSite, shape: LayerShape, gram, weight: np.ndarray, 
     w = shape.to_matrix(weight)
     groups, rows, _ = w.shape
     grid = _row_grid(qp, groups * rows)
-    hessian, cross, float_hessian = gram.mean("hessian"), gram.mean("cross"), gram.mean("float_hessian")
-    w_hat = SOLVERS[solver](w, hessian, cross, grid, options)
+    hessian, cross, float_gram = gram.mean("hessian"), gram.mean("cross"), gram.mean("float_hessian")
+    w_hat = better_than_nearest(w, hessian, cross, SOLVERS[solver](w, hessian, cross, grid, options), grid)
     nearest = grid.quantize(w.reshape(groups * rows, -1)).reshape(w.shape)
-    energy = np.einsum("grd,gde,gre->", w, float_hessian, w)
+    energy = float(np.einsum("grd,gde,gre->", w, float_gram, w))
 
     def error(candidate: np.ndarray) -> float:
-        value = np.einsum("grd,gde,gre->", candidate, hessian, candidate) - 2 * np.einsum("grd,gde,gre->", candidate, cross, w) + energy
-        return float(max(value, 0.0) / energy) if energy > 0 else 0.0
+        return float(max(row_error(w, hessian, cross, candidate, float_gram).sum(), 0.0) / energy) if energy > 0 else 0.0
 
-    before, after = error(nearest), error(w_hat)
-    if after > before:  # the solver's greedy or damped answer can lose to plain rounding on a layer: keep the better
-        w_hat, after = nearest, before
     shift = (np.matmul(w, gram.mean("float_mean")[:, :, None]) - np.matmul(w_hat, gram.mean("quantized_mean")[:, :, None])).ravel()
-    record = LayerRecord(site.node, round(before, 6), round(after, 6), gram.sampled, gram.positions)
+    record = LayerRecord(site.node, round(error(nearest), 6), round(error(w_hat), 6), gram.sampled, gram.positions)
     return record, shape.from_matrix(w_hat), shift
 
 
