@@ -1,11 +1,17 @@
 """The inputs of layers in the float model and in the model quantized so far, as Gram statistics.
 
 Sequential reconstruction needs, for each layer, its input x in the float model and x̂ in the
-model whose earlier layers are already quantized.  :func:`collect` runs both models, cut down
-to the part that computes the requested inputs (:func:`prefix`: ONNX Runtime runs every node of
-a graph whatever outputs are asked for), over the calibration batches once, and folds each
-batch's patches (unfold.py) into a :class:`LayerGram`; memory is one batch's tensors plus
-d × d per layer, whatever the number of samples.
+model whose earlier layers are already quantized.  :class:`InputCollector` runs both models over
+the calibration batches once per wave of layers and folds each batch's patches (unfold.py) into
+a :class:`LayerGram`: memory is one batch's tensors plus d × d per layer, whatever the number
+of samples.
+
+ONNX Runtime runs every node of a graph whatever outputs are asked for, so each run uses the
+part of the model that computes what is asked (:func:`prefix`).  Waves go front to back, and
+what comes before a wave's first layer is final when the wave runs (only that layer's and
+later layers' weights change afterwards): the tensors alive there (the wave's *frontier*) are
+kept for every batch while they fit ``cache_bytes``, and the next wave runs only the graph
+between the two frontiers.  Where they do not fit, the next wave runs from the graph inputs.
 
 Where a layer's input has more patches than ``max_columns`` over all samples, each batch
 contributes a seeded uniform random sample of its positions in proportion to its rows; the
@@ -18,32 +24,52 @@ from typing import Iterable
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from .runtime import session
 from .unfold import LayerShape
 
 
-def prefix(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelProto:
-    """The part of ``model`` that computes ``outputs`` (float32 graph outputs), inputs and
-    initializers it does not read left out."""
+def prefix(model: onnx.ModelProto, outputs: Iterable[str], given: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``outputs``, from the graph inputs and, where given,
+    from the tensors of ``given`` (name -> a value, whose type and shape the new input takes)."""
     graph = model.graph
-    wanted = list(outputs)
+    given = given or {}
+    wanted = list(dict.fromkeys(outputs))
     needed = set(wanted)
     nodes = []
     for node in reversed(graph.node):
-        if needed.intersection(node.output):
+        made = needed.intersection(node.output)
+        if made and not made <= set(given):
             nodes.append(node)
             needed.update(i for i in node.input if i)
     nodes.reverse()
-    kept = onnx.helper.make_graph(
-        nodes, graph.name, [i for i in graph.input if i.name in needed],
-        [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in wanted],
-        [t for t in graph.initializer if t.name in needed],
-        value_info=[v for v in graph.value_info if v.name in needed],
+    made_inside = {o for n in nodes for o in n.output}
+    inputs = [i for i in graph.input if i.name in needed and i.name not in given] + [
+        helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), ["n", *value.shape[1:]])
+        for name, value in given.items() if name in needed and name not in made_inside
+    ]
+    kept = helper.make_graph(
+        nodes, graph.name, inputs, [helper.make_empty_tensor_value_info(name) for name in wanted],
+        [t for t in graph.initializer if t.name in needed], value_info=[v for v in graph.value_info if v.name in needed],
     )
-    out = onnx.helper.make_model(kept, opset_imports=model.opset_import, ir_version=model.ir_version)
+    out = helper.make_model(kept, opset_imports=model.opset_import, ir_version=model.ir_version)
     out.functions.extend(model.functions)
     return out
+
+
+def live_tensors(model: onnx.ModelProto, node_name: str) -> list[str]:
+    """The tensors made before node ``node_name`` from the graph inputs and read at or after it
+    (not those made from initializers alone, such as a dequantized weight, which a later wave
+    may change)."""
+    nodes = list(model.graph.node)
+    position = next(i for i, n in enumerate(nodes) if n.name == node_name)
+    constant = {t.name for t in model.graph.initializer}
+    for node in nodes:
+        if all(not i or i in constant for i in node.input):
+            constant.update(node.output)
+    made_before = {o for n in nodes[:position] for o in n.output} - constant
+    return [t for t in dict.fromkeys(i for n in nodes[position:] for i in n.input) if t in made_before]
 
 
 @dataclass
@@ -51,7 +77,8 @@ class LayerGram:
     """Running Gram statistics of one layer's patches: x̂ (quantized model) and x (float).
 
     hessian = E[x̂ x̂ᵀ], cross = E[x̂ xᵀ], float_hessian = E[x xᵀ] over the sampled patches
-    ([G, d, d]); quantized_mean = E[x̂], float_mean = E[x] over every patch ([G, d])."""
+    ([G, d, d]; products in float32, sums in float64); quantized_mean = E[x̂], float_mean = E[x]
+    over every patch ([G, d])."""
 
     layer: LayerShape
     sums: dict[str, np.ndarray] = field(default_factory=dict)
@@ -59,13 +86,15 @@ class LayerGram:
     positions: int = 0
 
     def update(self, quantized: np.ndarray, floating: np.ndarray, chosen: np.ndarray) -> None:
-        pq, pf = self.layer.patches(quantized, chosen), self.layer.patches(floating, chosen)
+        pq = self.layer.patches(quantized, chosen)
+        pf = self.layer.patches(floating, chosen)
+        pq_t = pq.transpose(0, 2, 1)
         moments = {
-            "hessian": np.matmul(pq.transpose(0, 2, 1), pq), "cross": np.matmul(pq.transpose(0, 2, 1), pf),
-            "float_hessian": np.matmul(pf.transpose(0, 2, 1), pf),
+            "hessian": np.matmul(pq_t, pq), "cross": np.matmul(pq_t, pf), "float_hessian": np.matmul(pf.transpose(0, 2, 1), pf),
             "quantized_mean": self.layer.patch_sum(quantized), "float_mean": self.layer.patch_sum(floating),
         }
         for key, value in moments.items():
+            value = value.astype(np.float64)
             self.sums[key] = value if key not in self.sums else self.sums[key] + value
         self.sampled += len(chosen)
         self.positions += self.layer.positions(quantized)
@@ -78,34 +107,81 @@ class LayerGram:
 
 @dataclass(frozen=True)
 class LayerInput:
-    """A layer to collect: its shape, and its input tensor in the float and in the quantized model."""
+    """A layer to collect: its node, its shape, and its input tensor in the float and in the quantized model."""
 
+    node: str
     layer: LayerShape
     float_tensor: str
     quantized_tensor: str
 
 
-def collect(
-    float_model: onnx.ModelProto, quantized_model: onnx.ModelProto, wanted: list[LayerInput],
-    batches: list[dict[str, np.ndarray]], *, max_columns: int, seed: int, mask_input: str | None = None,
-) -> list[LayerGram]:
-    """One pass of both models over ``batches`` for the layer inputs ``wanted``."""
-    float_sess = session(prefix(float_model, [w.float_tensor for w in wanted]), arena="none")
-    quant_sess = session(prefix(quantized_model, [w.quantized_tensor for w in wanted]), arena="none")
-    feeds_of = {s: {i.name for i in s.get_inputs()} for s in (float_sess, quant_sess)}
-    total = sum(len(next(iter(b.values()))) for b in batches)
-    grams = [LayerGram(w.layer) for w in wanted]
-    rngs = [np.random.default_rng([seed, i]) for i in range(len(wanted))]
-    for batch in batches:
-        rows = len(next(iter(batch.values())))
-        floats = float_sess.run([w.float_tensor for w in wanted], {k: v for k, v in batch.items() if k in feeds_of[float_sess]})
-        quants = quant_sess.run([w.quantized_tensor for w in wanted], {k: v for k, v in batch.items() if k in feeds_of[quant_sess]})
-        mask = np.asarray(batch[mask_input]).astype(bool) if mask_input and mask_input in batch else None
-        for gram, rng, x, x_hat in zip(grams, rngs, floats, quants):
-            if mask is not None and x.ndim >= 3 and x.shape[:2] == mask.shape and gram.layer.op_type != "Conv":
-                x, x_hat = x[mask], x_hat[mask]
-            positions = gram.layer.positions(x)
-            quota = -(-max_columns * rows // total)
-            chosen = np.arange(positions) if positions <= quota else np.sort(rng.choice(positions, quota, replace=False))
-            gram.update(x_hat, x, chosen)
-    return grams
+@dataclass
+class _Frontier:
+    """The values, per batch, of the tensors alive before one node of a model (None: not kept)."""
+
+    values: list[dict[str, np.ndarray]] | None = None
+
+
+class InputCollector:
+    """Collects :class:`LayerGram` statistics wave by wave over ``batches`` (see the module docstring)."""
+
+    def __init__(self, float_model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], *, max_columns: int, seed: int,
+                 mask_input: str | None = None, cache_bytes: int = 1 << 30):
+        self.float_model = float_model
+        self.batches = batches
+        self.max_columns = max_columns
+        self.seed = seed
+        self.mask_input = mask_input
+        self.cache_bytes = cache_bytes
+        self.frontiers = {"float": _Frontier(), "quantized": _Frontier()}
+        self.total = sum(len(next(iter(b.values()))) for b in batches)
+
+    def collect(self, quantized_model: onnx.ModelProto, wanted: list[LayerInput]) -> list[LayerGram]:
+        """The statistics of ``wanted`` (a wave, its layers in graph order) with ``quantized_model``,
+        keeping the frontier before its first layer."""
+        runs = {
+            side: self._outputs(side, model, [getattr(w, f"{side}_tensor") for w in wanted], wanted[0].node)
+            for side, model in (("float", self.float_model), ("quantized", quantized_model))
+        }
+        grams = [LayerGram(w.layer) for w in wanted]
+        rngs = {w.node: np.random.default_rng([self.seed, *w.node.encode()]) for w in wanted}
+        for index, batch in enumerate(self.batches):
+            rows = len(next(iter(batch.values())))
+            got = {side: run(index, batch) for side, run in runs.items()}
+            mask = np.asarray(batch[self.mask_input]).astype(bool) if self.mask_input and self.mask_input in batch else None
+            for position, (gram, layer) in enumerate(zip(grams, wanted)):
+                x, x_hat = got["float"][position], got["quantized"][position]
+                if mask is not None and x.ndim >= 3 and x.shape[:2] == mask.shape and gram.layer.op_type != "Conv":
+                    x, x_hat = x[mask], x_hat[mask]
+                positions = gram.layer.positions(x)
+                quota = -(-self.max_columns * rows // self.total)
+                chosen = np.arange(positions) if positions <= quota else np.sort(rngs[layer.node].choice(positions, quota, replace=False))
+                gram.update(x_hat, x, chosen)
+        return grams
+
+    def _outputs(self, side: str, model: onnx.ModelProto, tensors: list[str], first_node: str):
+        """A function (batch index, batch) -> the values of ``tensors``, which also stores the
+        frontier before ``first_node`` where it fits."""
+        frontier = self.frontiers[side]
+        given = frontier.values[0] if frontier.values else None
+        keep = live_tensors(model, first_node)
+        sess = session(prefix(model, tensors + keep, given), arena="none")
+        feeds = [i.name for i in sess.get_inputs()]
+        old = frontier.values
+        frontier.values = None
+        stored: list[dict[str, np.ndarray]] | None = [] if keep else None
+
+        def run(index: int, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+            nonlocal stored
+            known = {**batch, **(old[index] if old else {})}
+            values = sess.run(tensors + keep, {name: known[name] for name in feeds})
+            if stored is not None:
+                stored.append(dict(zip(keep, values[len(tensors):])))
+                rows = len(next(iter(batch.values())))
+                if sum(v.nbytes for v in stored[-1].values()) * self.total / rows > self.cache_bytes / 2:  # half for each model
+                    stored = None
+                elif index == len(self.batches) - 1:
+                    frontier.values = stored
+            return values[:len(tensors)]
+
+        return run

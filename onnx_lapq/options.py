@@ -164,6 +164,8 @@ class ReconstructionOptions:
     weight_clipping: how each weight's grid is chosen before its rounding: mse or lp (the
         range minimizing the weight's own error) or minmax.
     max_columns: input patches sampled per layer for its Gram statistics (all where fewer).
+    cache_budget_mb: memory for the activations kept between waves of layers, so that each
+        wave runs only its part of the model (layerinputs.py).
     statistics_correction: set each reconstructed layer's bias so that its mean output
         matches the float model's.
     damping: added to the diagonal of each Gram matrix, as a fraction of its mean.
@@ -175,6 +177,7 @@ class ReconstructionOptions:
 
     weight_clipping: str = "mse"
     max_columns: int = 65536
+    cache_budget_mb: int = 1024
     statistics_correction: bool = True
     damping: float = 0.01
     act_order: bool = True
@@ -188,6 +191,8 @@ class ReconstructionOptions:
             raise ConfigError(f"weight_clipping={self.weight_clipping!r} is unknown: use minmax, mse or lp")
         if self.max_columns < 16:
             raise ConfigError(f"max_columns={self.max_columns} must be at least 16 (e.g. 65536)")
+        if self.cache_budget_mb < 0:
+            raise ConfigError(f"cache_budget_mb={self.cache_budget_mb} must be >= 0")
         if not 0.0 < self.damping <= 1.0:
             raise ConfigError(f"damping={self.damping} must be in (0, 1], e.g. 0.01")
         if self.block < 1:

@@ -10,7 +10,8 @@ import onnx_lapq
 from conftest import Net, block_model, digits, random_inputs
 from onnx import TensorProto
 from onnx_lapq import ConfigError, LapqOptions, QuantConfig, ReconstructionOptions, methods
-from onnx_lapq.layerinputs import prefix
+from onnx_lapq.layerinputs import InputCollector, LayerInput, prefix
+from onnx_lapq.unfold import LayerShape
 from onnx_lapq.methods.reconstruction import _waves
 from onnx_lapq.plan import build_plan
 from onnx_lapq.qmath import quantize as codes_of
@@ -136,3 +137,37 @@ def test_prefix_keeps_only_what_the_outputs_need():
     assert {t.name for t in cut.graph.initializer} == {"conv1_W", "conv1_B", "conv2_W", "conv2_B"}
     feeds = random_inputs(model, 4)[0]
     np.testing.assert_array_equal(session(cut).run(["relu2"], feeds)[0], session(model, outputs=["relu2"]).run(["relu2"], feeds)[0])
+
+
+def test_kept_frontiers_give_the_statistics_of_whole_runs():
+    """Waves that run only the graph between frontiers see what runs from the inputs see."""
+    model = onnx_lapq.graph.normalize(block_model())
+    batches = random_inputs(model, 48, batch=16)
+    plan = build_plan(model, QuantConfig(weight_bits=4))
+    nodes = {n.name: n for n in model.graph.node}
+    order = {n.name: i for i, n in enumerate(model.graph.node)}
+    waves = _waves(model, sorted(plan.weights, key=lambda s: order[s.node]))
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    results = {}
+    for budget in (0, 1 << 30):
+        collector = InputCollector(model, batches, max_columns=10_000, seed=0, cache_bytes=budget)
+        grams = []
+        for wave in waves:
+            wanted = [LayerInput(s.node, LayerShape.of(nodes[s.node], weights[s.tensor].shape), nodes[s.node].input[0], nodes[s.node].input[0]) for s in wave]
+            grams += collector.collect(model, wanted)
+        results[budget] = grams
+        assert (collector.frontiers["float"].values is None) == (budget == 0)
+    for cached, whole in zip(results[1 << 30], results[0]):
+        for key in ("hessian", "cross", "quantized_mean"):
+            np.testing.assert_allclose(cached.mean(key), whole.mean(key), rtol=1e-5, atol=1e-6)
+
+
+def test_waves_from_kept_frontiers_reconstruct_as_waves_from_the_inputs():
+    model, calibration = digits()
+    results = []
+    for budget in (0, 1024):
+        config = QuantConfig(weight_bits=2, act_bits=4, method="minmax", weights="gptq", reconstruction=ReconstructionOptions(cache_budget_mb=budget))
+        results.append(_record(onnx_lapq.quantize(model, calibration, config=config)))
+    for cached, whole in zip(results[1].layers, results[0].layers):
+        assert cached.error_reconstructed == pytest.approx(whole.error_reconstructed, rel=1e-3)
+        assert cached.error_nearest == pytest.approx(whole.error_nearest, rel=1e-3)

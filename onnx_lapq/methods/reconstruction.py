@@ -26,7 +26,7 @@ from ..data import padding_mask
 from ..export import export_qdq
 from ..adaround import adaround
 from ..gptq import gptq
-from ..layerinputs import LayerInput, collect
+from ..layerinputs import InputCollector, LayerInput
 from ..options import CALIBRATORS
 from ..params import QParams, range_of
 from ..plan import QuantPlan, WeightSite
@@ -124,16 +124,17 @@ class Reconstruct:
         collect_seconds = solve_seconds = 0.0
         batches = [{k: v for k, v in b.items() if k != config.label_key} for b in context.batches]
         todo = [s for s in sites if s.tensor in shapes]
+        collector = InputCollector(
+            context.model, batches, max_columns=options.max_columns, seed=config.seed,
+            mask_input=padding_mask(context.model, config.mask_input), cache_bytes=options.cache_budget_mb << 20,
+        )
         for wave in _waves(context.model, todo):
             started = time.perf_counter()
             current = solution.but(weights=weights, weight_grids=grids)
             quantized = export_qdq(context.model, plan, params, current)
             exported = {n.name: n for n in quantized.graph.node}
-            wanted = [LayerInput(shapes[s.tensor], nodes[s.node].input[0], exported[s.node].input[0]) for s in wave]
-            grams = collect(
-                context.model, quantized, wanted, batches, max_columns=options.max_columns, seed=config.seed,
-                mask_input=padding_mask(context.model, config.mask_input),
-            )
+            wanted = [LayerInput(s.node, shapes[s.tensor], nodes[s.node].input[0], exported[s.node].input[0]) for s in wave]
+            grams = collector.collect(quantized, wanted)
             collect_seconds += time.perf_counter() - started
             started = time.perf_counter()
             for site, gram in zip(wave, grams):
@@ -161,7 +162,7 @@ def _reconstruct(site: WeightSite, shape: LayerShape, gram, weight: np.ndarray, 
     hessian, cross, float_gram = gram.mean("hessian"), gram.mean("cross"), gram.mean("float_hessian")
     w_hat = better_than_nearest(w, hessian, cross, SOLVERS[solver](w, hessian, cross, grid, options), grid)
     nearest = grid.quantize(w.reshape(groups * rows, -1)).reshape(w.shape)
-    energy = float(np.einsum("grd,gde,gre->", w, float_gram, w))
+    energy = float(np.einsum("grd,grd->", w, w @ float_gram))
 
     def error(candidate: np.ndarray) -> float:
         return float(max(row_error(w, hessian, cross, candidate, float_gram).sum(), 0.0) / energy) if energy > 0 else 0.0
