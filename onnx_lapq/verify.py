@@ -5,8 +5,11 @@ The last check guards against ONNX Runtime rewrites that change numbers (such as
 WeightBiasQuantization moving a float bias onto an int32 grid too fine to hold it): on a
 calibration batch, the optimized model may differ from the
 same model run without graph optimizations by at most twice the quantization error
-itself (mean |optimized - unoptimized| <= 2 mean |unoptimized - float| + 1e-3 mean |float|);
-integer kernels legitimately round differently, by about the quantization error.
+itself, or 1% of the outputs' magnitude where that is more (mean |optimized - unoptimized|
+<= 2 mean |unoptimized - float| + 1e-2 mean |float|): integer kernels legitimately round
+differently, by about the quantization error, and float kernels that ONNX Runtime fuses (a
+Conv with the residual Add after it) by up to a fraction of a percent of the outputs, which
+can exceed the quantization error of a model whose weights were reconstructed.
 
 :func:`integer_layers` tells how ONNX Runtime will run the exported model: how many of its
 quantized layers its CPU optimizations turn into integer kernels (every one at W8A8; none
@@ -26,6 +29,8 @@ from .errors import ExportError
 from .largemodel import over_protobuf_limit
 from .ops import INTEGER_KERNELS, LAYER_OPS
 
+DRIFT_FLOOR = 1e-2  # drift always allowed, as a fraction of the mean output magnitude
+
 
 def check_exported(model: onnx.ModelProto, reference: onnx.ModelProto, batch: dict[str, np.ndarray]) -> ort.InferenceSession:
     """The optimized ONNX Runtime session of ``model``; ExportError when a check fails.
@@ -44,7 +49,7 @@ def check_exported(model: onnx.ModelProto, reference: onnx.ModelProto, batch: di
     plain = session(model, optimize=False, arena="none").run([name], batch)[0].astype(np.float64)
     exact = session(reference).run([name], batch)[0].astype(np.float64)
     drift, error = np.abs(fast - plain).mean(), np.abs(plain - exact).mean()
-    if drift > 2.0 * error + 1e-3 * np.abs(exact).mean():
+    if drift > 2.0 * error + DRIFT_FLOOR * np.abs(exact).mean():
         raise ExportError(
             f"ONNX Runtime's graph optimizations change this quantized model's outputs (mean drift {drift:.3g} against a "
             f"quantization error of {error:.3g}): please report this with the model; other bit-widths may avoid it"
