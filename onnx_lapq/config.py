@@ -111,8 +111,6 @@ class QuantConfig:
             raise ConfigError(f"method={self.method!r} is unknown: use one of {', '.join(CALIBRATION_METHODS)}")
         if self.weights not in WEIGHT_METHODS:
             raise ConfigError(f"weights={self.weights!r} is unknown: use one of {', '.join(WEIGHT_METHODS)}")
-        if self.weights != "nearest" and self.weight_only:
-            raise ConfigError(f"weights={self.weights!r} reconstructs from calibration data, which weight_only runs without: use weights='nearest'")
         for pattern in self.exclude:
             try:
                 re.compile(pattern)

@@ -78,7 +78,9 @@ class LayerGram:
 
     hessian = E[x̂ x̂ᵀ], cross = E[x̂ xᵀ], float_hessian = E[x xᵀ] over the sampled patches
     ([G, d, d]; products in float32, sums in float64); quantized_mean = E[x̂], float_mean = E[x]
-    over every patch ([G, d])."""
+    over every patch ([G, d]).  cross is kept as hessian + E[x̂ (x − x̂)ᵀ]: at 8 bits x and x̂
+    differ by a fraction of a percent, and C − Ĥ, which the solvers read, would drown in the
+    float32 rounding of C and Ĥ taken apart."""
 
     layer: LayerShape
     sums: dict[str, np.ndarray] = field(default_factory=dict)
@@ -90,7 +92,7 @@ class LayerGram:
         pf = self.layer.patches(floating, chosen)
         pq_t = pq.transpose(0, 2, 1)
         moments = {
-            "hessian": np.matmul(pq_t, pq), "cross": np.matmul(pq_t, pf), "float_hessian": np.matmul(pf.transpose(0, 2, 1), pf),
+            "hessian": np.matmul(pq_t, pq), "shift": np.matmul(pq_t, pf - pq), "float_hessian": np.matmul(pf.transpose(0, 2, 1), pf),
             "quantized_mean": self.layer.patch_sum(quantized), "float_mean": self.layer.patch_sum(floating),
         }
         for key, value in moments.items():
@@ -101,6 +103,8 @@ class LayerGram:
 
     def mean(self, key: str) -> np.ndarray:
         """One of the statistics named in the class docstring."""
+        if key == "cross":
+            return self.mean("hessian") + self.mean("shift")
         count = self.positions if key.endswith("_mean") else self.sampled
         return self.sums[key] / max(count, 1)
 

@@ -168,6 +168,8 @@ class ReconstructionOptions:
         wave runs only its part of the model (layerinputs.py).
     statistics_correction: set each reconstructed layer's bias so that its mean output
         matches the float model's.
+    qdrop: the probability that an element of a layer's input comes from the float model
+        instead of the quantized one in its objective (QDrop); 0: always the quantized one.
     damping: added to the diagonal of each Gram matrix, as a fraction of its mean.
     act_order: gptq rounds the columns of largest input energy first.
     block: columns per lazy update of gptq.
@@ -179,6 +181,7 @@ class ReconstructionOptions:
     max_columns: int = 65536
     cache_budget_mb: int = 1024
     statistics_correction: bool = True
+    qdrop: float = 0.0
     damping: float = 0.01
     act_order: bool = True
     block: int = 128
@@ -191,6 +194,8 @@ class ReconstructionOptions:
             raise ConfigError(f"weight_clipping={self.weight_clipping!r} is unknown: use minmax, mse or lp")
         if self.max_columns < 16:
             raise ConfigError(f"max_columns={self.max_columns} must be at least 16 (e.g. 65536)")
+        if not 0.0 <= self.qdrop < 1.0:
+            raise ConfigError(f"qdrop={self.qdrop} must be in [0, 1), e.g. 0.5")
         if self.cache_budget_mb < 0:
             raise ConfigError(f"cache_budget_mb={self.cache_budget_mb} must be >= 0")
         if not 0.0 < self.damping <= 1.0:

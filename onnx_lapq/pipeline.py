@@ -62,6 +62,8 @@ def quantize(
         raise ConfigError(f"on_step must be a function of one Progress (or None), not {type(on_step).__name__}")
     if calibration is None and not config.weight_only:
         raise CalibrationError("no calibration data (None): give calibration batches; only weight_only quantization runs without them")
+    if calibration is None and config.weights != "nearest":
+        raise CalibrationError(f"weights={config.weights!r} reconstructs the weights from calibration data: give calibration batches, or use weights='nearest'")
     check_journal(journal, config)
     notify = on_step or (lambda progress: None)
     with custom_ops(config.custom_op_libraries):
@@ -125,16 +127,19 @@ def _calibrate(model, normalized, interface, calibration, plan, run, config: Qua
     """The calibration batches (a list when a stage keeps them, else None), the first samples
     (for the exported model's check and the fidelity) and the statistics the stages need,
     observed in one pass (None for weight-only quantization, which observes nothing: without
-    calibration data its check runs on one synthetic sample)."""
+    calibration data its check runs on one synthetic sample; a weight-only stage that keeps
+    the batches, reconstruction, reads them itself)."""
     batches = None if calibration is None else interface.widen(iter_batches(
         calibration, interface.specs(input_specs(normalized)), batch_size=config.batch_size, num_samples=config.num_samples,
         label_key=config.label_key,
     ))
+    keeps = any(stage.keeps_batches for stage in run)
     if config.weight_only:
         if calibration is None:
             return None, [synthetic_sample(normalized, padding_mask(normalized, config.mask_input), config.seed)], None
-        return None, head(_without(batches, config.label_key)), None
-    if any(stage.keeps_batches for stage in run):  # evaluated many times: kept in memory
+        batches = list(batches) if keeps else batches  # a weight-only stage that keeps them (reconstruction) reads them
+        return (batches if keeps else None), head(_without(batches, config.label_key)), None
+    if keeps:  # evaluated many times: kept in memory
         batches = list(batches)
         if journal is not None:
             journal.bind(run_binding(model, batches, config))

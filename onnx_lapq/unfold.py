@@ -87,9 +87,9 @@ class LayerShape:
 
     def patches(self, x: np.ndarray, chosen: np.ndarray) -> np.ndarray:
         """The patches at flat positions ``chosen`` (indices below :meth:`positions`), as
-        [groups, len(chosen), d] float64."""
+        [groups, len(chosen), d] float32."""
         if self.op_type != "Conv":
-            return np.asarray(x, np.float64).reshape(-1, x.shape[-1])[chosen][None]
+            return np.asarray(x, np.float32).reshape(-1, x.shape[-1])[chosen][None]
         windows = self._windows(x)  # [N, C, *out, *k], a view
         spatial = len(self.strides)
         out_shape = windows.shape[2:2 + spatial]
@@ -97,12 +97,12 @@ class LayerShape:
         picked = windows[(index[0], slice(None)) + tuple(index[1:])] if spatial else windows[index[0]]
         # picked: [n, C, *k] (advanced indices first)
         n = len(chosen)
-        return np.ascontiguousarray(picked.reshape(n, self.group, -1).transpose(1, 0, 2), dtype=np.float64)
+        return np.ascontiguousarray(picked.reshape(n, self.group, -1).transpose(1, 0, 2), dtype=np.float32)
 
     def patch_sum(self, x: np.ndarray) -> np.ndarray:
         """Sum of the patches of every position, [groups, d] float64."""
         if self.op_type != "Conv":
-            return np.asarray(x, np.float64).reshape(-1, x.shape[-1]).sum(axis=0)[None]
+            return np.asarray(x).reshape(-1, x.shape[-1]).sum(axis=0, dtype=np.float64)[None]
         padded = self._padded(x)
         spatial = len(self.strides)
         kernel = self.weight_shape[2:]

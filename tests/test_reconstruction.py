@@ -43,8 +43,6 @@ def test_config_puts_reconstruction_between_bias_correction_and_clipping():
     assert names == ["bias_correction", "gptq", "lapq"]
     with pytest.raises(ConfigError, match="weights='adaround2' is unknown"):
         QuantConfig(weights="adaround2")
-    with pytest.raises(ConfigError, match="weight_only"):
-        QuantConfig(weights="gptq", weight_only=True)
     with pytest.raises(ConfigError, match="ReconstructionOptions"):
         QuantConfig(damping=0.1)
 
@@ -171,3 +169,36 @@ def test_waves_from_kept_frontiers_reconstruct_as_waves_from_the_inputs():
     for cached, whole in zip(results[1].layers, results[0].layers):
         assert cached.error_reconstructed == pytest.approx(whole.error_reconstructed, rel=1e-3)
         assert cached.error_nearest == pytest.approx(whole.error_nearest, rel=1e-3)
+
+
+def test_weight_only_reconstruction_fits_blockwise_matmul_weights():
+    """--weight-only --weights gptq: MatMul weights in blocks, inputs float, reconstructed from
+    the calibration data (which a weight-only reconstruction needs)."""
+    net = Net(np.random.default_rng(7))
+    h = net.op("Relu", "relu1", [net.matmul("mm1", "x", 64, 64)])
+    net.matmul("mm2", h, 64, 32)
+    model = net.model([("x", TensorProto.FLOAT, ["N", 5, 64])], [("mm2", TensorProto.FLOAT, ["N", 5, 32])], opset=21)
+    rng = np.random.default_rng(0)
+    mix = rng.standard_normal((64, 64)).astype(np.float32) / 8
+    calibration = [{"x": (rng.standard_normal((32, 5, 64)).astype(np.float32) @ mix)} for _ in range(2)]
+    config = QuantConfig(weight_bits=3, weight_only=True, weights="gptq", block_size=16)
+    result = onnx_lapq.quantize(model, calibration, config=config)
+    record = _record(result)
+    assert [layer.node for layer in record.layers] == ["mm1", "mm2"]
+    assert all(layer.error_reconstructed < 0.8 * layer.error_nearest for layer in record.layers), record.layers
+    assert all(result.params[w.tensor].block_size == 16 for w in result.plan.weights)
+    with pytest.raises(onnx_lapq.CalibrationError, match="weights='gptq' reconstructs"):
+        onnx_lapq.quantize(model, None, config=config)
+
+
+def test_qdrop_mixes_the_gram_matrices_as_sampled_mixed_inputs_do():
+    from onnx_lapq.methods.reconstruction import _dropped
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((200_000, 4))
+    x_hat = x + 0.3 * rng.standard_normal(x.shape)
+    mask = rng.random(x.shape) < 0.6  # quantized with probability 0.6
+    mixed = np.where(mask, x_hat, x)
+    gram = lambda a, b: (a.T @ b / len(a))[None]
+    hessian, cross, _ = _dropped(gram(x_hat, x_hat), gram(x_hat, x), gram(x, x), 0.4)
+    np.testing.assert_allclose(hessian, gram(mixed, mixed), atol=0.02)
+    np.testing.assert_allclose(cross, gram(mixed, x), atol=0.02)

@@ -159,7 +159,7 @@ def _reconstruct(site: WeightSite, shape: LayerShape, gram, weight: np.ndarray, 
     w = shape.to_matrix(weight)
     groups, rows, _ = w.shape
     grid = _row_grid(qp, groups * rows)
-    hessian, cross, float_gram = gram.mean("hessian"), gram.mean("cross"), gram.mean("float_hessian")
+    hessian, cross, float_gram = _dropped(gram.mean("hessian"), gram.mean("cross"), gram.mean("float_hessian"), options.qdrop)
     w_hat = better_than_nearest(w, hessian, cross, SOLVERS[solver](w, hessian, cross, grid, options), grid)
     nearest = grid.quantize(w.reshape(groups * rows, -1)).reshape(w.shape)
     energy = float(np.einsum("grd,grd->", w, w @ float_gram))
@@ -170,6 +170,19 @@ def _reconstruct(site: WeightSite, shape: LayerShape, gram, weight: np.ndarray, 
     shift = (np.matmul(w, gram.mean("float_mean")[:, :, None]) - np.matmul(w_hat, gram.mean("quantized_mean")[:, :, None])).ravel()
     record = LayerRecord(site.node, round(error(nearest), 6), round(error(w_hat), 6), gram.sampled, gram.positions)
     return record, shape.from_matrix(w_hat), shift
+
+
+def _dropped(hessian: np.ndarray, cross: np.ndarray, float_gram: np.ndarray, drop: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Ĥ, C, F) of the input x̃ = m⊙x̂ + (1 − m)⊙x whose elements come from the float model with
+    probability ``drop`` (QDrop, Wei et al.): E[x̃x̃ᵀ] = q²Ĥ + d²F + qd(C + Cᵀ) off the diagonal
+    and q·diag Ĥ + d·diag F on it, E[x̃xᵀ] = qC + dF, with q = 1 − drop, d = drop."""
+    if drop == 0.0:
+        return hessian, cross, float_gram
+    keep = 1.0 - drop
+    mixed = keep**2 * hessian + drop**2 * float_gram + keep * drop * (cross + np.swapaxes(cross, 1, 2))
+    index = np.arange(hessian.shape[1])
+    mixed[:, index, index] = keep * hessian[:, index, index] + drop * float_gram[:, index, index]
+    return mixed, keep * cross + drop * float_gram, float_gram
 
 
 def _row_grid(qp: QParams, rows: int) -> RowGrid:

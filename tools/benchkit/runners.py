@@ -9,6 +9,8 @@ call(s), saves the QDQ model and writes a result JSON with
     error_stage, notes
 
 Tools:
+- `ort-nbits` (weight-only configs): onnxruntime's MatMulNBitsQuantizer with its
+  defaults (round to nearest, asymmetric) but blocks of 32, as onnx_lapq's weight-only rows.
 - `ort-<minmax|entropy|percentile>`: onnxruntime.quantization.quant_pre_process
   (skipped for mnist8, where it crashes; on failure retried with
   skip_symbolic_shape=True (MiniLM needs this), then the raw model is used; a
@@ -19,7 +21,9 @@ Tools:
   three steps.
 - anything else: onnx_lapq.quantize(model, batches, config=QuantConfig(
   weight_bits, act_bits, per_channel, method, seed, batch_size)); `WEIGHTS+METHOD`
-  sets weights=WEIGHTS (a reconstruction solver) and method=METHOD.
+  sets weights=WEIGHTS (a reconstruction solver) and method=METHOD, and
+  `WEIGHTS:key=value,...+METHOD` also ReconstructionOptions(key=value, ...), e.g.
+  `gptq:qdrop=0.5+lapq`.
 
 Error stages: "setup" (the tool cannot be imported: not a result, retried on
 resume), "quantize" (the tool refused or crashed: a result).
@@ -38,6 +42,7 @@ import numpy as np
 ORT_PREFIX = "ort-"
 NO_PRE_PROCESS = {"mnist8"}  # quant_pre_process crashes on it (ORT 1.31)
 ORT_WIDE_OPSET = 21
+WEIGHT_ONLY_BLOCK = 32  # weights per block of weight-only rows, both tools
 
 
 def tool_of(method: str) -> str:
@@ -122,7 +127,14 @@ def _ort_quantizer(job: dict, result: dict):
         if job.get("keep_first_last_8bit"):
             raise ValueError("quantize_static has no per-layer bit-widths: no first/last 8-bit rows")
         if job.get("weight_only"):
-            raise ValueError("quantize_static has no weight-only mode (ORT's MatMulNBitsQuantizer needs the onnx_ir package)")
+            if name != "nbits":
+                raise ValueError("quantize_static has no weight-only mode: weight-only rows run ORT's MatMulNBitsQuantizer (method ort-nbits)")
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # imports onnx_ir (the bench extra)
+
+            quantizer = MatMulNBitsQuantizer(onnx.load(job["model_path"]), bits=job["weight_bits"], block_size=WEIGHT_ONLY_BLOCK)
+            quantizer.process()
+            quantizer.model.save_model_to_file(job["out_model"])
+            return
         if name not in calib:
             raise ValueError(f"unknown ORT calibration method {name!r} (minmax, entropy, percentile)")
         w_type = _ort_types(job["weight_bits"], signed=True)
@@ -165,15 +177,17 @@ def _ort_pre_process(job: dict, result: dict, quant_pre_process) -> str:
 def _lapq_quantizer(job: dict, result: dict):
     import onnx
     import onnx_lapq
-    from onnx_lapq import LapqOptions, QuantConfig, quantize  # ImportError while the package is incomplete
+    from onnx_lapq import LapqOptions, QuantConfig, ReconstructionOptions, quantize  # ImportError while the package is incomplete
 
     result["tool_version"] = f"onnx_lapq {_lapq_version(onnx_lapq)}"
 
     def run(batches):
-        weight_only = {"weight_only": True, "op_types": ("MatMul", "Gather")} if job.get("weight_only") else {}
+        weight_only = {"weight_only": True, "op_types": ("MatMul", "Gather"), "block_size": WEIGHT_ONLY_BLOCK} if job.get("weight_only") else {}
         weights, _, method = job["method"].rpartition("+")
+        weights, _, options = weights.partition(":")
+        reconstruction = ReconstructionOptions(**{k: _number(v) for k, v in (o.split("=") for o in options.split(",") if o)})
         cfg = QuantConfig(weight_bits=job["weight_bits"], act_bits=job["act_bits"], **weight_only,
-                          per_channel=job["per_channel"], method=method, weights=weights or "nearest",
+                          per_channel=job["per_channel"], method=method, weights=weights or "nearest", reconstruction=reconstruction,
                           keep_first_last_8bit=job.get("keep_first_last_8bit", False),
                           seed=job["seed"], batch_size=job["batch_size"], lapq=LapqOptions(**job.get("search", {})))
         res = quantize(onnx.load(job["model_path"]), batches, config=cfg)
@@ -181,6 +195,13 @@ def _lapq_quantizer(job: dict, result: dict):
         Path(job["report_path"]).write_text(json.dumps(res.report, indent=1, default=str))
 
     return run
+
+
+def _number(text: str):
+    """An option value of a method name: an int, a float, or a bool."""
+    if text in ("true", "false"):
+        return text == "true"
+    return int(text) if text.lstrip("-").isdigit() else float(text)
 
 
 def _lapq_version(module) -> str:
