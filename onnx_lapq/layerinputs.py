@@ -13,9 +13,10 @@ later layers' weights change afterwards): the tensors alive there (the wave's *f
 kept for every batch while they fit ``cache_bytes``, and the next wave runs only the graph
 between the two frontiers.  Where they do not fit, the next wave runs from the graph inputs.
 
-Where a layer's input has more patches than ``max_columns`` over all samples, each batch
-contributes a seeded uniform random sample of its positions in proportion to its rows; the
-patch means, which statistics correction needs exactly, always use every position.
+Where a layer's input has more patches than it samples over all samples (``max_columns``, and
+at most COLUMNS_PER_INPUT times its patch length d: a d × d Gram needs samples in proportion to
+d), each batch contributes a seeded uniform random sample of its positions in proportion to its
+rows; the patch means, which statistics correction needs exactly, always use every position.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from onnx import helper
 
 from .runtime import session
 from .unfold import LayerShape
+
+COLUMNS_PER_INPUT = 1024  # patches sampled per column of a layer's patch, at most
 
 
 def prefix(model: onnx.ModelProto, outputs: Iterable[str], given: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
@@ -158,7 +161,7 @@ class InputCollector:
                 if mask is not None and x.ndim >= 3 and x.shape[:2] == mask.shape and gram.layer.op_type != "Conv":
                     x, x_hat = x[mask], x_hat[mask]
                 positions = gram.layer.positions(x)
-                quota = -(-self.max_columns * rows // self.total)
+                quota = -(-min(self.max_columns, COLUMNS_PER_INPUT * gram.layer.columns) * rows // self.total)
                 chosen = np.arange(positions) if positions <= quota else np.sort(rngs[layer.node].choice(positions, quota, replace=False))
                 gram.update(x_hat, x, chosen)
         return grams

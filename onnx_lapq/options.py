@@ -163,7 +163,8 @@ class ReconstructionOptions:
 
     weight_clipping: how each weight's grid is chosen before its rounding: mse or lp (the
         range minimizing the weight's own error) or minmax.
-    max_columns: input patches sampled per layer for its Gram statistics (all where fewer).
+    max_columns: input patches sampled per layer for its Gram statistics (all where fewer;
+        at most 1024 per column of the layer's patch).
     cache_budget_mb: memory for the activations kept between waves of layers, so that each
         wave runs only its part of the model (layerinputs.py).
     statistics_correction: set each reconstructed layer's bias so that its mean output

@@ -25,7 +25,7 @@ def summary(result: QuantResult, seconds: float, output: str, kernels: tuple[int
         quantized += f" and {count(len(result.plan.activations), 'activation site')}"
     data = "" if config.weight_only else f"{result.calibration_samples} calibration samples, "
     line = (
-        f"wrote {output}: {quantized} ({grid}, {config.method}), "
+        f"wrote {output}: {quantized} ({grid}, {_methods(result)}), "
         f"{size['float'] / 1e6:.2f} MB -> {size['quantized'] / 1e6:.2f} MB, {data}{seconds:.1f} s"
     )
     for record in result.stages:
@@ -50,3 +50,9 @@ def summary(result: QuantResult, seconds: float, output: str, kernels: tuple[int
 def count(n: int, noun: str) -> str:
     """``n`` and ``noun``, plural where ``n`` is not 1."""
     return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _methods(result) -> str:
+    """The methods that chose the numbers: weight reconstruction, if any, then the clipping method."""
+    config = result.config
+    return config.method if config.weights == "nearest" else f"{config.weights} weights, {config.method} clipping"

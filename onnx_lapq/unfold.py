@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from numpy.lib.stride_tricks import sliding_window_view
 
 UNFOLDED_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -87,24 +86,28 @@ class LayerShape:
 
     def patches(self, x: np.ndarray, chosen: np.ndarray) -> np.ndarray:
         """The patches at flat positions ``chosen`` (indices below :meth:`positions`), as
-        [groups, len(chosen), d] float32."""
+        [groups, len(chosen), d] float32, gathered a kernel offset at a time (zero outside the input)."""
         if self.op_type != "Conv":
             return np.asarray(x, np.float32).reshape(-1, x.shape[-1])[chosen][None]
-        windows = self._windows(x)  # [N, C, *out, *k], a view
+        x = np.asarray(x, np.float32)
         spatial = len(self.strides)
-        out_shape = windows.shape[2:2 + spatial]
-        index = np.unravel_index(chosen, (x.shape[0],) + out_shape)
-        picked = windows[(index[0], slice(None)) + tuple(index[1:])] if spatial else windows[index[0]]
-        # picked: [n, C, *k] (advanced indices first)
-        n = len(chosen)
-        return np.ascontiguousarray(picked.reshape(n, self.group, -1).transpose(1, 0, 2), dtype=np.float32)
+        index = np.unravel_index(chosen, (x.shape[0],) + self._out_shape(x))
+        kernel = self.weight_shape[2:]
+        out = np.zeros((len(chosen), x.shape[1]) + tuple(kernel), np.float32)
+        for offset in np.ndindex(*kernel):
+            coords = [index[1 + a] * self.strides[a] + offset[a] * self.dilations[a] - self.pads[a] for a in range(spatial)]
+            inside = np.logical_and.reduce([(c >= 0) & (c < x.shape[2 + a]) for a, c in enumerate(coords)])
+            picked = x[(index[0][inside], slice(None)) + tuple(c[inside] for c in coords)]  # [inside, C]
+            out[(inside, slice(None)) + offset] = picked
+        return np.ascontiguousarray(out.reshape(len(chosen), self.group, -1).transpose(1, 0, 2))
 
     def patch_sum(self, x: np.ndarray) -> np.ndarray:
-        """Sum of the patches of every position, [groups, d] float64."""
+        """Sum of the patches of every position, [groups, d] float64 (from the input summed over
+        the batch first: each kernel offset sums a strided window of it)."""
         if self.op_type != "Conv":
             return np.asarray(x).reshape(-1, x.shape[-1]).sum(axis=0, dtype=np.float64)[None]
-        padded = self._padded(x)
-        spatial = len(self.strides)
+        summed = np.asarray(x).sum(axis=0, dtype=np.float64)[None]  # [1, C, *spatial]
+        padded = self._padded(summed)[0]
         kernel = self.weight_shape[2:]
         out_shape = self._out_shape(x)
         sums = np.empty((x.shape[1],) + tuple(kernel), np.float64)
@@ -112,29 +115,16 @@ class LayerShape:
             region = tuple(
                 slice(o * d, o * d + s * (n - 1) + 1, s) for o, d, s, n in zip(offset, self.dilations, self.strides, out_shape)
             )
-            sums[(slice(None),) + offset] = padded[(slice(None), slice(None)) + region].sum(axis=(0,) + tuple(range(2, 2 + spatial)), dtype=np.float64)
+            sums[(slice(None),) + offset] = padded[(slice(None),) + region].sum(axis=tuple(range(1, 1 + len(kernel))))
         return sums.reshape(self.group, -1)
 
     def _padded(self, x: np.ndarray) -> np.ndarray:
         spatial = len(self.strides)
         widths = [(0, 0), (0, 0)] + [(self.pads[i], self.pads[i + spatial]) for i in range(spatial)]
-        return np.pad(np.asarray(x, np.float32), widths)
+        return np.pad(np.asarray(x), widths)
 
     def _out_shape(self, x: np.ndarray) -> tuple[int, ...]:
         spatial = len(self.strides)
         size = [x.shape[2 + i] + self.pads[i] + self.pads[i + spatial] for i in range(spatial)]
         reach = [(k - 1) * d + 1 for k, d in zip(self.weight_shape[2:], self.dilations)]
         return tuple((n - r) // s + 1 for n, r, s in zip(size, reach, self.strides))
-
-    def _windows(self, x: np.ndarray) -> np.ndarray:
-        """[N, C, *out, *k]: every patch as a strided view of the padded input."""
-        padded = self._padded(x)
-        spatial = len(self.strides)
-        reach = tuple((k - 1) * d + 1 for k, d in zip(self.weight_shape[2:], self.dilations))
-        axes = tuple(range(2, 2 + spatial))
-        windows = sliding_window_view(padded, reach, axis=axes)
-        strided = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in self.strides)
-        dilated = tuple(slice(None, None, d) for d in self.dilations)
-        out = windows[strided + (Ellipsis,)][(Ellipsis,) + dilated]
-        expected = self._out_shape(x)
-        return out[(slice(None), slice(None)) + tuple(slice(0, n) for n in expected)]

@@ -26,7 +26,7 @@ from ..data import padding_mask
 from ..export import export_qdq
 from ..adaround import adaround
 from ..gptq import gptq
-from ..layerinputs import InputCollector, LayerInput
+from ..layerinputs import COLUMNS_PER_INPUT, InputCollector, LayerInput
 from ..options import CALIBRATORS
 from ..params import QParams, range_of
 from ..plan import QuantPlan, WeightSite
@@ -75,7 +75,10 @@ class ReconstructionRecord(StageRecord):
             "skipped": [{"node": node, "reason": why} for node, why in self.skipped],
             "collect_seconds": round(self.collect_seconds, 3),
             "solve_seconds": round(self.solve_seconds, 3),
-            "sampling": f"up to {self.max_columns} patches per layer, drawn uniformly at random in proportion to each batch's rows; means over every patch",
+            "sampling": (
+                f"up to {self.max_columns} patches per layer and {COLUMNS_PER_INPUT} per column of its patch, drawn uniformly at "
+                "random in proportion to each batch's rows; means over every patch"
+            ),
         }}
 
     def summary(self) -> str:
