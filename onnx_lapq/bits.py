@@ -104,6 +104,12 @@ class BitsPolicy:
         explicit = {getattr(e, w) for e in self.layers for w in WIDTHS} - {None}
         return {self.weight_bits, self.act_bits} | explicit | ({EDGE_BITS} if self.first_last_8bit else set())
 
+    @property
+    def weight_widths(self) -> set[int]:
+        """Every weight width the policy may give."""
+        explicit = {e.weight_bits for e in self.layers} - {None}
+        return {self.weight_bits} | explicit | ({EDGE_BITS} if self.first_last_8bit else set())
+
     def edges(self, layers: Sequence[str]) -> set[str]:
         """The first and last of ``layers`` (quantized layers in graph order) when they are kept at 8 bits."""
         return {layers[0], layers[-1]} if self.first_last_8bit and layers else set()

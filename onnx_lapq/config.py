@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 
 from .bits import SUPPORTED_BITS, BitsPolicy, LayerBits, layer_bits
 from .errors import ConfigError
-from .options import CALIBRATORS, WEIGHT_METHODS, CalibrationOptions, LapqOptions, ReconstructionOptions, check_types
+from .options import AUTO_RECONSTRUCTION, CALIBRATORS, WEIGHT_METHODS, CalibrationOptions, LapqOptions, ReconstructionOptions, check_types
 
 CALIBRATION_METHODS = CALIBRATORS + ("lapq",)  # QuantConfig.method: a calibrator or LAPQ
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -67,10 +67,13 @@ class QuantConfig:
     layer_bits: explicit widths per layer, node name -> {"weight_bits": b, "act_bits": b}
         (either may be left out), over keep_first_last_8bit and the uniform widths; stored
         as a tuple of :class:`LayerBits`.  ``bits_policy`` is what the plan reads.
-    weights: how the weights are rounded onto their grids: "nearest", or "gptq", which
-        reconstructs each layer's weights front to back so that its output in the quantized
-        model matches the float model's (options in ``reconstruction``); the clipping
-        method then chooses the activation ranges.
+    weights: how the weights are rounded onto their grids: "nearest", or a reconstruction
+        ("gptq": rounding with error feedback; "adaround": learned rounding) that chooses each
+        layer's weights front to back so that its output in the quantized model matches the
+        float model's (options in ``reconstruction``; the clipping method then chooses the
+        activation ranges); "auto": adaround where some layer's weights are narrower than
+        8 bits, except with weight_only (which runs without calibration data), else nearest.
+        ``weight_rounding`` is the one a run uses.
     calibration: the calibrators' options (:class:`CalibrationOptions`).
     lapq: LAPQ's options (:class:`LapqOptions`).
     reconstruction: the weight reconstruction's options (:class:`ReconstructionOptions`).
@@ -97,7 +100,7 @@ class QuantConfig:
     block_size: int = 32
     custom_op_libraries: tuple[str, ...] = ()
     layer_bits: tuple[LayerBits, ...] = ()
-    weights: str = "nearest"
+    weights: str = "auto"
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     lapq: LapqOptions = field(default_factory=LapqOptions)
     reconstruction: ReconstructionOptions = field(default_factory=ReconstructionOptions)
@@ -146,6 +149,14 @@ class QuantConfig:
     def bits_policy(self) -> BitsPolicy:
         """The widths of each layer, as the plan reads them."""
         return BitsPolicy.of(self)
+
+    @property
+    def weight_rounding(self) -> str:
+        """The rounding of the weights a run uses: ``weights``, with "auto" resolved."""
+        if self.weights != "auto":
+            return self.weights
+        narrow = any(b < 8 for b in self.bits_policy.weight_widths)
+        return AUTO_RECONSTRUCTION if narrow and not self.weight_only else "nearest"
 
     @property
     def needs_opset21(self) -> bool:

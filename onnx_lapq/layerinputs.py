@@ -35,7 +35,8 @@ COLUMNS_PER_INPUT = 1024  # patches sampled per column of a layer's patch, at mo
 
 def prefix(model: onnx.ModelProto, outputs: Iterable[str], given: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """The part of ``model`` that computes ``outputs``, from the graph inputs and, where given,
-    from the tensors of ``given`` (name -> a value, whose type and shape the new input takes)."""
+    from the tensors of ``given`` (name -> a value, whose type and rank the new input takes:
+    batches may differ in every dimension, as sequences do in length)."""
     graph = model.graph
     given = given or {}
     wanted = list(dict.fromkeys(outputs))
@@ -49,7 +50,7 @@ def prefix(model: onnx.ModelProto, outputs: Iterable[str], given: dict[str, np.n
     nodes.reverse()
     made_inside = {o for n in nodes for o in n.output}
     inputs = [i for i in graph.input if i.name in needed and i.name not in given] + [
-        helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), ["n", *value.shape[1:]])
+        helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), [None] * value.ndim)
         for name, value in given.items() if name in needed and name not in made_inside
     ]
     kept = helper.make_graph(

@@ -19,7 +19,8 @@ CALIBRATORS = ("minmax", "percentile", "entropy", "mse", "lp")  # per-tensor cli
 SEARCHES = ("powell", "coordinate")
 LOSSES = ("auto", "kl", "mse", "cosine", "ce")
 SEARCH_BIAS_CORRECTION = ("auto", "on", "off", "race")
-WEIGHT_METHODS = ("nearest", "gptq", "adaround")  # how weights are rounded: to nearest, or by a reconstruction solver
+WEIGHT_METHODS = ("auto", "nearest", "gptq", "adaround")  # how weights are rounded: to nearest, or by a reconstruction solver
+AUTO_RECONSTRUCTION = "adaround"  # what weights="auto" runs where a layer's weights are narrower than 8 bits
 
 
 def _is_int(value) -> bool:

@@ -62,8 +62,8 @@ def quantize(
         raise ConfigError(f"on_step must be a function of one Progress (or None), not {type(on_step).__name__}")
     if calibration is None and not config.weight_only:
         raise CalibrationError("no calibration data (None): give calibration batches; only weight_only quantization runs without them")
-    if calibration is None and config.weights != "nearest":
-        raise CalibrationError(f"weights={config.weights!r} reconstructs the weights from calibration data: give calibration batches, or use weights='nearest'")
+    if calibration is None and config.weight_rounding != "nearest":
+        raise CalibrationError(f"weights={config.weight_rounding!r} reconstructs the weights from calibration data: give calibration batches, or use weights='nearest'")
     check_journal(journal, config)
     notify = on_step or (lambda progress: None)
     with custom_ops(config.custom_op_libraries):

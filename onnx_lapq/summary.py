@@ -55,4 +55,4 @@ def count(n: int, noun: str) -> str:
 def _methods(result) -> str:
     """The methods that chose the numbers: weight reconstruction, if any, then the clipping method."""
     config = result.config
-    return config.method if config.weights == "nearest" else f"{config.weights} weights, {config.method} clipping"
+    return config.method if config.weight_rounding == "nearest" else f"{config.weight_rounding} weights, {config.method} clipping"

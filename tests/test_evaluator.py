@@ -27,7 +27,7 @@ def test_cached_evaluation_equals_full_evaluation(bits):
     config = onnx_lapq.QuantConfig(weight_bits=bits[0], act_bits=bits[1], bias_correction=False)
     result = onnx_lapq.quantize(model, calib, config=config)
     normalized = normalize(model, min_opset=21)
-    cached = LossEvaluator(normalized, result.plan, calib, result.params, loss="mse", fused=bits == (8, 8))
+    cached = LossEvaluator(normalized, result.plan, calib, result.params, solution=result.solution, loss="mse", fused=bits == (8, 8))
     assert len(cached.cuts) > 1
     if cached.fused:  # only integer codes cross a cut: dequantized values would stop ORT's fusion after it
         producer = {o: n.op_type for n in cached.template.graph.node for o in n.output}
@@ -58,7 +58,7 @@ def test_w8a8_evaluator_is_fused_where_integer_only_cuts_exist_whatever_the_cloc
     result = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(bias_correction=False))
     clock = itertools.count(0.0, tick) if tick else itertools.repeat(0.0)
     monkeypatch.setattr(evaluator_module.time, "perf_counter", lambda: next(clock))
-    evaluator = LossEvaluator(normalize(model), result.plan, calib, result.params, loss="mse")
+    evaluator = LossEvaluator(normalize(model), result.plan, calib, result.params, solution=result.solution, loss="mse")
     assert evaluator.fused and len(evaluator.cuts) > 1
 
 
@@ -70,7 +70,7 @@ def test_evaluator_loss_matches_exported_model(bits, fused):
     model = block_model(opset=21)
     calib = random_inputs(model, 32, batch=16)
     result = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(weight_bits=bits[0], act_bits=bits[1], bias_correction=False))
-    evaluator = LossEvaluator(normalize(model, min_opset=21), result.plan, calib, result.params, loss="kl", fused=fused)
+    evaluator = LossEvaluator(normalize(model, min_opset=21), result.plan, calib, result.params, solution=result.solution, loss="kl", fused=fused)
     exported = evaluator.measure(session(result.model))
     assert evaluator(result.params) == exported
 
@@ -90,7 +90,7 @@ def test_fed_evaluator_carries_4bit_convolution_inputs_in_bytes():
     model = block_model(opset=21)
     calib = random_inputs(model, 48, batch=16)
     result = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(weight_bits=4, act_bits=4, bias_correction=False))
-    evaluator = LossEvaluator(normalize(model, min_opset=21), result.plan, calib, result.params, loss="kl")
+    evaluator = LossEvaluator(normalize(model, min_opset=21), result.plan, calib, result.params, solution=result.solution, loss="kl")
     assert not evaluator.fused and len(evaluator.batches) == 3
     fed = _zero_point_types(evaluator.template)
     exported = _zero_point_types(result.model)
@@ -111,13 +111,13 @@ def test_evaluations_run_batches_concurrently_with_the_sequential_result(monkeyp
     calib = random_inputs(model, 64, batch=16)
     result = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(weight_bits=4, act_bits=4, bias_correction=False))
     normalized = normalize(model, min_opset=21)
-    concurrent = LossEvaluator(normalized, result.plan, calib, result.params, loss="kl")
+    concurrent = LossEvaluator(normalized, result.plan, calib, result.params, solution=result.solution, loss="kl")
     monkeypatch.setattr(evaluator_module, "cores", lambda: 2)
-    two = LossEvaluator(normalized, result.plan, calib, result.params, loss="kl")
+    two = LossEvaluator(normalized, result.plan, calib, result.params, solution=result.solution, loss="kl")
     assert (two._workers, two._threads) == (2, 1)
     assert all(s.get_session_options().intra_op_num_threads == 1 for s in two._fed_sessions)
     monkeypatch.setattr(evaluator_module, "MAX_CONCURRENT_BATCHES", 1)
-    one = LossEvaluator(normalized, result.plan, calib, result.params, loss="kl")
+    one = LossEvaluator(normalized, result.plan, calib, result.params, solution=result.solution, loss="kl")
     assert (one._workers, one._threads) == (1, 2)
     losses = {e(result.params) for e in (concurrent, two, one)}
     assert len(losses) == 1 and losses == {concurrent.measure(session(result.model))}
@@ -140,7 +140,7 @@ def test_evaluator_sessions_share_one_memory_arena(fused, monkeypatch):
     model = block_model(opset=21)
     calib = random_inputs(model, 32, batch=16)
     result = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(bias_correction=False))
-    evaluator = LossEvaluator(normalize(model, min_opset=21), result.plan, calib, result.params, loss="mse", fused=fused)
+    evaluator = LossEvaluator(normalize(model, min_opset=21), result.plan, calib, result.params, solution=result.solution, loss="mse", fused=fused)
     monkeypatch.setattr(runtime_module, "session", spy)
     evaluator(result.params)
     suffixes = opened if fused else [s.get_session_options() for s in evaluator._fed_sessions]
@@ -157,7 +157,7 @@ def test_fp32_passes_are_timed_through_the_search():
     model = conv_chain_model()
     calib = random_inputs(model, 16, batch=8)
     result = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(bias_correction=False))
-    evaluator = LossEvaluator(normalize(model), result.plan, calib, result.params, loss="mse")
+    evaluator = LossEvaluator(normalize(model), result.plan, calib, result.params, solution=result.solution, loss="mse")
     assert len(evaluator.fp32_passes) == FP32_TIMINGS
     for _ in range(2 * FP32_EVERY):
         evaluator(result.params)

@@ -3,6 +3,7 @@ never stopped (the shipped digits CNN at W4A4); a journal of another run, or a d
 checkpoint file, is refused with one line."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -24,8 +25,9 @@ from onnx_lapq.__main__ import main
 from onnx_lapq import LapqOptions
 
 MAX_EVALS = 60
-CONFIG = QuantConfig(weight_bits=4, act_bits=4, method="lapq", lapq=LapqOptions(max_evals=MAX_EVALS))
-LAPQ_W4A4 = ["--weight-bits", "4", "--act-bits", "4", "--method", "lapq", "--max-evals", MAX_EVALS]
+# rounded to nearest, so that the search races bias correction (a reconstruction leaves nothing to correct)
+CONFIG = QuantConfig(weight_bits=4, act_bits=4, method="lapq", weights="nearest", lapq=LapqOptions(max_evals=MAX_EVALS))
+LAPQ_W4A4 = ["--weight-bits", "4", "--act-bits", "4", "--method", "lapq", "--weights", "nearest", "--max-evals", MAX_EVALS]
 SEARCH_FIELDS = ("p_losses", "start_losses", "init_loss", "final_loss", "nfev", "nit", "loss_trace", "exported_loss", "bias_correction")
 
 
@@ -93,7 +95,7 @@ def test_journal_of_another_run_is_refused(interrupted_journal):
     for kwargs, words in (
         ({"model": _with_one_weight_changed(model)}, "it was made from another model"),
         ({"calibration": [other]}, "it was made from other calibration data"),
-        ({"config": QuantConfig(weight_bits=4, act_bits=4, method="lapq", lapq=LapqOptions(max_evals=80))}, "it was made with max_evals=60, this run has max_evals=80"),
+        ({"config": dataclasses.replace(CONFIG, lapq=LapqOptions(max_evals=80))}, "it was made with max_evals=60, this run has max_evals=80"),
     ):
         journal = SearchJournal.from_text(interrupted_journal.to_text())
         args = {"model": model, "calibration": calibration, "config": CONFIG, **kwargs}
@@ -113,7 +115,7 @@ def test_journal_of_another_onnxruntime_is_refused(interrupted_journal):
 def test_numpy_config_values_bind_as_the_python_numbers(interrupted_journal):
     journal = SearchJournal.from_text(interrupted_journal.to_text())
     model, calibration = _digits()
-    config = QuantConfig(weight_bits=np.int64(4), act_bits=4, method="lapq", lapq=LapqOptions(max_evals=np.int32(MAX_EVALS)))
+    config = QuantConfig(weight_bits=np.int64(4), act_bits=4, method="lapq", weights="nearest", lapq=LapqOptions(max_evals=np.int32(MAX_EVALS)))
     with pytest.raises(_Stop):  # the journal is bound before calibration starts
         quantize(model, calibration, config=config, journal=journal, on_step=_stop)
 

@@ -102,8 +102,8 @@ def test_bias_correction_is_a_stage_whose_means_the_export_applies():
     """With the bias-correction stage the Solution holds the layers' input means and the exported
     biases differ from the float ones; without it they are the float biases on the int32 grid."""
     model, calib = digits()
-    on = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(weight_bits=4, act_bits=8))
-    off = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(weight_bits=4, act_bits=8, bias_correction=False))
+    on = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(weight_bits=4, act_bits=8, weights="nearest"))
+    off = onnx_lapq.quantize(model, calib, config=onnx_lapq.QuantConfig(weight_bits=4, act_bits=8, weights="nearest", bias_correction=False))
     assert on.solution.input_means and off.solution.input_means is None
     assert {b.input_tensor for b in on.plan.biases} == set(on.solution.input_means)
     values_on = on.solution.values(on.plan, on.params)
@@ -117,7 +117,7 @@ def test_a_stage_that_chooses_widths_makes_the_run_plan_again(monkeypatch):
     export see the new plan, where conv3a runs at 8/8 and so gets an output site, observed in a
     second pass; the result equals a run configured with that width from the start."""
     model, calib = digits()
-    config = onnx_lapq.QuantConfig(weight_bits=3, act_bits=8, bias_correction=False)
+    config = onnx_lapq.QuantConfig(weight_bits=3, act_bits=8, bias_correction=False, weights="nearest")
     monkeypatch.setattr(pipeline, "stages", lambda config: [Change("widen_conv3a", lambda c, s: s.but(layer_bits=(LayerBits("conv3a", weight_bits=8),)), keeps_batches=True),
                                                         Calibrate("minmax")])
     chosen = onnx_lapq.quantize(model, calib, config=config)

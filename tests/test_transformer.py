@@ -185,7 +185,7 @@ def test_search_loss_is_the_exported_models_from_every_cut(block, bits):
 
     batches = [padded_batch(8, 5, seed=0), padded_batch(8, 9, seed=1), padded_batch(5, 16, seed=2)]
     result = onnx_lapq.quantize(block, batches, config=onnx_lapq.QuantConfig(weight_bits=bits[0], act_bits=bits[1], bias_correction=False))
-    evaluator = LossEvaluator(normalize(block, min_opset=21), result.plan, batches, result.params, loss="mse")
+    evaluator = LossEvaluator(normalize(block, min_opset=21), result.plan, batches, result.params, solution=result.solution, loss="mse")
     assert len(evaluator.cuts) > 2
     whole = evaluator.measure(session(result.model))
     assert evaluator(result.params) == whole

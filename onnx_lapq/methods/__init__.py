@@ -22,9 +22,9 @@ CLIPPING = {**{name: Calibrate(name) for name in CALIBRATORS}, "lapq": Lapq()}  
 def stages(config: QuantConfig) -> list[Stage]:
     """The stages of a run of ``config``, in order: bias correction first where it is on (a
     later stage may evaluate with it, and LAPQ may switch it off), then the weights'
-    reconstruction where one is asked for, then the clipping method."""
+    reconstruction where the config's rounding is one, then the clipping method."""
     correction = [BiasCorrection()] if config.bias_correction and not config.weight_only else []
-    reconstruction = [] if config.weights == "nearest" else [Reconstruct(config.weights)]
+    reconstruction = [] if config.weight_rounding == "nearest" else [Reconstruct(config.weight_rounding)]
     return [*correction, *reconstruction, CLIPPING[config.method]]
 
 

@@ -61,6 +61,9 @@ class LayerRecord:
 
 @dataclass(frozen=True, kw_only=True)
 class ReconstructionRecord(StageRecord):
+    """The layers a reconstruction solved, those it left to rounding (and why), and where its
+    time went (in the summary; the report's ``seconds`` has the stage's total)."""
+
     solver: str
     layers: tuple[LayerRecord, ...]
     skipped: tuple[tuple[str, str], ...]  # (node, why it was rounded to nearest instead)
@@ -73,8 +76,6 @@ class ReconstructionRecord(StageRecord):
             "solver": self.solver,
             "layers": [vars(layer) for layer in self.layers],
             "skipped": [{"node": node, "reason": why} for node, why in self.skipped],
-            "collect_seconds": round(self.collect_seconds, 3),
-            "solve_seconds": round(self.solve_seconds, 3),
             "sampling": (
                 f"up to {self.max_columns} patches per layer and {COLUMNS_PER_INPUT} per column of its patch, drawn uniformly at "
                 "random in proportion to each batch's rows; means over every patch"
@@ -87,7 +88,10 @@ class ReconstructionRecord(StageRecord):
         before = np.median([layer.error_nearest for layer in self.layers])
         after = np.median([layer.error_reconstructed for layer in self.layers])
         skipped = f", {len(self.skipped)} rounded to nearest" if self.skipped else ""
-        return f"{self.solver}: {len(self.layers)} layers, median output error {before:.3g} -> {after:.3g}{skipped}"
+        return (
+            f"{self.solver}: {len(self.layers)} layers, median output error {before:.3g} -> {after:.3g}{skipped} "
+            f"({self.collect_seconds:.0f} s collecting inputs, {self.solve_seconds:.0f} s solving)"
+        )
 
 
 @dataclass(frozen=True)
