@@ -165,11 +165,13 @@ def digits():
 
 
 def lapq_config(**kw):
-    """A W3A3 lapq config of 120 evaluations; keywords that name LapqOptions' fields go there."""
+    """A W3A3 lapq config of 120 evaluations, weights rounded to nearest (so that the search
+    tunes every clip, weights' too, and races bias correction); keywords that name LapqOptions'
+    fields go there."""
     searched = {f.name for f in dataclasses.fields(LapqOptions)}
     top = {k: v for k, v in kw.items() if k not in searched}
     options = {"max_evals": 120, **{k: v for k, v in kw.items() if k in searched}}
-    return QuantConfig(**{"weight_bits": 3, "act_bits": 3, "method": "lapq", **top}, lapq=LapqOptions(**options))
+    return QuantConfig(**{"weight_bits": 3, "act_bits": 3, "method": "lapq", "weights": "nearest", **top}, lapq=LapqOptions(**options))
 
 
 # --------------------------------------------------------------------------- running

@@ -63,7 +63,7 @@ def test_digits_w4a4_keep_first_last(tmp_path):
     assert TensorProto.INT4 in types and TensorProto.INT8 in types
     assert top1(out) > 0.8
     assert "run dequantized, in float (CPU kernels take 8-bit grids only)" in proc.stdout
-    assert "6 weight sites and 5 activation sites (W4A4, first and last layers 8-bit, mse)" in proc.stdout
+    assert "6 weight sites and 5 activation sites (W4A4, first and last layers 8-bit, adaround weights, mse clipping)" in proc.stdout
 
 
 # --------------------------------------------------------------------------- bad input

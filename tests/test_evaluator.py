@@ -38,7 +38,7 @@ def test_cached_evaluation_equals_full_evaluation(bits):
         x = np.zeros(space.size)
         x[rng.integers(space.size)] = rng.uniform(-1.0, 0.3)
         params = onnx_lapq.params.qparams(result.plan, space.ranges(x), weight_symmetric=True, act_symmetric=False)
-        fresh = LossEvaluator(normalized, result.plan, calib, params, loss="mse", memory_budget=0, fused=bits == (8, 8))
+        fresh = LossEvaluator(normalized, result.plan, calib, params, solution=result.solution, loss="mse", memory_budget=0, fused=bits == (8, 8))
         assert len(fresh.cuts) == 1
         assert cached(params) == pytest.approx(fresh(params), rel=1e-6, abs=1e-12)
     assert cached.mean_suffix_fraction < 1.0
