@@ -202,3 +202,18 @@ def test_qdrop_mixes_the_gram_matrices_as_sampled_mixed_inputs_do():
     hessian, cross, _ = _dropped(gram(x_hat, x_hat), gram(x_hat, x), gram(x, x), 0.4)
     np.testing.assert_allclose(hessian, gram(mixed, mixed), atol=0.02)
     np.testing.assert_allclose(cross, gram(mixed, x), atol=0.02)
+
+
+def test_a_layer_that_does_not_unfold_is_rounded_to_nearest_and_named():
+    net = Net(np.random.default_rng(9))
+    h = net.op("Relu", "relu1", [net.conv("conv1", "x", 3, 4)])
+    net.inits["up_W"] = (net.rng.standard_normal((4, 2, 2, 2)) / 4).astype(np.float32)
+    net.nodes.append(onnx.helper.make_node("ConvTranspose", [h, "up_W"], ["up"], name="up", strides=[2, 2]))
+    net.conv("conv2", net.op("Relu", "relu2", ["up"]), 2, 3)
+    model = net.model([("x", TensorProto.FLOAT, ["N", 3, 6, 6])], [("conv2", TensorProto.FLOAT, ["N", 3, 12, 12])])
+    result = onnx_lapq.quantize(model, random_inputs(model, 32), config=QuantConfig(weight_bits=4, weights="gptq"))
+    record = _record(result)
+    assert record.skipped == (("up", "ConvTranspose is not unfolded"),)
+    assert [layer.node for layer in record.layers] == ["conv1", "conv2"]
+    assert "up_W" not in result.solution.weight_grids and {"conv1_W", "conv2_W"} <= set(result.solution.weight_grids)
+    assert "1 rounded to nearest" in record.summary()

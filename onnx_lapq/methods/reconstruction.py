@@ -96,7 +96,7 @@ class ReconstructionRecord(StageRecord):
 
 @dataclass(frozen=True)
 class Reconstruct:
-    """Sequential layer-wise reconstruction of the weights by ``solver`` (one of solvers.SOLVERS)."""
+    """Sequential layer-wise reconstruction of the weights by ``solver`` (one of SOLVERS)."""
 
     solver: str
     keeps_batches: ClassVar[bool] = True
@@ -113,13 +113,8 @@ class Reconstruct:
         nodes = {n.name: n for n in context.model.graph.node}
         order = {n.name: i for i, n in enumerate(context.model.graph.node)}
         sites = sorted(plan.weights, key=lambda s: order[s.node])
-        shapes, skipped = {}, []
-        for site in sites:
-            shape = LayerShape.of(nodes[site.node], solution.weights[site.tensor].shape)
-            if isinstance(shape, str):
-                skipped.append((site.node, shape))
-            else:
-                shapes[site.tensor] = shape
+        shapes = {s.tensor: LayerShape.of(nodes[s.node], solution.weights[s.tensor].shape) for s in sites}
+        skipped = [(s.node, shapes.pop(s.tensor)) for s in sites if isinstance(shapes[s.tensor], str)]  # why it is not unfolded
         act_method = config.method if config.method in CALIBRATORS else "lp"
         ranges = choose_ranges(
             solution, plan, context.stats, act_method, config.calibration,
