@@ -148,9 +148,12 @@ def test_journal_text_keeps_exact_losses():
 
 
 def _popen(*args) -> subprocess.Popen:
+    """The CLI in a subprocess that takes Ctrl-C as a terminal's does, even where this test runs
+    in the background (a shell starts background jobs with SIGINT ignored, and Python keeps it so)."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.Popen([sys.executable, "-m", "onnx_lapq", *map(str, args)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _entries(checkpoint) -> int:
