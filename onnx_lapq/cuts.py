@@ -90,7 +90,7 @@ class GraphCuts:
         constants = {t.name for t in self.template.graph.initializer} | set(self.tunable)
         found = []
         for pos in sorted(candidates - {0, len(nodes)}):
-            live = _live_tensors(nodes, pos, constants, self.output)
+            live = live_tensors(nodes, pos, constants, self.output)
             if self.fused:
                 unfit = any(producer.get(t, "input") not in ("QuantizeLinear", "input") for t in live)
             else:
@@ -200,7 +200,7 @@ def _rank(value: onnx.ValueInfoProto | None) -> int | None:
     return len(shape.dim) if shape is not None and value.type.tensor_type.HasField("shape") else None
 
 
-def _live_tensors(nodes: list[onnx.NodeProto], position: int, constants: set[str], output: str) -> list[str]:
+def live_tensors(nodes: list[onnx.NodeProto], position: int, constants: set[str], output: str | None = None) -> list[str]:
     """Non-constant tensors made before ``position`` (or graph inputs) and read at or after it,
     plus the graph output when it is already made."""
     made_before = {o for n in nodes[:position] for o in n.output}

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .cuts import live_tensors
 from .runtime import session
 from .unfold import LayerShape
 
@@ -62,18 +63,18 @@ def prefix(model: onnx.ModelProto, outputs: Iterable[str], given: dict[str, np.n
     return out
 
 
-def live_tensors(model: onnx.ModelProto, node_name: str) -> list[str]:
-    """The tensors made before node ``node_name`` from the graph inputs and read at or after it
-    (not those made from initializers alone, such as a dequantized weight, which a later wave
-    may change)."""
+def frontier_tensors(model: onnx.ModelProto, node_name: str) -> list[str]:
+    """The tensors alive across node ``node_name`` (cuts.live_tensors) that the graph makes,
+    graph inputs left out (each batch has them), and tensors made from initializers alone (such
+    as a dequantized weight, which a later wave may change) counted as constants."""
     nodes = list(model.graph.node)
     position = next(i for i, n in enumerate(nodes) if n.name == node_name)
     constant = {t.name for t in model.graph.initializer}
     for node in nodes:
         if all(not i or i in constant for i in node.input):
             constant.update(node.output)
-    made_before = {o for n in nodes[:position] for o in n.output} - constant
-    return [t for t in dict.fromkeys(i for n in nodes[position:] for i in n.input) if t in made_before]
+    made = {o for n in nodes for o in n.output}
+    return [t for t in live_tensors(nodes, position, constant) if t in made]
 
 
 @dataclass
@@ -172,7 +173,7 @@ class InputCollector:
         frontier before ``first_node`` where it fits."""
         frontier = self.frontiers[side]
         given = frontier.values[0] if frontier.values else None
-        keep = live_tensors(model, first_node)
+        keep = frontier_tensors(model, first_node)
         sess = session(prefix(model, tensors + keep, given), arena="none")
         feeds = [i.name for i in sess.get_inputs()]
         old = frontier.values

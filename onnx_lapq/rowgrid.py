@@ -3,9 +3,9 @@
 Reconstruction works on W as a [rows, d] matrix whose row r maps one unfolded input column
 (``unfold.py``) to output channel r.  :class:`RowGrid` is the grid the weight's QParams put on
 that matrix: a scale and zero point per row, or per row and block of ``block`` consecutive
-columns (blockwise weight-only grids).  ``quantize_columns`` is exactly what the export's
-QuantizeLinear/DequantizeLinear does to those entries, so a matrix a solver returns is stored
-bit for bit.
+columns (blockwise weight-only grids).  ``quantize_columns`` is the export's
+QuantizeLinear/DequantizeLinear maths (qmath) on those entries, so a matrix a solver returns is
+stored bit for bit.
 
 The objective of a layer's rows, with Ĥ = E[x̂ x̂ᵀ] and C = E[x̂ xᵀ] ([G, d, d]; x̂ its input in the
 partly quantized model, x in the float one) is E‖w x − ŵ x̂‖² = ŵ Ĥ ŵᵀ − 2 ŵ C wᵀ + w F wᵀ
@@ -18,18 +18,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .qmath import QFormat
+from .qmath import QFormat, dequantize, fake_quantize
 
 
 @dataclass(frozen=True)
 class RowGrid:
-    """scale, zero_point: [rows] or [rows, blocks] (float32 / int64); qmin..qmax the code range."""
+    """scale, zero_point: [rows] or [rows, blocks] (float32 / int64); fmt the integer grid."""
 
     scale: np.ndarray
     zero_point: np.ndarray
-    qmin: int
-    qmax: int
+    fmt: QFormat
     block: int | None = None
+
+    @property
+    def qmin(self) -> int:
+        return self.fmt.qmin
+
+    @property
+    def qmax(self) -> int:
+        return self.fmt.qmax
 
     @classmethod
     def of(cls, scale, zero_point, fmt: QFormat, rows: int, block: int | None = None) -> "RowGrid":
@@ -38,7 +45,7 @@ class RowGrid:
         zero_point = np.asarray(zero_point, np.int64)
         if scale.ndim == 0:
             scale, zero_point = np.full(rows, scale, np.float32), np.full(rows, zero_point, np.int64)
-        return cls(scale, zero_point, fmt.qmin, fmt.qmax, block)
+        return cls(scale, zero_point, fmt, block)
 
     def _column_params(self, columns: slice | np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
         if self.block is None:
@@ -49,8 +56,7 @@ class RowGrid:
     def quantize_columns(self, values: np.ndarray, columns: slice | np.ndarray, width: int) -> np.ndarray:
         """Fake-quantized ``values`` ([rows, k], float64) that sit at ``columns`` of a matrix ``width`` wide."""
         scale, zero = self._column_params(columns, width)
-        q = np.clip(np.rint(values.astype(np.float32) / scale).astype(np.float64) + zero, self.qmin, self.qmax)
-        return ((q - zero).astype(np.float32) * scale).astype(np.float64)
+        return fake_quantize(values, scale, zero, self.fmt).astype(np.float64)
 
     def quantize(self, matrix: np.ndarray) -> np.ndarray:
         """Round to nearest on the grid, every entry of a [rows, d] matrix."""
@@ -69,8 +75,7 @@ class RowGrid:
     def dequantize(self, codes: np.ndarray) -> np.ndarray:
         """Real values (float64) of integer codes ``codes`` ([rows, d], zero point included)."""
         scale, zero = self._column_params(slice(None), codes.shape[1])
-        q = np.clip(codes, self.qmin, self.qmax)
-        return ((q - zero).astype(np.float32) * scale).astype(np.float64)
+        return dequantize(np.clip(codes, self.qmin, self.qmax), scale, zero).astype(np.float64)
 
 
 def row_error(weight: np.ndarray, hessian: np.ndarray, cross: np.ndarray, w_hat: np.ndarray,
@@ -83,10 +88,9 @@ def row_error(weight: np.ndarray, hessian: np.ndarray, cross: np.ndarray, w_hat:
     return out
 
 
-def better_than_nearest(weight: np.ndarray, hessian: np.ndarray, cross: np.ndarray, w_hat: np.ndarray, grid: RowGrid) -> np.ndarray:
-    """``w_hat`` [G, r, d] with every row whose objective is above round to nearest's replaced
-    by round to nearest: a solver's answer, never worse than plain rounding row by row."""
-    groups, rows, d = weight.shape
-    nearest = grid.quantize(weight.reshape(groups * rows, d)).reshape(weight.shape)
+def better_than_nearest(weight: np.ndarray, hessian: np.ndarray, cross: np.ndarray, w_hat: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+    """``w_hat`` [G, r, d] with every row whose objective is above that of ``nearest`` (the
+    weight rounded to nearest, [G, r, d]) replaced by it: a solver's answer, never worse than
+    plain rounding row by row."""
     keep = row_error(weight, hessian, cross, w_hat) <= row_error(weight, hessian, cross, nearest)
     return np.where(keep[:, :, None], w_hat, nearest)

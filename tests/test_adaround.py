@@ -88,7 +88,7 @@ def test_learned_rounding_beats_round_to_nearest_on_correlated_inputs(seed):
     out = adaround(weight, *grams(x, x_hat), grid)
     nearest = grid.quantize(weight[0])[None]
     assert output_error(weight, x, x_hat, out).sum() < 0.7 * output_error(weight, x, x_hat, nearest).sum()
-    out = better_than_nearest(weight, *grams(x, x_hat), out, grid)
+    out = better_than_nearest(weight, *grams(x, x_hat), out, nearest)
     learned_rows, nearest_rows = output_error(weight, x, x_hat, out), output_error(weight, x, x_hat, nearest)
     assert (learned_rows <= nearest_rows * (1 + 1e-9)).all()
     assert learned_rows.sum() < 0.7 * nearest_rows.sum()

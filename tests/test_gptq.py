@@ -47,14 +47,14 @@ def test_groups_solve_as_if_alone_and_blockwise_grids_work():
     w, x, x_hat, hessian, cross, grid = _problem(1, groups=3, rows=2, d=9)
     together = gptq(w, hessian, cross, grid)
     for g in range(3):
-        alone_grid = RowGrid(grid.scale[2 * g:2 * g + 2], grid.zero_point[2 * g:2 * g + 2], grid.qmin, grid.qmax)
+        alone_grid = RowGrid(grid.scale[2 * g:2 * g + 2], grid.zero_point[2 * g:2 * g + 2], grid.fmt)
         alone = gptq(w[g:g + 1], hessian[g:g + 1], cross[g:g + 1], alone_grid)
         np.testing.assert_array_equal(together[g:g + 1], alone)
     w, x, x_hat, hessian, cross, _ = _problem(2, d=32)
     fmt = QFormat(4, signed=True, symmetric=True)
     hi = np.abs(w[0].reshape(16, 4, 8)).max(axis=2)  # blocks of 8 columns
     scale, zp = scale_zero_point(-hi, hi, fmt)
-    blocks = RowGrid(scale, zp, fmt.qmin, fmt.qmax, block=8)
+    blocks = RowGrid(scale, zp, fmt, block=8)
     w_hat = gptq(w, hessian, cross, blocks, block=5)
     np.testing.assert_array_equal(blocks.quantize(w_hat[0]), w_hat[0])
     assert _error(w, w_hat, x, x_hat) < _error(w, blocks.quantize(w[0])[None], x, x_hat)

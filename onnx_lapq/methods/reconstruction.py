@@ -162,8 +162,8 @@ def _reconstruct(site: WeightSite, shape: LayerShape, gram, weight: np.ndarray, 
     groups, rows, _ = w.shape
     grid = _row_grid(qp, groups * rows)
     hessian, cross, float_gram = _dropped(gram.mean("hessian"), gram.mean("cross"), gram.mean("float_hessian"), options.qdrop)
-    w_hat = better_than_nearest(w, hessian, cross, SOLVERS[solver](w, hessian, cross, grid, options), grid)
     nearest = grid.quantize(w.reshape(groups * rows, -1)).reshape(w.shape)
+    w_hat = better_than_nearest(w, hessian, cross, SOLVERS[solver](w, hessian, cross, grid, options), nearest)
     energy = float(np.einsum("grd,grd->", w, w @ float_gram))
 
     def error(candidate: np.ndarray) -> float:
@@ -191,7 +191,7 @@ def _row_grid(qp: QParams, rows: int) -> RowGrid:
     """The grid of a weight's matrix rows: per channel (the output axis), per tensor, or blockwise
     (a MatMul's [K/block, N] parameters, transposed to [N, K/block])."""
     if qp.block_size is not None:
-        return RowGrid(np.asarray(qp.scale).T, np.asarray(qp.zero_point).T, qp.fmt.qmin, qp.fmt.qmax, qp.block_size)
+        return RowGrid(np.asarray(qp.scale).T, np.asarray(qp.zero_point).T, qp.fmt, qp.block_size)
     return RowGrid.of(qp.scale, qp.zero_point, qp.fmt, rows)
 
 
