@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=DEFAULT.num_samples, help="use the first N calibration samples (default: all)")
     p.add_argument("--no-bias-correction", action="store_true", help="keep the float biases (default: correct them for the mean output shift of weight quantization)")
     p.add_argument("--quantize-attention", action="store_true", help="also quantize MatMuls of two activations (attention)")
-    p.add_argument("--weight-only", action="store_true", help="quantize only MatMul weights, blockwise (4 bits: ONNX Runtime's MatMulNBits)")
+    p.add_argument("--weight-only", action="store_true", help="quantize only MatMul weights, blockwise and asymmetric (4 bits: ONNX Runtime's MatMulNBits)")
     p.add_argument("--quantize-embeddings", action="store_true", help="also store Gather embedding tables as integers (weights only)")
     p.add_argument("--block-size", type=int, default=DEFAULT.block_size, help=f"rows per weight block with --weight-only (default {DEFAULT.block_size})")
     p.add_argument("--mask-input", default=DEFAULT.mask_input, metavar="NAME",

@@ -33,7 +33,11 @@ class QuantConfig:
         INT4/UINT4 (opset 21), 16-bit as INT16/UINT16 (opset 21); 2, 3, 5, 6 and 7
         bits use an 8-bit container whose range is restricted to 2**bits levels.
     per_channel: per-output-channel weight scales (per-tensor when False).
-    weight_symmetric: weights with zero point 0 and range -(2**(b-1)-1)..2**(b-1)-1.
+    weight_symmetric: weights with zero point 0 and range -(2**(b-1)-1)..2**(b-1)-1 (True),
+        or each channel or block on the grid of its own [min, max] (False); None: symmetric,
+        except weight_only blocks, which are asymmetric (MatMulNBits with zero points, which
+        fits a block's 32 values better at no cost in speed).  ``symmetric_weights`` is the
+        one a run uses.
     act_symmetric: activations with zero point 0 (unsigned when never negative).
     method: how clipping ranges are chosen: a calibrator from the statistics (minmax,
         percentile, entropy (KL), mse, or lp; options in ``calibration``), where mse and
@@ -82,7 +86,7 @@ class QuantConfig:
     weight_bits: int = 8
     act_bits: int = 8
     per_channel: bool = True
-    weight_symmetric: bool = True
+    weight_symmetric: bool | None = None
     act_symmetric: bool = False
     method: str = "minmax"
     exclude: tuple[str, ...] = ()
@@ -149,6 +153,11 @@ class QuantConfig:
     def bits_policy(self) -> BitsPolicy:
         """The widths of each layer, as the plan reads them."""
         return BitsPolicy.of(self)
+
+    @property
+    def symmetric_weights(self) -> bool:
+        """Whether the weights' grids are symmetric: ``weight_symmetric``, with None resolved."""
+        return not self.weight_only if self.weight_symmetric is None else self.weight_symmetric
 
     @property
     def weight_rounding(self) -> str:

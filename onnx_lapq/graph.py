@@ -19,8 +19,9 @@ Initializers that are also graph inputs stay both in models of IR version 4 or l
 ONNX Runtime lets a caller override them: they are not folded into anything, and the graph
 inputs keep their names, types and order.  (Under IR 3 every initializer had to be listed
 as an input and ONNX Runtime treats them as constants, so they are constants here too.)
-Models over protobuf's 2 GB limit go through shape inference and opset conversion as
-skeletons (largemodel.split_large), their large initializers stubs.
+Shape inference and opset conversion see the model's skeleton (largemodel.split_large), its
+large initializers stubs: they read no large constant, and copying the weights to and from
+bytes for them would cost more than they do (and is impossible over protobuf's 2 GB limit).
 The input ModelProto is never modified.  (File reading and writing live in modelio.)
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ import onnx_graphsurgeon as gs
 from onnx import inliner, version_converter
 
 from .errors import ModelError
-from .largemodel import copy_model, fill_stubs, over_protobuf_limit, refuse_oversized_tensors, split_large
+from .largemodel import copy_model, fill_stubs, refuse_oversized_tensors, split_large
 from .ops import output_channel_axis
 
 log = logging.getLogger(__name__)
@@ -95,17 +96,14 @@ def normalize(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET, linear_as: 
 
 
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with the types and shapes ONNX infers; over 2 GB, ``model`` itself, given
-    the graph inputs, outputs and value_info inferred on its skeleton."""
-    large = over_protobuf_limit(model)
+    """``model`` with the types and shapes ONNX infers on its skeleton: its graph inputs,
+    outputs and value_info replaced by the inferred ones."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(split_large(model)[0] if large else model)
+        inferred = onnx.shape_inference.infer_shapes(split_large(model)[0])
     except Exception as exc:
         raise ModelError(
             f"shape inference failed on the model ({exc}): check its file with onnx.checker.check_model(path, full_check=True)"
         ) from None
-    if not large:
-        return inferred
     for field in ("input", "output", "value_info"):
         values = getattr(model.graph, field)
         del values[:]
@@ -118,7 +116,7 @@ def _inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     converter cannot convert functions and drops them), or ``model`` itself without any."""
     if not model.functions:
         return model
-    skeleton, stubs = split_large(model) if over_protobuf_limit(model) else (model, [])
+    skeleton, stubs = split_large(model)
     try:
         inlined = inliner.inline_local_functions(skeleton, convert_version=True)
     except Exception as exc:
@@ -134,7 +132,7 @@ def _convert_opset(model: onnx.ModelProto, min_opset: int) -> onnx.ModelProto:
         raise ModelError(f"opset {current} is newer than onnx_lapq supports ({MAX_OPSET}): re-export the model at opset {MAX_OPSET} or lower")
     if current >= min_opset:
         return model
-    skeleton, stubs = split_large(model) if over_protobuf_limit(model) else (model, [])
+    skeleton, stubs = split_large(model)
     try:
         converted = version_converter.convert_version(skeleton, min_opset)
     except Exception as exc:

@@ -38,6 +38,7 @@ _TYPES = {
     "float": (_is_number, "a finite number"),
     "float | None": (lambda v: v is None or _is_number(v), "a finite number or None"),
     "bool": (lambda v: isinstance(v, bool), "True or False"),
+    "bool | None": (lambda v: v is None or isinstance(v, bool), "True, False or None"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "str | None": (lambda v: v is None or isinstance(v, str), "a string or None"),
     "tuple[str, ...]": (lambda v: isinstance(v, tuple) and all(isinstance(x, str) for x in v), "a tuple of strings"),

@@ -217,6 +217,22 @@ def test_weight_only_int4_runs_as_matmulnbits(block, tmp_path):
     assert "sites (W4 weights only, blocks of 16, minmax)" in summary(result, 1.0, "out.onnx", None)
 
 
+def test_weight_only_blocks_are_asymmetric_by_default(block):
+    """Each block on the grid of its own [min, max] (zero points, as MatMulNBits takes them),
+    which fits the weights closer than the symmetric grid; weight_symmetric=True keeps zero
+    points at 0."""
+    feeds = padded_batch(3, 7, seed=5)
+    ref = ort_session(block).run(None, feeds)[0]
+    errors = {}
+    for symmetric in (None, True):
+        config = onnx_lapq.QuantConfig(weight_bits=4, weight_only=True, block_size=16, weight_symmetric=symmetric)
+        result = onnx_lapq.quantize(block, None, config=config)
+        zero_points = [numpy_helper.to_array(t) for t in result.model.graph.initializer if t.name.endswith("_zero_point")]
+        assert len(zero_points) == 6 and all(np.any(z != 0) for z in zero_points) == (symmetric is None)
+        errors[symmetric] = np.abs(ort_session(result.model, optimize=False).run(None, feeds)[0] - ref).mean()
+    assert errors[None] < errors[True]
+
+
 @pytest.mark.parametrize("weight_only", [False, True])
 def test_embedding_tables_are_stored_as_integers(weight_only):
     vocab, dim = 50, 32

@@ -67,7 +67,7 @@ class RunContext:
 
     def params(self, ranges: SiteRanges) -> dict[str, QParams]:
         """Scales and zero points of every site for ``ranges``, on the config's grids."""
-        return qparams(self.plan, ranges, weight_symmetric=self.config.weight_symmetric, act_symmetric=self.config.act_symmetric)
+        return qparams(self.plan, ranges, weight_symmetric=self.config.symmetric_weights, act_symmetric=self.config.act_symmetric)
 
     def keep_evaluator(self, evaluator: LossEvaluator, release: Callable[[], None]) -> None:
         """Make ``evaluator`` the run's, with ``release`` called when the run ends."""

@@ -80,6 +80,6 @@ class Calibrate:
         config = context.config
         ranges = choose_ranges(
             solution, context.plan, context.stats, self.method, config.calibration,
-            weight_symmetric=config.weight_symmetric, act_symmetric=config.act_symmetric,
+            weight_symmetric=config.symmetric_weights, act_symmetric=config.act_symmetric,
         )
         return solution.but(ranges=ranges), StageRecord(stage=self.name)

@@ -55,7 +55,7 @@ class Lapq:
         def ranges_of(method: str, p: float | None = None) -> SiteRanges:
             return choose_ranges(
                 solution, plan, context.stats, method, config.calibration,
-                weight_symmetric=config.weight_symmetric, act_symmetric=config.act_symmetric, lp_norm=p,
+                weight_symmetric=config.symmetric_weights, act_symmetric=config.act_symmetric, lp_norm=p,
             )
 
         @functools.cache  # each side of the race sweeps the same grid, and a resumed run sweeps it again

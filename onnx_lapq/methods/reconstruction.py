@@ -118,7 +118,7 @@ class Reconstruct:
         act_method = config.method if config.method in CALIBRATORS else "lp"
         ranges = choose_ranges(
             solution, plan, context.stats, act_method, config.calibration,
-            weight_symmetric=config.weight_symmetric, act_symmetric=config.act_symmetric, weight_method=options.weight_clipping,
+            weight_symmetric=config.symmetric_weights, act_symmetric=config.act_symmetric, weight_method=options.weight_clipping,
         )
         params = context.params(ranges)
         biases = {b.node: b for b in plan.biases}

@@ -23,7 +23,8 @@ Tools:
   weight_bits, act_bits, per_channel, method, seed, batch_size)); `WEIGHTS+METHOD`
   sets weights=WEIGHTS (a reconstruction solver) and method=METHOD, and
   `WEIGHTS:key=value,...+METHOD` also ReconstructionOptions(key=value, ...), e.g.
-  `gptq:qdrop=0.5+lapq`.
+  `gptq:qdrop=0.5+lapq`.  Weight-only rows that round to nearest get no calibration data
+  (they read none; given some, onnx_lapq would also measure the result's fidelity on it).
 
 Error stages: "setup" (the tool cannot be imported: not a result, retried on
 resume), "quantize" (the tool refused or crashed: a result).
@@ -190,7 +191,8 @@ def _lapq_quantizer(job: dict, result: dict):
                           per_channel=job["per_channel"], method=method, weights=weights or "nearest", reconstruction=reconstruction,
                           keep_first_last_8bit=job.get("keep_first_last_8bit", False),
                           seed=job["seed"], batch_size=job["batch_size"], lapq=LapqOptions(**job.get("search", {})))
-        res = quantize(onnx.load(job["model_path"]), batches, config=cfg)
+        data = None if cfg.weight_only and cfg.weight_rounding == "nearest" else batches  # rounding to nearest reads no data
+        res = quantize(onnx.load(job["model_path"]), data, config=cfg)
         onnx.save(res.model, job["out_model"])
         Path(job["report_path"]).write_text(json.dumps(res.report, indent=1, default=str))
 
