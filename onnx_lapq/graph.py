@@ -32,7 +32,7 @@ import logging
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import inliner, version_converter
+from onnx import helper, inliner, version_converter
 
 from .errors import ModelError
 from .largemodel import copy_model, fill_stubs, refuse_oversized_tensors, split_large
@@ -77,12 +77,15 @@ def normalize(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET, linear_as: 
     except Exception as exc:  # folding is an optimization; the model stays valid without it
         log.warning("constant folding failed (%s); continuing without it", exc)
     graph.cleanup().toposort()
+    guessed = _fill_shapes(graph, _inferred(model))
     _fold_batchnorm(graph)
     _fold_conv_bias_add(graph)
     if linear_as == "MatMul":
         _unfold_gemm(graph)
     elif linear_as == "Gemm":
         _fold_matmul_bias_add(graph)
+    for tensor, dtype in guessed:  # the export infers shapes again, on the graph as it is now
+        tensor.shape, tensor.dtype = None, dtype
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     out.graph.initializer.extend(defaults)
@@ -98,17 +101,38 @@ def normalize(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET, linear_as: 
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with the types and shapes ONNX infers on its skeleton: its graph inputs,
     outputs and value_info replaced by the inferred ones."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(split_large(model)[0])
-    except Exception as exc:
-        raise ModelError(
-            f"shape inference failed on the model ({exc}): check its file with onnx.checker.check_model(path, full_check=True)"
-        ) from None
+    inferred = _inferred(model)
     for field in ("input", "output", "value_info"):
         values = getattr(model.graph, field)
         del values[:]
         values.extend(getattr(inferred.graph, field))
     return model
+
+
+def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The skeleton of ``model`` with the types and shapes ONNX infers."""
+    try:
+        return onnx.shape_inference.infer_shapes(split_large(model)[0])
+    except Exception as exc:
+        raise ModelError(
+            f"shape inference failed on the model ({exc}): check its file with onnx.checker.check_model(path, full_check=True)"
+        ) from None
+
+
+def _fill_shapes(graph: gs.Graph, inferred: onnx.ModelProto) -> list[tuple[gs.Variable, object]]:
+    """The tensors of ``graph`` whose shape the model did not give, with the type they had,
+    given their inferred shape and type (the folds read ranks, such as a MatMul's input made
+    by a Reshape)."""
+    guessed = []
+    known = {v.name: v.type.tensor_type for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    for name, tensor in graph.tensors().items():
+        found = known.get(name)
+        if isinstance(tensor, gs.Variable) and tensor.shape is None and found is not None and found.HasField("shape"):
+            guessed.append((tensor, tensor.dtype))
+            tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in found.shape.dim]
+            if tensor.dtype is None and found.elem_type:
+                tensor.dtype = helper.tensor_dtype_to_np_dtype(found.elem_type)
+    return guessed
 
 
 def _inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:

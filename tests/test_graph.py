@@ -74,6 +74,28 @@ def test_matmul_bias_add_becomes_a_gemm_that_runs_on_integer_kernels(x_shape, c_
         assert integer_layers(quantize(model, calib).model) == (1, 1)
 
 
+def test_matmul_bias_add_folds_where_only_shape_inference_knows_the_input_is_2d():
+    """A Reshape makes the MatMul's 2-D input and the model states no shapes: the fold reads
+    the inferred rank.  Left as MatMul + Add, ONNX Runtime fuses the pair itself and moves the
+    float Add onto the int32 bias grid, so the exported model's loss would not be the search's."""
+    from onnx_lapq import LapqOptions, QuantConfig
+
+    rng = np.random.default_rng(0)
+    model = make_model(
+        [onnx.helper.make_node("Reshape", ["x", "shape"], ["flat"]), onnx.helper.make_node("MatMul", ["flat", "w"], ["y"]),
+         onnx.helper.make_node("Add", ["y", "c"], ["z"]), onnx.helper.make_node("Relu", ["z"], ["out"])],
+        [("x", TensorProto.FLOAT, ["N", 4, 11])], [("out", TensorProto.FLOAT, ["M", 4])],
+        {"shape": np.array([-1, 11], np.int64), "w": rng.standard_normal((11, 4)).astype(np.float32),
+         "c": rng.standard_normal(4).astype(np.float32)},
+    )
+    assert not model.graph.value_info
+    assert [n.op_type for n in normalize(model).graph.node] == ["Reshape", "Gemm", "Relu"]
+    calibration = [{"x": rng.standard_normal((8, 4, 11)).astype(np.float32)}]
+    config = QuantConfig(weight_bits=4, act_bits=7, method="lapq", bias_correction=False, weights="nearest", lapq=LapqOptions(max_evals=10, loss="mse"))
+    result = quantize(model, calibration, config=config)
+    assert result.exported_loss == pytest.approx(result.report["final_loss"], rel=1e-6)
+
+
 @pytest.mark.parametrize("shape, folds", [((6,), False), ((6, 1), False), ((6, 1, 1), True), ((1, 6, 1, 1), True)])
 def test_conv_bias_add_folds_only_per_channel_constants(shape, folds):
     """Add(Conv(x), c) becomes the Conv's bias only when c broadcasts along the channels."""
