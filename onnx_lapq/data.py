@@ -152,6 +152,12 @@ def iter_batches(
         log.warning("only %d calibration samples: ranges may not generalize; a few hundred is typical", seen)
 
 
+def model_inputs(batches: Iterable[dict[str, np.ndarray]], label_key: str | None) -> Iterator[dict[str, np.ndarray]]:
+    """The batches with the labels array (if any) removed: what the model itself takes."""
+    for batch in batches:
+        yield {k: v for k, v in batch.items() if k != label_key}
+
+
 def calibration_files(path: str) -> list[str]:
     """The files a calibration path names: itself, or the .npz files in it (sorted) if a folder."""
     if os.path.isdir(path):

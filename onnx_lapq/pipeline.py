@@ -22,7 +22,7 @@ import onnx
 
 from .config import QuantConfig
 from .bits import layer_bits
-from .data import input_specs, iter_batches, padding_mask, synthetic_sample
+from .data import input_specs, iter_batches, model_inputs, padding_mask, synthetic_sample
 from .errors import CalibrationError, ConfigError, ModelError
 from .export import export_qdq
 from .fidelity import head, keep_head, warn_if_poor
@@ -138,13 +138,13 @@ def _calibrate(model, normalized, interface, calibration, plan, run, config: Qua
         if calibration is None:
             return None, [synthetic_sample(normalized, padding_mask(normalized, config.mask_input), config.seed)], None
         batches = list(batches) if keeps else batches  # a weight-only stage that keeps them (reconstruction) reads them
-        return (batches if keeps else None), head(_without(batches, config.label_key)), None
+        return (batches if keeps else None), head(model_inputs(batches, config.label_key)), None
     if keeps:  # evaluated many times: kept in memory
         batches = list(batches)
         if journal is not None:
             journal.bind(run_binding(model, batches, config))
     kept: list[dict[str, np.ndarray]] = []
-    stats = _observe(normalized, _requests(run, plan, config), keep_head(_without(batches, config.label_key), kept), config, notify)
+    stats = _observe(normalized, _requests(run, plan, config), keep_head(model_inputs(batches, config.label_key), kept), config, notify)
     return (batches if isinstance(batches, list) else None), kept, stats
 
 
@@ -185,7 +185,7 @@ def _replan(context: RunContext, stage: str, solution: Solution, later) -> None:
     if missing:
         if context.batches is None:
             raise ConfigError("a stage that chooses bit-widths must keep the calibration batches (keeps_batches) to observe the new sites")
-        batches = _without(context.batches, config.label_key)
+        batches = model_inputs(context.batches, config.label_key)
         context.stats = context.stats.merged(_observe(context.model, missing, batches, config, context.notify))
     context.plan, context.config = plan, config
 
@@ -197,9 +197,3 @@ def _linear_form(config: QuantConfig) -> str | None:
     if {"MatMul", "Gemm"} & set(config.exclude_op_types):
         return None
     return "MatMul" if config.weight_only else "Gemm"
-
-
-def _without(batches, label_key: str | None):
-    """The batches with the labels array (if any) removed: what the model itself takes."""
-    for batch in batches:
-        yield {k: v for k, v in batch.items() if k != label_key}

@@ -19,6 +19,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..data import model_inputs
 from ..journal import JournaledLoss
 from ..evaluator import LossEvaluator
 from ..params import ParamSpace, SiteRanges
@@ -50,7 +51,7 @@ class Lapq:
         context.notify(Progress("start", 0, None))
         batches = subset(context.batches, options.search_samples, config.batch_size, np.random.default_rng(config.seed))
         labels = np.concatenate([b[config.label_key] for b in batches]) if config.label_key else None
-        inputs = [{k: v for k, v in b.items() if k != config.label_key} for b in batches]
+        inputs = list(model_inputs(batches, config.label_key))
 
         def ranges_of(method: str, p: float | None = None) -> SiteRanges:
             return choose_ranges(

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..data import padding_mask
+from ..data import model_inputs, padding_mask
 from ..export import export_qdq
 from ..adaround import adaround
 from ..gptq import gptq
@@ -124,7 +124,7 @@ class Reconstruct:
         biases = {b.node: b for b in plan.biases}
         weights, grids, records = dict(solution.weights), dict(solution.weight_grids), []
         collect_seconds = solve_seconds = 0.0
-        batches = [{k: v for k, v in b.items() if k != config.label_key} for b in context.batches]
+        batches = list(model_inputs(context.batches, config.label_key))
         todo = [s for s in sites if s.tensor in shapes]
         collector = InputCollector(
             context.model, batches, max_columns=options.max_columns, seed=config.seed,
