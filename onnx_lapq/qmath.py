@@ -79,6 +79,9 @@ def broadcast(param, shape: tuple[int, ...], axis: int | None, block_size: int |
 def quantize(x, scale, zero_point, fmt: QFormat, axis: int | None = None, block_size: int | None = None) -> np.ndarray:
     """Integer codes of ``x`` (int64), as ONNX QuantizeLinear computes them in float32."""
     x = np.asarray(x, np.float32)
+    split = _whole_blocks(x.shape, axis, block_size)
+    if split is not None:  # the blocks as an axis of their own: parameters broadcast without copies
+        return quantize(x.reshape(split), np.expand_dims(scale, axis + 1), np.expand_dims(zero_point, axis + 1), fmt).reshape(x.shape)
     s = broadcast(np.asarray(scale, np.float32), x.shape, axis, block_size)
     z = broadcast(np.asarray(zero_point, np.int64), x.shape, axis, block_size)
     q = np.rint(x / s).astype(np.float64) + z
@@ -88,9 +91,19 @@ def quantize(x, scale, zero_point, fmt: QFormat, axis: int | None = None, block_
 def dequantize(q, scale, zero_point, axis: int | None = None, block_size: int | None = None) -> np.ndarray:
     """Real values of integer codes (float32), as ONNX DequantizeLinear computes them."""
     q = np.asarray(q)
+    split = _whole_blocks(q.shape, axis, block_size)
+    if split is not None:
+        return dequantize(q.reshape(split), np.expand_dims(scale, axis + 1), np.expand_dims(zero_point, axis + 1)).reshape(q.shape)
     s = broadcast(np.asarray(scale, np.float32), q.shape, axis, block_size)
     z = broadcast(np.asarray(zero_point, np.int64), q.shape, axis, block_size)
     return ((q - z).astype(np.float32) * s).astype(np.float32)
+
+
+def _whole_blocks(shape: tuple[int, ...], axis: int | None, block_size: int | None) -> tuple[int, ...] | None:
+    """``shape`` with ``axis`` split into [blocks, block_size] where it holds whole blocks, else None."""
+    if block_size is None or axis is None or shape[axis] % block_size:
+        return None
+    return shape[:axis] + (shape[axis] // block_size, block_size) + shape[axis + 1:]
 
 
 def fake_quantize(x, scale, zero_point, fmt: QFormat, axis: int | None = None, block_size: int | None = None) -> np.ndarray:
