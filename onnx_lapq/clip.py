@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .qmath import QFormat, fake_quantize, scale_zero_point
+from .qmath import QFormat, fake_quantize, scale_zero_point, whole_blocks
 from .stats import TensorStats
 
 ALPHA_GRID = np.linspace(0.01, 1.0, 100)
@@ -123,6 +123,10 @@ def weight_range(
     shrink that range by the alpha minimizing the mean |Q(w) - w|^p of each group.
     """
     w = np.asarray(weight, np.float32)
+    split = whole_blocks(w.shape, axis, block_size)
+    if split is not None and method not in ("mse", "lp"):  # extremes straight off a view of the blocks
+        lo, hi = _extremes(w.reshape(split), axis + 1, fmt)
+        return lo.astype(np.float64), hi.astype(np.float64)
     if block_size is not None:
         blocks = _blocks(w, axis, block_size)  # [n_blocks, block, rest...]
         moved = np.moveaxis(blocks, 1, -1)
@@ -143,13 +147,17 @@ def _blocks(w: np.ndarray, axis: int, block_size: int) -> np.ndarray:
     return padded.reshape((-1, block_size) + moved.shape[1:])
 
 
+def _extremes(groups: np.ndarray, axis: int, fmt: QFormat) -> tuple[np.ndarray, np.ndarray]:
+    """(-absmax, absmax) for a symmetric ``fmt``, else (min, max), of ``groups`` along ``axis``."""
+    if fmt.symmetric:
+        hi = np.abs(groups).max(axis=axis)
+        return -hi, hi
+    return groups.min(axis=axis), groups.max(axis=axis)
+
+
 def _group_ranges(rows: np.ndarray, fmt: QFormat, method: str, p: float) -> tuple[np.ndarray, np.ndarray]:
     """(lo, hi) per row of ``rows``: its +-absmax or [min, max], shrunk for mse/lp."""
-    if fmt.symmetric:
-        hi = np.abs(rows).max(axis=1).astype(np.float64)
-        lo = -hi
-    else:
-        lo, hi = rows.min(axis=1).astype(np.float64), rows.max(axis=1).astype(np.float64)
+    lo, hi = (e.astype(np.float64) for e in _extremes(rows, 1, fmt))
     if method in ("mse", "lp"):
         norm = 2.0 if method == "mse" else p
         best, best_err = np.ones_like(hi), np.full(hi.shape, np.inf)

@@ -79,19 +79,20 @@ def broadcast(param, shape: tuple[int, ...], axis: int | None, block_size: int |
 def quantize(x, scale, zero_point, fmt: QFormat, axis: int | None = None, block_size: int | None = None) -> np.ndarray:
     """Integer codes of ``x`` (int64), as ONNX QuantizeLinear computes them in float32."""
     x = np.asarray(x, np.float32)
-    split = _whole_blocks(x.shape, axis, block_size)
+    split = whole_blocks(x.shape, axis, block_size)
     if split is not None:  # the blocks as an axis of their own: parameters broadcast without copies
         return quantize(x.reshape(split), np.expand_dims(scale, axis + 1), np.expand_dims(zero_point, axis + 1), fmt).reshape(x.shape)
     s = broadcast(np.asarray(scale, np.float32), x.shape, axis, block_size)
-    z = broadcast(np.asarray(zero_point, np.int64), x.shape, axis, block_size)
-    q = np.rint(x / s).astype(np.float64) + z
+    z = broadcast(np.asarray(zero_point, np.float32), x.shape, axis, block_size)  # zero points of 16 bits or less: exact
+    q = np.rint(x / s)
+    q += z  # exact where it matters: a sum past float32's 2**24 integers is clipped to a code far below it
     return np.clip(q, fmt.qmin, fmt.qmax).astype(np.int64)
 
 
 def dequantize(q, scale, zero_point, axis: int | None = None, block_size: int | None = None) -> np.ndarray:
     """Real values of integer codes (float32), as ONNX DequantizeLinear computes them."""
     q = np.asarray(q)
-    split = _whole_blocks(q.shape, axis, block_size)
+    split = whole_blocks(q.shape, axis, block_size)
     if split is not None:
         return dequantize(q.reshape(split), np.expand_dims(scale, axis + 1), np.expand_dims(zero_point, axis + 1)).reshape(q.shape)
     s = broadcast(np.asarray(scale, np.float32), q.shape, axis, block_size)
@@ -99,7 +100,7 @@ def dequantize(q, scale, zero_point, axis: int | None = None, block_size: int | 
     return ((q - z).astype(np.float32) * s).astype(np.float32)
 
 
-def _whole_blocks(shape: tuple[int, ...], axis: int | None, block_size: int | None) -> tuple[int, ...] | None:
+def whole_blocks(shape: tuple[int, ...], axis: int | None, block_size: int | None) -> tuple[int, ...] | None:
     """``shape`` with ``axis`` split into [blocks, block_size] where it holds whole blocks, else None."""
     if block_size is None or axis is None or shape[axis] % block_size:
         return None

@@ -20,11 +20,13 @@ from typing import Iterable
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import helper, numpy_helper
 
 from .errors import ConfigError, ExportError, ModelError
 from .largemodel import copy_model, over_protobuf_limit, split_large, temporary_model_file
 
 ARENAS = ("own", "none", "shared")
+IN_MEMORY = "onnx_lapq-in-memory"  # the external data location of initializers handed to ONNX Runtime as arrays
 # op domains whose ops ONNX Runtime implements itself; others need a custom op library
 ORT_DOMAINS = (
     "", "ai.onnx", "ai.onnx.ml", "ai.onnx.training", "ai.onnx.preview.training",
@@ -72,11 +74,12 @@ def require_custom_ops(model: onnx.ModelProto) -> None:
 
 
 def session(
-    model: onnx.ModelProto, *, outputs: Iterable[str] = (), threads: int = 0, optimize: bool = True, arena: str = "own",
+    model: onnx.ModelProto | bytes, *, outputs: Iterable[str] = (), threads: int = 0, optimize: bool = True, arena: str = "own",
     optimized_path: str | None = None,
 ) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session for an in-memory model, which also returns the tensors
-    ``outputs`` (float32: see :func:`with_outputs`).
+    """A CPU ONNX Runtime session for an in-memory model (or its serialized bytes, which
+    return only the model's own outputs), which also returns the tensors ``outputs``
+    (float32: see :func:`with_outputs`).
 
     ``arena``: ``"own"``, ONNX Runtime's default memory arena per session; ``"none"``, memory
     goes back after each run; ``"shared"``, one arena for the whole process, which every
@@ -97,13 +100,38 @@ def session(
         options.optimized_model_filepath = optimized_path
     for library in _LIBRARIES.get():
         options.register_custom_ops_library(library)
+    if isinstance(model, bytes):
+        if outputs:
+            raise ValueError("a serialized model has only its own outputs: pass the ModelProto to add outputs")
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     if over_protobuf_limit(model):
         skeleton, stubs = split_large(model)  # a copy without the large data, to take the outputs
         _add_outputs(skeleton, outputs)
         with temporary_model_file(skeleton, stubs) as path:
             return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     model = with_outputs(model, outputs) if outputs else model
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    if optimized_path is not None:  # ONNX Runtime writes in-memory initializers out as it holds them: not a loadable model
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return _lean_session(model, options)
+
+
+def _lean_session(model: onnx.ModelProto, options: ort.SessionOptions) -> ort.InferenceSession:
+    """The session of ``model`` with its large initializers handed over as arrays (in-memory
+    external initializers, which ONNX Runtime copies in before it optimizes) rather than as
+    protobuf bytes it would parse again: a third of the cost of a session of a model whose
+    weights take tens of MB.  Types numpy cannot hold (4-bit, bfloat16) go as bytes."""
+    skeleton, stubs = split_large(model)
+    names, values = [], []
+    for stub, tensor in stubs:
+        if helper.tensor_dtype_to_np_dtype(tensor.data_type).kind not in "fiub":
+            stub.CopyFrom(tensor)
+            continue
+        stub.external_data.add(key="location", value=IN_MEMORY)
+        names.append(tensor.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(tensor)))
+    if names:
+        options.add_external_initializers(names, values)
+    return ort.InferenceSession(skeleton.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def quantized_session(model: onnx.ModelProto, what: str, *, advice: str = "", **options) -> ort.InferenceSession:

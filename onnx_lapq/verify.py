@@ -37,18 +37,24 @@ def check_exported(model: onnx.ModelProto, reference: onnx.ModelProto, batch: di
 
     ``reference`` is the float model and ``batch`` a calibration batch for the numeric check.
     """
+    name = model.graph.output[0].name
     if not over_protobuf_limit(model):
+        model = model.SerializeToString()  # read by the checker and both sessions
         try:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as exc:
             raise ExportError(f"the exported model fails onnx.checker ({str(exc).splitlines()[0]}); please report this with the model") from None
     # no arena: its few runs need none, and one would keep what they allocate (all of a weight-only model's dequantized weights)
     optimized = quantized_session(model, "the exported model", arena="none")
-    name = model.graph.output[0].name
     fast = optimized.run([name], batch)[0].astype(np.float64)
     plain = session(model, optimize=False, arena="none").run([name], batch)[0].astype(np.float64)
+    drift = np.abs(fast - plain).mean()
+    # the bound is at least DRIFT_FLOOR mean |plain| (mean |exact| >= mean |plain| - error), so
+    # a drift within that passes without running the float model
+    if drift <= DRIFT_FLOOR * np.abs(plain).mean():
+        return optimized
     exact = session(reference).run([name], batch)[0].astype(np.float64)
-    drift, error = np.abs(fast - plain).mean(), np.abs(plain - exact).mean()
+    error = np.abs(plain - exact).mean()
     if drift > 2.0 * error + DRIFT_FLOOR * np.abs(exact).mean():
         raise ExportError(
             f"ONNX Runtime's graph optimizations change this quantized model's outputs (mean drift {drift:.3g} against a "

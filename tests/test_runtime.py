@@ -39,3 +39,36 @@ def test_release_shared_arena_returns_its_free_memory():
     held = _resident_mb()
     release_shared_arena()
     assert held - _resident_mb() > 100
+
+
+def test_large_initializers_reach_the_session_as_arrays_with_the_same_results():
+    """Initializers over a MB go to ONNX Runtime as in-memory arrays, except types numpy cannot
+    hold (4-bit), which go as bytes: outputs equal those of the model passed as plain bytes."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((600, 600)).astype(np.float32)  # 1.4 MB
+    codes = rng.integers(-8, 8, (4096, 600)).astype(np.int8)  # 1.2 MB as int4
+    nodes = [
+        helper.make_node("DequantizeLinear", ["codes", "scale"], ["w4"], axis=1),
+        helper.make_node("MatMul", ["x", "w4"], ["a"]),
+        helper.make_node("MatMul", ["a", "w"], ["b"]),
+        helper.make_node("Cast", ["h"], ["h32"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["b", "h32"], ["y"]),
+    ]
+    initializers = [
+        numpy_helper.from_array(weight, "w"), helper.make_tensor("codes", TensorProto.INT4, codes.shape, codes.ravel().tolist()),
+        numpy_helper.from_array(np.full(600, 0.01, np.float32), "scale"),
+        numpy_helper.from_array(rng.standard_normal(600).astype(np.float16), "h"),
+    ]
+    graph = helper.make_graph(nodes, "lean", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4096])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    feed = {"x": rng.standard_normal((3, 4096)).astype(np.float32)}
+    for optimize in (True, False):
+        options = ort.SessionOptions()
+        if not optimize:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        expected = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        np.testing.assert_array_equal(session(model, optimize=optimize).run(None, feed)[0], expected)
