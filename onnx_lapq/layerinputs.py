@@ -17,6 +17,10 @@ Where a layer's input has more patches than it samples over all samples (``max_c
 at most COLUMNS_PER_INPUT times its patch length d: a d × d Gram needs samples in proportion to
 d), each batch contributes a seeded uniform random sample of its positions in proportion to its
 rows; the patch means, which statistics correction needs exactly, always use every position.
+
+With ``held_out``, every held_out-th entry along a layer input's first dimension (counted over
+the batches) goes to a second set of statistics, kept out of the fit, on which the
+reconstruction checks that its weights generalize.
 """
 from __future__ import annotations
 
@@ -114,6 +118,13 @@ class LayerGram:
         return self.sums[key] / max(count, 1)
 
 
+def _entries(x: np.ndarray, part: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The entries ``part`` of ``x`` along its first dimension, at the real positions of ``mask`` where given."""
+    if not part.all():
+        x, mask = x[part], None if mask is None else mask[part]
+    return x if mask is None else x[mask]
+
+
 @dataclass(frozen=True)
 class LayerInput:
     """A layer to collect: its node, its shape, and its input tensor in the float and in the quantized model."""
@@ -135,8 +146,9 @@ class InputCollector:
     """Collects :class:`LayerGram` statistics wave by wave over ``batches`` (see the module docstring)."""
 
     def __init__(self, float_model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], *, max_columns: int, seed: int,
-                 mask_input: str | None = None, cache_bytes: int = 1 << 30):
+                 mask_input: str | None = None, cache_bytes: int = 1 << 30, held_out: int = 0):
         self.float_model = float_model
+        self.held_out = held_out
         self.batches = batches
         self.max_columns = max_columns
         self.seed = seed
@@ -145,27 +157,36 @@ class InputCollector:
         self.frontiers = {"float": _Frontier(), "quantized": _Frontier()}
         self.total = sum(len(next(iter(b.values()))) for b in batches)
 
-    def collect(self, quantized_model: onnx.ModelProto, wanted: list[LayerInput]) -> list[LayerGram]:
+    def collect(self, quantized_model: onnx.ModelProto, wanted: list[LayerInput]) -> list[tuple[LayerGram, LayerGram]]:
         """The statistics of ``wanted`` (a wave, its layers in graph order) with ``quantized_model``,
-        keeping the frontier before its first layer."""
+        keeping the frontier before its first layer: per layer, (fit, held out), the latter of
+        every ``held_out``-th entry along the input's first dimension (empty without held_out)."""
         runs = {
             side: self._outputs(side, model, [getattr(w, f"{side}_tensor") for w in wanted], wanted[0].node)
             for side, model in (("float", self.float_model), ("quantized", quantized_model))
         }
-        grams = [LayerGram(w.layer) for w in wanted]
+        grams = [(LayerGram(w.layer), LayerGram(w.layer)) for w in wanted]
         rngs = {w.node: np.random.default_rng([self.seed, *w.node.encode()]) for w in wanted}
+        seen = dict.fromkeys(rngs, 0)  # entries along each input's first dimension so far
         for index, batch in enumerate(self.batches):
             rows = len(next(iter(batch.values())))
             got = {side: run(index, batch) for side, run in runs.items()}
             mask = np.asarray(batch[self.mask_input]).astype(bool) if self.mask_input and self.mask_input in batch else None
-            for position, (gram, layer) in enumerate(zip(grams, wanted)):
+            for position, ((fit, held), layer) in enumerate(zip(grams, wanted)):
                 x, x_hat = got["float"][position], got["quantized"][position]
-                if mask is not None and x.ndim >= 3 and x.shape[:2] == mask.shape and gram.layer.op_type != "Conv":
-                    x, x_hat = x[mask], x_hat[mask]
-                positions = gram.layer.positions(x)
-                quota = -(-min(self.max_columns, COLUMNS_PER_INPUT * gram.layer.columns) * rows // self.total)
-                chosen = np.arange(positions) if positions <= quota else np.sort(rngs[layer.node].choice(positions, quota, replace=False))
-                gram.update(x_hat, x, chosen)
+                masked = mask is not None and x.ndim >= 3 and x.shape[:2] == mask.shape and layer.layer.op_type != "Conv"
+                quota = -(-min(self.max_columns, COLUMNS_PER_INPUT * layer.layer.columns) * rows // self.total)
+                entries = np.arange(len(x)) + seen[layer.node]
+                seen[layer.node] += len(x)
+                out = entries % self.held_out == self.held_out - 1 if self.held_out else np.zeros(len(x), bool)
+                for gram, part in ((fit, ~out), (held, out)):
+                    if not part.any():
+                        continue
+                    xs, xs_hat = _entries(x, part, mask if masked else None), _entries(x_hat, part, mask if masked else None)
+                    positions = layer.layer.positions(xs)
+                    share = -(-quota * int(part.sum()) // len(x))
+                    chosen = np.arange(positions) if positions <= share else np.sort(rngs[layer.node].choice(positions, share, replace=False))
+                    gram.update(xs_hat, xs, chosen)
         return grams
 
     def _outputs(self, side: str, model: onnx.ModelProto, tensors: list[str], first_node: str):

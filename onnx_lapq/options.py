@@ -178,6 +178,12 @@ class ReconstructionOptions:
     block: columns per lazy update of gptq.
     iterations: Adam steps of adaround's learned rounding.
     regularization: weight of adaround's push of each rounding to up or down (λ).
+    held_out: every held_out-th entry of each layer's input along its first dimension (a
+        sample, or a token where a model folds its sequence into that dimension) stays out
+        of the fit: on those, row by row, the solver's weights must fit better than rounding
+        to nearest to be kept (a solver fitting few samples per input column learns their
+        noise), and the reported errors are measured there.  0: fit every entry and decide
+        on the fit's own statistics.
     """
 
     weight_clipping: str = "mse"
@@ -190,6 +196,7 @@ class ReconstructionOptions:
     block: int = 128
     iterations: int = 1000
     regularization: float = 0.01
+    held_out: int = 4
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -205,6 +212,8 @@ class ReconstructionOptions:
             raise ConfigError(f"damping={self.damping} must be in (0, 1], e.g. 0.01")
         if self.block < 1:
             raise ConfigError(f"block={self.block} must be at least 1")
+        if self.held_out == 1 or self.held_out < 0:
+            raise ConfigError(f"held_out={self.held_out} must be 0 (fit on every sample) or at least 2 (e.g. 4: a quarter held out)")
         if self.iterations < 1:
             raise ConfigError(f"iterations={self.iterations} must be at least 1 (e.g. 1000)")
         if self.regularization < 0:

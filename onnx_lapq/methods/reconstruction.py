@@ -5,7 +5,8 @@ grid that minimizes E‖W x − Ŵ x̂‖² over the calibration set (AdaQuant's
 calibration; x its input in the float model, x̂ in the model quantized so far, both from
 ONNX Runtime: layerinputs.py), by a solver on Gram matrices (gptq.py: rounding with error
 feedback; adaround.py: learned rounding); a row where the solver's answer fits worse than
-rounding to nearest keeps the latter.  Layers whose inputs do not depend on each other
+rounding to nearest keeps the latter, judged on samples held out of the fit (``held_out``):
+with few samples per input column (a transformer's tokens) a solver fits their noise.  Layers whose inputs do not depend on each other
 are collected in one pass (a "wave").  Statistics correction then sets each bias so that the
 layer's mean output matches the float model's: b + W E[x] − Ŵ E[x̂].
 
@@ -26,7 +27,7 @@ from ..data import model_inputs, padding_mask
 from ..export import export_qdq
 from ..adaround import adaround
 from ..gptq import gptq
-from ..layerinputs import COLUMNS_PER_INPUT, InputCollector, LayerInput
+from ..layerinputs import COLUMNS_PER_INPUT, InputCollector, LayerGram, LayerInput
 from ..options import CALIBRATORS
 from ..params import QParams, range_of
 from ..plan import QuantPlan, WeightSite
@@ -50,13 +51,15 @@ SOLVERS = {
 class LayerRecord:
     """One layer's relative output error E‖Wx − Ŵx̂‖² / E‖Wx‖², rounded to nearest and
     reconstructed (never above the former: a row where the solver loses keeps the nearest
-    rounding), and how many patches its statistics sampled of how many."""
+    rounding), measured on the held-out patches where there are any; how many patches the
+    fit sampled of how many, and how many held-out patches judged it."""
 
     node: str
     error_nearest: float
     error_reconstructed: float
     sampled: int
     positions: int
+    held_out: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,7 +81,7 @@ class ReconstructionRecord(StageRecord):
             "skipped": [{"node": node, "reason": why} for node, why in self.skipped],
             "sampling": (
                 f"up to {self.max_columns} patches per layer and {COLUMNS_PER_INPUT} per column of its patch, drawn uniformly at "
-                "random in proportion to each batch's rows; means over every patch"
+                "random in proportion to each batch's rows; means over every patch; errors on the held-out patches where any"
             ),
         }}
 
@@ -128,7 +131,7 @@ class Reconstruct:
         todo = [s for s in sites if s.tensor in shapes]
         collector = InputCollector(
             context.model, batches, max_columns=options.max_columns, seed=config.seed,
-            mask_input=padding_mask(context.model, config.mask_input), cache_bytes=options.cache_budget_mb << 20,
+            mask_input=padding_mask(context.model, config.mask_input), cache_bytes=options.cache_budget_mb << 20, held_out=options.held_out,
         )
         for wave in _waves(context.model, todo):
             started = time.perf_counter()
@@ -139,8 +142,10 @@ class Reconstruct:
             grams = collector.collect(quantized, wanted)
             collect_seconds += time.perf_counter() - started
             started = time.perf_counter()
-            for site, gram in zip(wave, grams):
-                record, new_weight, shift = _reconstruct(site, shapes[site.tensor], gram, current.weight(site.tensor), params[site.tensor], self.solver, options)
+            for site, (gram, held) in zip(wave, grams):
+                record, new_weight, shift = _reconstruct(
+                    site, shapes[site.tensor], gram, held, current.weight(site.tensor), params[site.tensor], self.solver, options,
+                )
                 weights[site.tensor] = new_weight
                 grids[site.tensor] = range_of(params[site.tensor])
                 bias = biases.get(site.node)
@@ -156,21 +161,26 @@ class Reconstruct:
         return solution.but(weights=weights, weight_grids=grids), record
 
 
-def _reconstruct(site: WeightSite, shape: LayerShape, gram, weight: np.ndarray, qp: QParams, solver: str, options):
-    """(record, reconstructed weight, the bias shift of statistics correction) of one layer."""
+def _reconstruct(site: WeightSite, shape: LayerShape, gram: LayerGram, held: LayerGram, weight: np.ndarray, qp: QParams, solver: str,
+                 options):
+    """(record, reconstructed weight, the bias shift of statistics correction) of one layer,
+    fitted on ``gram`` and judged on ``held`` (the held-out entries; on ``gram`` where none)."""
     w = shape.to_matrix(weight)
     groups, rows, _ = w.shape
     grid = _row_grid(qp, groups * rows)
     hessian, cross, float_gram = _dropped(gram.mean("hessian"), gram.mean("cross"), gram.mean("float_hessian"), options.qdrop)
     nearest = grid.quantize(w.reshape(groups * rows, -1)).reshape(w.shape)
-    w_hat = better_than_nearest(w, hessian, cross, SOLVERS[solver](w, hessian, cross, grid, options), nearest)
-    energy = float(np.einsum("grd,grd->", w, w @ float_gram))
+    judge = held if held.sampled else gram
+    judged = (judge.mean("hessian"), judge.mean("cross")) if held.sampled else (hessian, cross)
+    w_hat = better_than_nearest(w, *judged, SOLVERS[solver](w, hessian, cross, grid, options), nearest)
+    float_judged = judge.mean("float_hessian") if held.sampled else float_gram
+    energy = float(np.einsum("grd,grd->", w, w @ float_judged))
 
     def error(candidate: np.ndarray) -> float:
-        return float(max(row_error(w, hessian, cross, candidate, float_gram).sum(), 0.0) / energy) if energy > 0 else 0.0
+        return float(max(row_error(w, *judged, candidate, float_judged).sum(), 0.0) / energy) if energy > 0 else 0.0
 
     shift = (np.matmul(w, gram.mean("float_mean")[:, :, None]) - np.matmul(w_hat, gram.mean("quantized_mean")[:, :, None])).ravel()
-    record = LayerRecord(site.node, round(error(nearest), 6), round(error(w_hat), 6), gram.sampled, gram.positions)
+    record = LayerRecord(site.node, round(error(nearest), 6), round(error(w_hat), 6), gram.sampled, gram.positions, held.sampled)
     return record, shape.from_matrix(w_hat), shift
 
 
