@@ -11,12 +11,12 @@ need N non-zeros in every run of M consecutive entries of a row (N:M along the r
   for the matrix and for its transpose.  At most, not exactly: a sparse format stores N
   entries per run whether or not some are zero, and with exactly N a block can be forced
   to trade a large entry for two small ones.  The best such block is a maximum-weight
-  b-matching of the block's rows and columns, a linear program whose constraint matrix is
-  totally unimodular, so its vertices are integral.  ``method="exact"`` solves it: by
+  b-matching of the block's rows and columns (a linear program whose constraint matrix is
+  totally unimodular, so its vertices are integral).  ``method="exact"`` solves it: by
   scoring at once every allowed block pattern that cannot take another entry, where the
   patterns are few enough to list (:data:`ENUMERATION_LIMIT`; 2:4 allows 7,343, of which 186
-  are full), else by one linear program per block
-  (scipy's HiGHS dual simplex, which ends on a vertex).  ``method="approx"`` is the greedy
+  are full), else per block as an assignment problem of N·M + M² nodes a side
+  (:func:`_matching_template`), which scipy's linear_sum_assignment solves exactly.  ``method="approx"`` is the greedy
   2-approximation: entries by |w| descending, each kept while its row and column hold
   fewer than N, vectorized over blocks; it keeps at least half the optimum's magnitude.
 * :func:`transposable_count` is the number of blocks with exactly N per row and column
@@ -31,11 +31,11 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from scipy.optimize import linprog
+from scipy.optimize import linear_sum_assignment
 
 from .errors import ConfigError
 
-ENUMERATION_LIMIT = 50_000  # block patterns listed (once per N:M) to score the full ones by a matrix product; more: an LP per block
+ENUMERATION_LIMIT = 50_000  # block patterns listed (once per N:M) to score the full ones by a matrix product; more: an assignment per block
 CHUNK_BLOCKS = 1 << 16  # blocks scored per matrix product (memory: chunk x patterns floats)
 METHODS = ("exact", "approx")
 
@@ -85,13 +85,15 @@ def transposable_mask(matrix: np.ndarray, n: int, m: int, method: str = "exact")
     elif listed_exactly(n, m):
         chosen = _best_pattern(blocks, n)
     else:
-        chosen = np.stack([_linear_program(block, n) for block in blocks])
+        cost, rows_at, cols_at = _matching_template(n, m)
+        work = cost.copy()
+        chosen = np.stack([_assignment(block, n, work, rows_at, cols_at) for block in blocks])
     return chosen.reshape(rows // m, k // m, m, m).transpose(0, 2, 1, 3).reshape(rows, k)
 
 
 def listed_exactly(n: int, m: int) -> bool:
     """True where the exact transposable mask scores listed patterns (fast); False where it
-    solves one linear program per block."""
+    solves one assignment problem per block."""
     return _pattern_count(n, m) <= ENUMERATION_LIMIT
 
 
@@ -197,17 +199,41 @@ def _best_pattern(blocks: np.ndarray, n: int) -> np.ndarray:
     return patterns.T[best].reshape(count, m, m) > 0.5
 
 
-def _linear_program(block: np.ndarray, n: int) -> np.ndarray:
-    """bool [m, m]: the maximum-weight block with at most N per row and column, from its LP
-    (a vertex: integral)."""
+def _assignment(block: np.ndarray, n: int, cost: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """bool [m, m]: the maximum-weight block with at most N per row and column, as a perfect
+    matching (:func:`_matching_template`) solved by scipy's linear_sum_assignment."""
     m = len(block)
-    rows = np.kron(np.eye(m), np.ones(m))  # x flattened row-major: row r's entries are r*m .. r*m + m - 1
-    cols = np.kron(np.ones(m), np.eye(m))
-    result = linprog(-block.ravel().astype(np.float64), A_ub=np.vstack([rows, cols]), b_ub=np.full(2 * m, n), bounds=(0, 1),
-                     method="highs-ds")
-    if result.status != 0:
-        raise RuntimeError(f"the block LP did not solve ({result.message})")
-    return (result.x > 0.5).reshape(m, m)
+    cost[rows, cols] = -np.repeat(block, n, axis=0).ravel()
+    left, right = linear_sum_assignment(cost)
+    used = (left < n * m) & (right < m * m)  # a row slot matched to an entry: the entry is kept
+    mask = np.zeros((m, m), bool)
+    mask[right[used] // m, right[used] % m] = True
+    return mask
+
+
+@lru_cache(maxsize=None)
+def _matching_template(n: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The assignment problem whose perfect matchings are the blocks with at most N per row
+    and column: (cost with the entries' places left at 0, their row and column indices).
+
+    Left: N slots per row (i, k) and an "unused" node per entry (i, j); right: a node per
+    entry (i, j) and N slots per column (j, l).  Entry (i, j) is matched to a slot of row i
+    (kept, cost −|w_ij|) or to its unused node (cost 0); a kept entry's unused node must then
+    take a slot of column j; row and column slots left over pair with each other at cost 0.
+    Every other pair is barred."""
+    barred = 1e30
+    size = n * m + m * m
+    cost = np.full((size, size), barred)
+    for i in range(m):
+        for j in range(m):
+            unused, entry = n * m + i * m + j, i * m + j
+            cost[unused, entry] = 0.0
+            cost[unused, m * m + j * n: m * m + (j + 1) * n] = 0.0
+    cost[:n * m, m * m:] = 0.0
+    slots = np.arange(n * m)
+    rows = np.repeat(slots, m)  # slot (i, k) against entries (i, 0..m-1)
+    cols = (slots // n)[:, None] * m + np.arange(m)
+    return cost, rows, cols.ravel()
 
 
 def _greedy(blocks: np.ndarray, n: int) -> np.ndarray:

@@ -44,8 +44,9 @@ def test_exact_transposable_masks_equal_brute_force_on_4x4_blocks():
 
 
 def test_exact_transposable_masks_equal_the_integer_program_on_8x8_blocks():
+    """The assignment problem of each 8 x 8 block against scipy.milp on the b-matching's integer program."""
     w = np.random.default_rng(2).standard_normal((16, 24))
-    mask = transposable_mask(w, 4, 8)  # 1.2e11 patterns: one LP per block
+    mask = transposable_mask(w, 4, 8)  # 9.4e16 patterns: one assignment problem per block
     assert satisfies(w * mask, 4, 8, transposable=True)
     rows, cols = np.kron(np.eye(8), np.ones(8)), np.kron(np.ones(8), np.eye(8))
     for block, got in zip(_blocks(np.abs(w), 8), _kept(w, mask, 8)):
