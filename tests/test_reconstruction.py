@@ -58,8 +58,7 @@ def test_every_layer_fits_its_inputs_better_than_rounding_and_the_export_holds_t
     assert len(record.layers) == len(result.plan.weights) and not record.skipped
     for layer in record.layers:
         assert layer.error_reconstructed <= layer.error_nearest, layer
-    # measured on held-out samples, which no fit has seen
-    assert sum(layer.error_reconstructed for layer in record.layers) < 0.9 * sum(layer.error_nearest for layer in record.layers)
+    assert sum(layer.error_reconstructed for layer in record.layers) < 0.8 * sum(layer.error_nearest for layer in record.layers)
     # the exported integer weights are the reconstructed ones, on the grid the stage fixed
     exported = {t.name: t for t in result.model.graph.initializer}
     for site in result.plan.weights:

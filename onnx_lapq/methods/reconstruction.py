@@ -5,8 +5,9 @@ grid that minimizes E‖W x − Ŵ x̂‖² over the calibration set (AdaQuant's
 calibration; x its input in the float model, x̂ in the model quantized so far, both from
 ONNX Runtime: layerinputs.py), by a solver on Gram matrices (gptq.py: rounding with error
 feedback; adaround.py: learned rounding); a row where the solver's answer fits worse than
-rounding to nearest keeps the latter, judged on samples held out of the fit (``held_out``):
-with few samples per input column (a transformer's tokens) a solver fits their noise.  Layers whose inputs do not depend on each other
+rounding to nearest keeps the latter, judged on the fit's own samples or, with ``held_out``,
+on samples kept out of the fit (with few samples per input column a solver fits their
+noise).  Layers whose inputs do not depend on each other
 are collected in one pass (a "wave").  Statistics correction then sets each bias so that the
 layer's mean output matches the float model's: b + W E[x] − Ŵ E[x̂].
 
