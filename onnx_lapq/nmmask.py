@@ -91,6 +91,16 @@ def transposable_mask(matrix: np.ndarray, n: int, m: int, method: str = "exact")
     return chosen.reshape(rows // m, k // m, m, m).transpose(0, 2, 1, 3).reshape(rows, k)
 
 
+def reduction_matrix(op_type: str, weight: np.ndarray, trans_b: bool = False) -> np.ndarray:
+    """[rows, K] of a layer's weight in the layout sparse kernels read, one row per output
+    channel: a Conv's [M, C/g, *kernel] as [M, *kernel, C/g] (input channels innermost, as
+    NHWC kernels reduce), a Gemm's B as [N, K] (transposed unless transB), a MatMul's [K, N]
+    transposed."""
+    if op_type == "Conv":
+        return np.moveaxis(weight, 1, -1).reshape(len(weight), -1)
+    return weight if trans_b else weight.T
+
+
 def listed_exactly(n: int, m: int) -> bool:
     """True where the exact transposable mask scores listed patterns (fast); False where it
     solves one assignment problem per block."""
