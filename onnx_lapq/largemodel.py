@@ -20,7 +20,6 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 import onnx
-from google.protobuf.message import EncodeError
 from onnx import helper, numpy_helper
 
 from .errors import ModelError
@@ -68,16 +67,28 @@ def over_protobuf_limit(model: onnx.ModelProto) -> bool:
 
 
 def model_size(model: onnx.ModelProto) -> int:
-    """The bytes of ``model`` serialized; over protobuf's limit (which it refuses even to
-    measure: upb sizes a message by serializing it) the size of the rest of the model plus
-    the bytes of its initializers' data."""
-    data = _data_bytes(model)
-    if data <= PROTOBUF_LIMIT:
-        try:
-            return model.ByteSize()
-        except EncodeError:  # over the limit after all, in the fields around the data
-            return max(PROTOBUF_LIMIT + 1, _bare(model).ByteSize() + data)
-    return _bare(model).ByteSize() + data
+    """The bytes of ``model`` serialized, told without serializing its initializers' data
+    (upb sizes a message by serializing it, which also fails over protobuf's limit): the
+    rest of the model, plus each initializer framed as protobuf frames it, its raw data's
+    length from its type and dims."""
+    bare = _bare(model)
+    graph = bare.graph.ByteSize()
+    full = graph + sum(_framed(_tensor_bytes(t)) for t in model.graph.initializer)
+    return bare.ByteSize() - _framed(graph) + _framed(full)
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    if not tensor.HasField("raw_data"):
+        return tensor.ByteSize()
+    fields = onnx.TensorProto()
+    _copy_fields(tensor, fields, skip="raw_data")
+    return fields.ByteSize() + _framed(_stored_bytes(tensor))
+
+
+def _framed(length: int) -> int:
+    """Bytes of a length-delimited field of ``length`` bytes: a one-byte tag (graph,
+    initializer and raw_data have field numbers below 16), the length as a varint, the bytes."""
+    return 1 + max(1, -(-length.bit_length() // 7)) + length
 
 
 def split_large(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[onnx.TensorProto, onnx.TensorProto]]]:
