@@ -23,7 +23,8 @@ from . import __version__
 from .bits import read_bits_file
 from .runtime import custom_ops
 from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, QUANTIZABLE_OP_TYPES, QuantConfig
-from .options import LOSSES, SEARCH_BIAS_CORRECTION, SEARCHES, WEIGHT_METHODS, CalibrationOptions, LapqOptions
+from .nmmask import MASKS
+from .options import LOSSES, SEARCH_BIAS_CORRECTION, SEARCHES, WEIGHT_METHODS, CalibrationOptions, LapqOptions, SparsityOptions
 from .data import calibration_files, npz_batches
 from .checkpoint import CheckpointFile
 from .errors import BitsFileError, ConfigError, LapqError, ModelError
@@ -71,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input marking real (1) vs padded (0) positions; 'auto' finds a 2-D integer input named *mask*, 'none' disables")
     p.add_argument("--batch-size", type=int, default=DEFAULT.batch_size, help=f"samples per ONNX Runtime call (default {DEFAULT.batch_size})")
     p.add_argument("--seed", type=int, default=DEFAULT.seed, help=f"seed of the random choices: the search's subset (--search-samples), the patches --weights samples (default {DEFAULT.seed})")
+    sparsity = p.add_argument_group("N:M sparsity")
+    sparsity.add_argument("--sparsity", metavar="N:M", default=DEFAULT.sparsity.pattern,
+                          help="prune every layer's weights to at most N non-zeros in M along the reduction dimension (e.g. 2:4) before quantizing")
+    sparsity.add_argument("--sparsity-masks", default=DEFAULT.sparsity.masks, choices=MASKS,
+                          help=f"magnitude, or transposable (N per row and column of M x M tiles; -approx: the greedy) (default {DEFAULT.sparsity.masks})")
+    sparsity.add_argument("--sparse-first-last", action="store_true", help="also prune the first and last layers (default: dense)")
+    sparsity.add_argument("--dense-layers", nargs="+", default=[], metavar="PATTERN", help="node names (regular expressions) kept dense")
+    sparsity.add_argument("--no-sparsity-repair", action="store_true",
+                          help="keep the kept weights as they are (default: re-fit them to the dense layer's outputs on the calibration data)")
     lapq = p.add_argument_group("lapq search")
     p.search_flags = []
 
@@ -123,7 +133,10 @@ def _config(args: argparse.Namespace) -> QuantConfig:
         num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed, label_key=args.labels,
         bias_correction=not args.no_bias_correction, quantize_attention=args.quantize_attention, weight_only=args.weight_only, block_size=args.block_size,
         mask_input=None if args.mask_input.lower() == "none" else args.mask_input, custom_op_libraries=tuple(args.custom_op_library),
-        lapq=lapq,
+        lapq=lapq, sparsity=SparsityOptions(
+            pattern=args.sparsity, masks=args.sparsity_masks, dense_first_last=not args.sparse_first_last, dense_layers=tuple(args.dense_layers),
+            repair=not args.no_sparsity_repair,
+        ),
     )
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 
 from .bits import SUPPORTED_BITS, BitsPolicy, LayerBits, layer_bits
 from .errors import ConfigError
-from .options import AUTO_RECONSTRUCTION, CALIBRATORS, WEIGHT_METHODS, CalibrationOptions, LapqOptions, ReconstructionOptions, check_types
+from .options import AUTO_RECONSTRUCTION, CALIBRATORS, WEIGHT_METHODS, CalibrationOptions, LapqOptions, ReconstructionOptions, SparsityOptions, check_patterns, check_types
 
 CALIBRATION_METHODS = CALIBRATORS + ("lapq",)  # QuantConfig.method: a calibrator or LAPQ
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -81,6 +81,7 @@ class QuantConfig:
     calibration: the calibrators' options (:class:`CalibrationOptions`).
     lapq: LAPQ's options (:class:`LapqOptions`).
     reconstruction: the weight reconstruction's options (:class:`ReconstructionOptions`).
+    sparsity: N:M sparsity of the weights, pruned before they are quantized (:class:`SparsityOptions`).
     """
 
     weight_bits: int = 8
@@ -108,6 +109,7 @@ class QuantConfig:
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     lapq: LapqOptions = field(default_factory=LapqOptions)
     reconstruction: ReconstructionOptions = field(default_factory=ReconstructionOptions)
+    sparsity: SparsityOptions = field(default_factory=SparsityOptions)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_bits", layer_bits(self.layer_bits))
@@ -118,11 +120,7 @@ class QuantConfig:
             raise ConfigError(f"method={self.method!r} is unknown: use one of {', '.join(CALIBRATION_METHODS)}")
         if self.weights not in WEIGHT_METHODS:
             raise ConfigError(f"weights={self.weights!r} is unknown: use one of {', '.join(WEIGHT_METHODS)}")
-        for pattern in self.exclude:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"exclude pattern {pattern!r} is not a valid regular expression ({exc}): fix or quote it") from None
+        check_patterns("exclude", self.exclude)
         unknown = set(self.op_types) - set(QUANTIZABLE_OP_TYPES)
         if unknown:
             raise ConfigError(f"op_types {sorted(unknown)} cannot be quantized: choose from {', '.join(QUANTIZABLE_OP_TYPES)}")
@@ -177,7 +175,7 @@ def _nested_option_hint(init):
     """QuantConfig's generated __init__, with a ConfigError that names the nested options
     class of a keyword that belongs to one (``max_evals`` -> ``lapq=LapqOptions(...)``)
     instead of Python's bare TypeError."""
-    owners = {f.name: (name, kind) for name, kind in (("lapq", LapqOptions), ("calibration", CalibrationOptions), ("reconstruction", ReconstructionOptions)) for f in fields(kind)}
+    owners = {f.name: (name, kind) for name, kind in (("lapq", LapqOptions), ("calibration", CalibrationOptions), ("reconstruction", ReconstructionOptions), ("sparsity", SparsityOptions)) for f in fields(kind)}
 
     @functools.wraps(init)
     def checked(self, **options):

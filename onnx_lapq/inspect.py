@@ -7,7 +7,8 @@ DequantizeLinear of one), quantized or not:
   * the bits of the layer's input grid, where a QuantizeLinear/DequantizeLinear pair makes
     it (a Clip before the QuantizeLinear narrows it), else float;
   * the weight's bytes as stored: codes (4-bit types packed two to a byte), scales and zero
-    points;
+    points; and as a sparse format stores an N:M layer (NVIDIA's 2:4 layout): N codes of
+    every M plus a ceil(log2 M)-bit index for each;
   * the share of zero weights and the sparsest N:M pattern its weights follow along the
     reduction dimension in sparse kernels' layout (nmmask.reduction_matrix; M of 4, 8 or
     16, N at most M/2: what sparse kernels skip), and whether also transposably (N per
@@ -50,6 +51,7 @@ class LayerFacts:
     granularity: str
     act_bits: int | None  # None: the input is not quantized
     weight_bytes: int
+    sparse_bytes: int  # weight_bytes with the codes stored as the pattern's sparse format (weight_bytes where dense)
     zeros: float
     pattern: str | None  # "N:M", None when no M of PATTERN_SIZES holds at most M/2 non-zeros per run
     transposable: bool
@@ -65,26 +67,36 @@ def inspect_model(model: onnx.ModelProto) -> list[LayerFacts]:
         weight = _weight(index, node.input[1])
         if weight is None:
             continue
-        real, stored, bits, granularity, size = weight
+        real, stored, bits, granularity, codes_bytes, param_bytes = weight
         trans_b = any(a.name == "transB" and a.i for a in node.attribute)
         if (real.ndim < 3) if node.op_type == "Conv" else (real.ndim != 2):
             continue
         matrix = reduction_matrix(node.op_type, real, trans_b)
         pattern, transposable = _pattern(matrix)
+        sparse = codes_bytes if pattern is None else _sparse_bytes(real.size, _BITS.get(stored, 32), pattern)
         facts.append(LayerFacts(
             node.name, node.op_type, helper.tensor_dtype_to_string(stored).replace("TensorProto.", "").lower(), bits, granularity,
-            _act_bits(index, node.input[0]), size, round(float((real == 0).mean()), 6), pattern, transposable,
+            _act_bits(index, node.input[0]), codes_bytes + param_bytes, sparse + param_bytes, round(float((real == 0).mean()), 6),
+            pattern, transposable,
         ))
     return facts
 
 
+def _sparse_bytes(count: int, bits: int, pattern: str) -> int:
+    """Bytes of ``count`` weights of ``bits`` stored N:M: N of every M values, each with a
+    ceil(log2 M)-bit position in its run."""
+    n, m = (int(x) for x in pattern.split(":"))
+    kept = count // m * n
+    return -(-kept * (bits + math.ceil(math.log2(m))) // 8)
+
+
 def _weight(index: GraphIndex, name: str):
-    """(real values, stored type, bits its codes span, granularity, stored bytes) of a constant
-    weight, or None where it is not one."""
+    """(real values, stored type, bits its codes span, granularity, bytes of its codes, bytes of
+    its scales and zero points) of a constant weight, or None where it is not one."""
     if name in index.initializers:
         tensor = index.initializers[name]
         real = numpy_helper.to_array(tensor).astype(np.float64)
-        return real, tensor.data_type, _BITS.get(tensor.data_type, 32), "float", _stored_bytes(tensor)
+        return real, tensor.data_type, _BITS.get(tensor.data_type, 32), "float", _stored_bytes(tensor), 0
     node = index.producer.get(name)
     if node is None or node.op_type != "DequantizeLinear" or node.input[0] not in index.initializers:
         return None
@@ -110,8 +122,8 @@ def _weight(index: GraphIndex, name: str):
         granularity = "per tensor"
     real = (codes - expand(zero)) * expand(scale)
     span = int(codes.max() - codes.min()) + 1 if codes.size else 1
-    size = sum(_stored_bytes(index.initializers[i]) for i in node.input if i in index.initializers)
-    return real, codes_tensor.data_type, max(1, math.ceil(math.log2(span))), granularity, size
+    params = sum(_stored_bytes(index.initializers[i]) for i in node.input[1:] if i in index.initializers)
+    return real, codes_tensor.data_type, max(1, math.ceil(math.log2(span))), granularity, _stored_bytes(codes_tensor), params
 
 
 def _act_bits(index: GraphIndex, name: str) -> int | None:
@@ -162,7 +174,9 @@ def format_table(facts: list[LayerFacts]) -> str:
         pattern = "dense" if f.pattern is None else f.pattern + (" transposable" if f.transposable else "")
         act = "float" if f.act_bits is None else f"{f.act_bits}-bit"
         lines.append(f"{f.node[:40]:40s} {f.op_type:7s} {weights:16s} {f.granularity:14s} {act:6s} {f.weight_bytes:10d} {f.zeros:6.1%} {pattern}")
-    lines.append(f"{len(facts)} layers, {sum(f.weight_bytes for f in facts)} weight bytes")
+    sparse = sum(f.sparse_bytes for f in facts)
+    stored = sum(f.weight_bytes for f in facts)
+    lines.append(f"{len(facts)} layers, {stored} weight bytes" + (f", {sparse} stored sparse" if sparse < stored else ""))
     return "\n".join(lines)
 
 

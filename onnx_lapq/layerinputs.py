@@ -110,6 +110,11 @@ class LayerGram:
         self.sampled += len(chosen)
         self.positions += self.layer.positions(quantized)
 
+    def output_shift(self, weight: np.ndarray, fitted: np.ndarray) -> np.ndarray:
+        """W E[x] − Ŵ E[x̂], flattened: what a bias must add so that the layer with ``fitted``
+        ([G, r, d]) on its inputs x̂ has the mean output of ``weight`` on x."""
+        return (np.matmul(weight, self.mean("float_mean")[:, :, None]) - np.matmul(fitted, self.mean("quantized_mean")[:, :, None])).ravel()
+
     def mean(self, key: str) -> np.ndarray:
         """One of the statistics named in the class docstring."""
         if key == "cross":
@@ -215,3 +220,40 @@ class InputCollector:
             return values[:len(tensors)]
 
         return run
+
+
+def waves(model: onnx.ModelProto, sites: list) -> list[list]:
+    """``sites`` (weight sites, in graph order) in runs whose layers' inputs do not depend on
+    each other: a wave's inputs are collected in one pass."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    layer_of = {s.node: s for s in sites}
+    upstream: dict[str, frozenset[str]] = {}
+
+    def layers_above(tensor: str) -> frozenset[str]:
+        stack, seen, found = [tensor], set(), set()
+        while stack:
+            name = stack.pop()
+            if name in upstream:
+                found |= upstream[name]
+                continue
+            node = producer.get(name)
+            if node is None or name in seen:
+                continue
+            seen.add(name)
+            if node.name in layer_of:
+                found.add(node.name)
+            stack.extend(i for i in node.input if i)
+        return frozenset(found)
+
+    waves: list[list[WeightSite]] = []
+    members: set[str] = set()
+    nodes = {n.name: n for n in model.graph.node}
+    for site in sites:
+        above = layers_above(nodes[site.node].input[0])
+        upstream[nodes[site.node].input[0]] = above
+        if not waves or above & members:
+            waves.append([])
+            members = set()
+        waves[-1].append(site)
+        members.add(site.node)
+    return waves

@@ -38,6 +38,7 @@ from .errors import ConfigError
 ENUMERATION_LIMIT = 50_000  # block patterns listed (once per N:M) to score the full ones by a matrix product; more: an assignment per block
 CHUNK_BLOCKS = 1 << 16  # blocks scored per matrix product (memory: chunk x patterns floats)
 METHODS = ("exact", "approx")
+MASKS = ("magnitude", "transposable", "transposable-approx")  # the mask kinds of mask_of
 
 
 def parse_pattern(text: str) -> tuple[int, int]:
@@ -99,6 +100,21 @@ def reduction_matrix(op_type: str, weight: np.ndarray, trans_b: bool = False) ->
     if op_type == "Conv":
         return np.moveaxis(weight, 1, -1).reshape(len(weight), -1)
     return weight if trans_b else weight.T
+
+
+def from_reduction_matrix(op_type: str, matrix: np.ndarray, weight_shape: tuple[int, ...], trans_b: bool = False) -> np.ndarray:
+    """Inverse of :func:`reduction_matrix`: the matrix back in the weight's own shape."""
+    if op_type == "Conv":
+        moved = (weight_shape[0], *weight_shape[2:], weight_shape[1])
+        return np.moveaxis(matrix.reshape(moved), -1, 1)
+    return matrix if trans_b else matrix.T
+
+
+def mask_of(matrix: np.ndarray, n: int, m: int, kind: str) -> np.ndarray:
+    """The ``kind`` of mask (one of MASKS) of ``matrix``."""
+    if kind == "magnitude":
+        return magnitude_mask(matrix, n, m)
+    return transposable_mask(matrix, n, m, method="approx" if kind == "transposable-approx" else "exact")
 
 
 def listed_exactly(n: int, m: int) -> bool:

@@ -7,6 +7,7 @@ its annotation first, so a wrong type never reaches a range check.
 """
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import dataclass, fields
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from .bits import LayerBits
 from .errors import ConfigError
+from .nmmask import MASKS, parse_pattern
 
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse", "lp")  # per-tensor clipping methods (CalibrationOptions)
 SEARCHES = ("powell", "coordinate")
@@ -45,6 +47,15 @@ _TYPES = {
     "tuple[float, ...]": (lambda v: isinstance(v, tuple) and all(_is_number(x) for x in v), "a tuple of numbers"),
     "tuple[LayerBits, ...]": (lambda v: isinstance(v, tuple) and all(isinstance(x, LayerBits) for x in v), "a tuple of LayerBits"),
 }
+
+
+def check_patterns(field: str, patterns: tuple[str, ...]) -> None:
+    """ConfigError naming the first of ``patterns`` (regular expressions of node names) that is not one."""
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"{field} pattern {pattern!r} is not a valid regular expression ({exc}): fix or quote it") from None
 
 
 def checked_types() -> tuple[str, ...]:
@@ -157,6 +168,46 @@ class LapqOptions:
             raise ConfigError(f"search_samples={self.search_samples} must be at least 1 (or None for all)")
         if self.memory_budget_mb < 0:
             raise ConfigError("memory_budget_mb must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparsityOptions:
+    """N:M sparsity of the layers' weights (methods/sparsify.py; masks in nmmask.py).
+
+    pattern: "N:M" (e.g. "2:4": at most 2 non-zeros in every 4 consecutive weights along
+        the reduction dimension, input channels innermost for convolutions), or None: dense.
+    masks: "magnitude" (the N largest |w| of every run), "transposable" (at most N per row
+        and per column of every M × M tile, the best such mask), or "transposable-approx"
+        (the greedy 2-approximation of it).
+    dense_first_last: keep the first and last layers dense.
+    dense_layers: regular expressions of layer names kept dense.
+    repair: re-fit each layer's kept weights, front to back, so that its output on its inputs
+        in the model pruned so far matches the dense layer's (masked least squares), then
+        set its bias so that its mean output matches too.
+    repair_damping: added to the diagonal of each layer's input Gram matrix in the repair,
+        as a fraction of its mean.
+    """
+
+    pattern: str | None = None
+    masks: str = "magnitude"
+    dense_first_last: bool = True
+    dense_layers: tuple[str, ...] = ()
+    repair: bool = True
+    repair_damping: float = 0.01
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.pattern is not None:
+            parse_pattern(self.pattern)
+        if self.masks not in MASKS:
+            raise ConfigError(f"sparsity masks={self.masks!r} are unknown: use one of {', '.join(MASKS)}")
+        check_patterns("dense_layers", self.dense_layers)
+        if not 0.0 < self.repair_damping <= 1.0:
+            raise ConfigError(f"repair_damping={self.repair_damping} must be in (0, 1], e.g. 0.01")
+
+    def pattern_nm(self) -> tuple[int, int] | None:
+        """(N, M) of ``pattern``, or None."""
+        return None if self.pattern is None else parse_pattern(self.pattern)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -62,6 +62,8 @@ def quantize(
         raise ConfigError(f"on_step must be a function of one Progress (or None), not {type(on_step).__name__}")
     if calibration is None and not config.weight_only:
         raise CalibrationError("no calibration data (None): give calibration batches; only weight_only quantization runs without them")
+    if calibration is None and config.sparsity.pattern and config.sparsity.repair:
+        raise CalibrationError("sparsity repair re-fits the kept weights to calibration data: give calibration batches, or turn repair off")
     if calibration is None and config.weight_rounding != "nearest":
         raise CalibrationError(f"weights={config.weight_rounding!r} reconstructs the weights from calibration data: give calibration batches, or use weights='nearest'")
     check_journal(journal, config)

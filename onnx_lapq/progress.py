@@ -21,7 +21,8 @@ from typing import TextIO
 class Progress:
     """What ``on_step`` receives: a stage name, work done, the total when known, and the
     best loss so far during a search.  The stages: calibrate, then each method's own
-    (weight reconstruction sends reconstruct, a layer at a time; lapq sends start, for its
+    (N:M sparsity's repair sends sparsify and weight reconstruction reconstruct, a layer at a
+    time; lapq sends start, for its
     evaluator, Lp sweep and start candidates, and search), export, fidelity; each sends an event as it begins or as its work advances."""
 
     stage: str

@@ -12,7 +12,7 @@ from onnx import TensorProto
 from onnx_lapq import ConfigError, LapqOptions, QuantConfig, ReconstructionOptions, methods
 from onnx_lapq.layerinputs import InputCollector, LayerInput, prefix
 from onnx_lapq.unfold import LayerShape
-from onnx_lapq.methods.reconstruction import _waves
+from onnx_lapq.layerinputs import waves as layer_waves
 from onnx_lapq.plan import build_plan
 from onnx_lapq.qmath import quantize as codes_of
 from onnx_lapq.runtime import session
@@ -141,7 +141,7 @@ def test_layers_whose_inputs_do_not_depend_on_each_other_share_a_pass():
     model = onnx_lapq.graph.normalize(block_model())
     plan = build_plan(model, QuantConfig(weight_bits=4))
     order = {n.name: i for i, n in enumerate(model.graph.node)}
-    waves = [[s.node for s in wave] for wave in _waves(model, sorted(plan.weights, key=lambda s: order[s.node]))]
+    waves = [[s.node for s in wave] for wave in layer_waves(model, sorted(plan.weights, key=lambda s: order[s.node]))]
     assert ["conva", "convb"] in waves
     assert sum(len(w) for w in waves) == len(plan.weights) == len(waves) + 1
 
@@ -162,7 +162,7 @@ def test_kept_frontiers_give_the_statistics_of_whole_runs():
     plan = build_plan(model, QuantConfig(weight_bits=4))
     nodes = {n.name: n for n in model.graph.node}
     order = {n.name: i for i, n in enumerate(model.graph.node)}
-    waves = _waves(model, sorted(plan.weights, key=lambda s: order[s.node]))
+    waves = layer_waves(model, sorted(plan.weights, key=lambda s: order[s.node]))
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     results = {}
     for budget in (0, 1 << 30):

@@ -13,7 +13,8 @@ per-channel weights, A-bit activations; `w{W}a{A}-pt` = per-tensor weights.
 Methods: `ort-minmax|ort-entropy|ort-percentile` run onnxruntime's
 quantize_static (QDQ; see benchkit/runners.py); any other name is passed to
 onnx_lapq as QuantConfig(method=...), and `WEIGHTS+METHOD` (e.g. gptq+lapq) as
-QuantConfig(weights=WEIGHTS, method=METHOD). A method/config a tool refuses becomes a
+QuantConfig(weights=WEIGHTS, method=METHOD); a leading `N:M[/MASKS][/norepair]+` (e.g.
+2:4/transposable+minmax) prunes to N:M first (SparsityOptions). A method/config a tool refuses becomes a
 row with `error` set, never a missing row.
 
 Fixed splits (seed 0 unless --seed; details in benchkit/kitdata.py):
@@ -57,7 +58,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmark the onnx_lapq of this checkout
 
+import onnx  # noqa: E402
+
 from benchkit import kitdata, measure, report, runners  # noqa: E402
+from onnx_lapq.inspect import inspect_model  # noqa: E402
 from onnx_lapq.options import SEARCH_BIAS_CORRECTION  # noqa: E402
 
 ALL_METHODS = "ort-minmax,ort-entropy,ort-percentile,minmax,percentile,entropy,mse,lapq"
@@ -170,6 +174,8 @@ def quantize_row(a: argparse.Namespace, task: kitdata.Task, config: str, method:
     if not res.get("error"):
         row["model_path"] = job["out_model"]
         attach_report(row, Path(job["report_path"]))
+        facts = inspect_model(onnx.load(job["out_model"]))
+        row["weight_bytes"], row["sparse_weight_bytes"] = sum(f.weight_bytes for f in facts), sum(f.sparse_bytes for f in facts)
     return row
 
 

@@ -1,7 +1,7 @@
 """Quantization methods as stages over a Solution, and the stages a config asks for.
 
 Each method is a module here: the per-tensor calibrators (calibrators.py), bias correction
-(bias_correction.py), weight reconstruction (reconstruction.py) and LAPQ (lapq.py).  A run is an ordered list of stages; each
+(bias_correction.py), weight reconstruction (reconstruction.py), N:M sparsity (sparsify.py) and LAPQ (lapq.py).  A run is an ordered list of stages; each
 declares the statistics it needs and maps the Solution so far to a new one (base.py).
 
     stages(config)  # method="lapq" with bias correction: [BiasCorrection(), Lapq()]
@@ -15,17 +15,20 @@ from ..options import CALIBRATORS
 from .calibrators import Calibrate
 from .lapq import Lapq
 from .reconstruction import Reconstruct
+from .sparsify import Sparsify
 
 CLIPPING = {**{name: Calibrate(name) for name in CALIBRATORS}, "lapq": Lapq()}  # config.method -> the stage that clips
 
 
 def stages(config: QuantConfig) -> list[Stage]:
-    """The stages of a run of ``config``, in order: bias correction first where it is on (a
+    """The stages of a run of ``config``, in order: N:M pruning where the config asks for it
+    (every later stage works on the pruned weights), bias correction where it is on (a
     later stage may evaluate with it, and LAPQ may switch it off), then the weights'
     reconstruction where the config's rounding is one, then the clipping method."""
+    sparsity = [Sparsify(config.sparsity.repair)] if config.sparsity.pattern else []
     correction = [BiasCorrection()] if config.bias_correction and not config.weight_only else []
     reconstruction = [] if config.weight_rounding == "nearest" else [Reconstruct(config.weight_rounding)]
-    return [*correction, *reconstruction, CLIPPING[config.method]]
+    return [*sparsity, *correction, *reconstruction, CLIPPING[config.method]]
 
 
 __all__ = ["RunContext", "Stage", "StageRecord", "stages"]

@@ -28,7 +28,7 @@ from ..data import model_inputs, padding_mask
 from ..export import export_qdq
 from ..adaround import adaround
 from ..gptq import gptq
-from ..layerinputs import COLUMNS_PER_INPUT, InputCollector, LayerGram, LayerInput
+from ..layerinputs import COLUMNS_PER_INPUT, InputCollector, LayerGram, LayerInput, waves
 from ..options import CALIBRATORS
 from ..params import QParams, range_of
 from ..plan import QuantPlan, WeightSite
@@ -134,7 +134,7 @@ class Reconstruct:
             context.model, batches, max_columns=options.max_columns, seed=config.seed,
             mask_input=padding_mask(context.model, config.mask_input), cache_bytes=options.cache_budget_mb << 20, held_out=options.held_out,
         )
-        for wave in _waves(context.model, todo):
+        for wave in waves(context.model, todo):
             started = time.perf_counter()
             current = solution.but(weights=weights, weight_grids=grids)
             quantized = export_qdq(context.model, plan, params, current)
@@ -180,7 +180,7 @@ def _reconstruct(site: WeightSite, shape: LayerShape, gram: LayerGram, held: Lay
     def error(candidate: np.ndarray) -> float:
         return float(max(row_error(w, *judged, candidate, float_judged).sum(), 0.0) / energy) if energy > 0 else 0.0
 
-    shift = (np.matmul(w, gram.mean("float_mean")[:, :, None]) - np.matmul(w_hat, gram.mean("quantized_mean")[:, :, None])).ravel()
+    shift = gram.output_shift(w, w_hat)
     record = LayerRecord(site.node, round(error(nearest), 6), round(error(w_hat), 6), gram.sampled, gram.positions, held.sampled)
     return record, shape.from_matrix(w_hat), shift
 
@@ -204,39 +204,3 @@ def _row_grid(qp: QParams, rows: int) -> RowGrid:
     if qp.block_size is not None:
         return RowGrid(np.asarray(qp.scale).T, np.asarray(qp.zero_point).T, qp.fmt, qp.block_size)
     return RowGrid.of(qp.scale, qp.zero_point, qp.fmt, rows)
-
-
-def _waves(model, sites: list[WeightSite]) -> list[list[WeightSite]]:
-    """``sites`` (in graph order) in runs whose layers' inputs do not depend on each other."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    layer_of = {s.node: s for s in sites}
-    upstream: dict[str, frozenset[str]] = {}
-
-    def layers_above(tensor: str) -> frozenset[str]:
-        stack, seen, found = [tensor], set(), set()
-        while stack:
-            name = stack.pop()
-            if name in upstream:
-                found |= upstream[name]
-                continue
-            node = producer.get(name)
-            if node is None or name in seen:
-                continue
-            seen.add(name)
-            if node.name in layer_of:
-                found.add(node.name)
-            stack.extend(i for i in node.input if i)
-        return frozenset(found)
-
-    waves: list[list[WeightSite]] = []
-    members: set[str] = set()
-    nodes = {n.name: n for n in model.graph.node}
-    for site in sites:
-        above = layers_above(nodes[site.node].input[0])
-        upstream[nodes[site.node].input[0]] = above
-        if not waves or above & members:
-            waves.append([])
-            members = set()
-        waves[-1].append(site)
-        members.add(site.node)
-    return waves

@@ -32,6 +32,7 @@ resume), "quantize" (the tool refused or crashed: a result).
 from __future__ import annotations
 
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -179,24 +180,36 @@ def _lapq_quantizer(job: dict, result: dict):
     import onnx
     import onnx_lapq
     from onnx_lapq import LapqOptions, QuantConfig, ReconstructionOptions, quantize  # ImportError while the package is incomplete
+    from onnx_lapq.options import SparsityOptions
 
     result["tool_version"] = f"onnx_lapq {_lapq_version(onnx_lapq)}"
 
     def run(batches):
         weight_only = {"weight_only": True, "op_types": ("MatMul", "Gather"), "block_size": WEIGHT_ONLY_BLOCK} if job.get("weight_only") else {}
-        weights, _, method = job["method"].rpartition("+")
-        weights, _, options = weights.partition(":")
+        parts = job["method"].split("+")
+        sparsity = _sparsity(parts.pop(0)) if len(parts) > 1 and re.fullmatch(r"\d+:\d+(/[a-z-]+)*", parts[0]) else SparsityOptions()
+        method = parts.pop()
+        weights, _, options = "+".join(parts).partition(":")
         reconstruction = ReconstructionOptions(**{k: _number(v) for k, v in (o.split("=") for o in options.split(",") if o)})
         cfg = QuantConfig(weight_bits=job["weight_bits"], act_bits=job["act_bits"], **weight_only,
                           per_channel=job["per_channel"], method=method, weights=weights or "nearest", reconstruction=reconstruction,
                           keep_first_last_8bit=job.get("keep_first_last_8bit", False),
-                          seed=job["seed"], batch_size=job["batch_size"], lapq=LapqOptions(**job.get("search", {})))
+                          seed=job["seed"], batch_size=job["batch_size"], lapq=LapqOptions(**job.get("search", {})), sparsity=sparsity)
         data = None if cfg.weight_only and cfg.weight_rounding == "nearest" else batches  # rounding to nearest reads no data
         res = quantize(onnx.load(job["model_path"]), data, config=cfg)
         onnx.save(res.model, job["out_model"])
         Path(job["report_path"]).write_text(json.dumps(res.report, indent=1, default=str))
 
     return run
+
+
+def _sparsity(spec: str):
+    """SparsityOptions of a method's leading ``N:M[/MASKS][/norepair]``."""
+    from onnx_lapq.options import SparsityOptions
+
+    pattern, *flags = spec.split("/")
+    masks = [f for f in flags if f != "norepair"]
+    return SparsityOptions(pattern=pattern, masks=masks[0] if masks else "magnitude", repair="norepair" not in flags)
 
 
 def _number(text: str):

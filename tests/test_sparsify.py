@@ -1,0 +1,89 @@
+"""N:M sparsity as a stage: masks in the export, repair, named dense layers, refusals."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import onnx_lapq
+from conftest import DIGITS_CALIB, DIGITS_MODEL, block_model, digits, random_inputs
+from onnx_lapq import CalibrationError, ConfigError, QuantConfig
+from onnx_lapq.inspect import inspect_model
+from onnx_lapq.layerinputs import LayerGram
+from onnx_lapq.methods.sparsify import _masked_least_squares
+from onnx_lapq import SparsityOptions
+from onnx_lapq.unfold import LayerShape
+
+
+def _run(model, calibration, **options):
+    bits = {k: options.pop(k) for k in ("weight_bits", "act_bits") if k in options}
+    result = onnx_lapq.quantize(model, calibration, config=QuantConfig(**bits, sparsity=SparsityOptions(pattern="2:4", **options)))
+    return result, next(r for r in result.stages if r.stage == "sparsify")
+
+
+def test_pruned_layers_follow_the_pattern_in_the_export_and_repair_lowers_their_error():
+    model, calibration = digits()
+    plain, plain_record = _run(model, calibration, repair=False)
+    repaired, record = _run(model, calibration)
+    facts = {f.node: f for f in inspect_model(repaired.model)}
+    pruned = {layer.node for layer in record.layers}
+    assert pruned == {"conv2", "conv3a", "conv3b", "conv4"} and dict(record.dense) == {"conv1": "first or last layer", "fc": "first or last layer"}
+    for node, fact in facts.items():
+        assert (fact.pattern == "2:4") == (node in pruned), fact
+        assert fact.weight_bits == 8
+    for layer in record.layers:
+        assert 0.5 < layer.kept_magnitude < 1 and layer.error_repaired < layer.error_masked
+    assert all(layer.error_repaired is None for layer in plain_record.layers)
+    assert repaired.fidelity.loss < plain.fidelity.loss
+
+
+@pytest.mark.parametrize("masks", ["transposable", "transposable-approx"])
+def test_transposable_masks_reach_the_export_at_4_bits(masks):
+    model, calibration = digits()
+    result, record = _run(model, calibration, masks=masks, weight_bits=4, act_bits=8)
+    facts = {f.node: f for f in inspect_model(result.model)}
+    for layer in record.layers:
+        assert (facts[layer.node].pattern, facts[layer.node].transposable, facts[layer.node].weight_bits) == ("2:4", True, 4), layer
+
+
+def test_layers_the_pattern_does_not_fit_stay_dense_and_are_named():
+    model = block_model()
+    _, record = _run(model, random_inputs(model, 32, batch=32), dense_first_last=False, dense_layers=("conva",))
+    dense = dict(record.dense)
+    assert dense["conva"] == "dense_layers"
+    assert dense["conv3"].startswith("a reduction dimension of 54 is not a multiple of M=4")
+    assert "conv1" in dense and "fc" not in dense  # conv1: 2 input channels x 9 = 18; fc pruned: first/last not kept dense
+    assert "sparsity 2:4 (magnitude)" in record.summary() and "conv3 (a reduction dimension of 54" in record.summary()
+
+
+def test_masked_least_squares_solves_each_row_on_its_support():
+    rng = np.random.default_rng(0)
+    d, rows = 12, 5
+    x_hat = rng.standard_normal((200, d))
+    x = x_hat + 0.1 * rng.standard_normal((200, d))
+    gram = LayerGram(LayerShape("MatMul", (d, rows)))
+    gram.update(x_hat[None].astype(np.float32)[0], x.astype(np.float32), np.arange(200))
+    w = rng.standard_normal((1, rows, d))
+    support = rng.random((1, rows, d)) < 0.5
+    fitted = _masked_least_squares(w, support, gram, damping=1e-9)
+    for r in range(rows):
+        keep = support[0, r]
+        expected = np.linalg.lstsq(x_hat[:, keep], x @ w[0, r], rcond=None)[0]
+        np.testing.assert_allclose(fitted[0, r, keep], expected, rtol=1e-4, atol=1e-6)
+        assert (fitted[0, r, ~keep] == 0).all()
+
+
+def test_bad_patterns_and_repair_without_data_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="0 < N < M"):
+        SparsityOptions(pattern="4:4")
+    with pytest.raises(ConfigError, match="masks='random' are unknown"):
+        SparsityOptions(pattern="2:4", masks="random")
+    model, _ = digits()
+    with pytest.raises(CalibrationError, match="sparsity repair"):
+        onnx_lapq.quantize(model, None, config=QuantConfig(weight_only=True, sparsity=SparsityOptions(pattern="2:4")))
+    out = tmp_path / "out.onnx"
+    proc = subprocess.run([sys.executable, "-m", "onnx_lapq", str(DIGITS_MODEL), str(out), "--calib", str(DIGITS_CALIB), "--sparsity", "2:x"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "is not N:M" in proc.stderr and not out.exists()
