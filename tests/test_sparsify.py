@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 
 import onnx_lapq
@@ -87,3 +88,18 @@ def test_bad_patterns_and_repair_without_data_are_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "onnx_lapq", str(DIGITS_MODEL), str(out), "--calib", str(DIGITS_CALIB), "--sparsity", "2:x"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "is not N:M" in proc.stderr and not out.exists()
+
+
+def test_an_unstructured_sparse_model_converts_to_n_m_keeping_more_of_its_magnitude():
+    """Half of conv4's weights already zero (the smallest, anywhere): its 2:4 mask keeps more of
+    |w| than the dense layer's, and the export follows 2:4."""
+    model, calibration = digits()
+    dense_kept = {layer.node: layer.kept_magnitude for layer in _run(model, calibration, repair=False)[1].layers}
+    weight = next(t for t in model.graph.initializer if t.name == "conv4.weight")  # BatchNorm folds into it: zeros stay zeros
+    values = onnx.numpy_helper.to_array(weight)
+    values = np.where(np.abs(values) > np.median(np.abs(values)), values, 0).astype(np.float32)
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    result, record = _run(model, calibration, repair=False)
+    kept = {layer.node: layer.kept_magnitude for layer in record.layers}
+    assert kept["conv4"] > dense_kept["conv4"] + 0.05
+    assert {f.node: f.pattern for f in inspect_model(result.model)}["conv4"] == "2:4"
