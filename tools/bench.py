@@ -13,8 +13,8 @@ per-channel weights, A-bit activations; `w{W}a{A}-pt` = per-tensor weights.
 Methods: `ort-minmax|ort-entropy|ort-percentile` run onnxruntime's
 quantize_static (QDQ; see benchkit/runners.py); any other name is passed to
 onnx_lapq as QuantConfig(method=...), and `WEIGHTS+METHOD` (e.g. gptq+lapq) as
-QuantConfig(weights=WEIGHTS, method=METHOD); a leading `N:M[/MASKS][/norepair]+` (e.g.
-2:4/transposable+minmax) prunes to N:M first (SparsityOptions). A method/config a tool refuses becomes a
+QuantConfig(weights=WEIGHTS, method=METHOD); a leading `N:M[_MASKS][_norepair]+` (e.g.
+2:4_transposable+minmax) prunes to N:M first (SparsityOptions). A method/config a tool refuses becomes a
 row with `error` set, never a missing row.
 
 Fixed splits (seed 0 unless --seed; details in benchkit/kitdata.py):

@@ -187,7 +187,7 @@ def _lapq_quantizer(job: dict, result: dict):
     def run(batches):
         weight_only = {"weight_only": True, "op_types": ("MatMul", "Gather"), "block_size": WEIGHT_ONLY_BLOCK} if job.get("weight_only") else {}
         parts = job["method"].split("+")
-        sparsity = _sparsity(parts.pop(0)) if len(parts) > 1 and re.fullmatch(r"\d+:\d+(/[a-z-]+)*", parts[0]) else SparsityOptions()
+        sparsity = _sparsity(parts.pop(0)) if len(parts) > 1 and re.fullmatch(r"\d+:\d+(_[a-z-]+)*", parts[0]) else SparsityOptions()
         method = parts.pop()
         weights, _, options = "+".join(parts).partition(":")
         reconstruction = ReconstructionOptions(**{k: _number(v) for k, v in (o.split("=") for o in options.split(",") if o)})
@@ -204,10 +204,10 @@ def _lapq_quantizer(job: dict, result: dict):
 
 
 def _sparsity(spec: str):
-    """SparsityOptions of a method's leading ``N:M[/MASKS][/norepair]``."""
+    """SparsityOptions of a method's leading ``N:M[_MASKS][_norepair]``."""
     from onnx_lapq.options import SparsityOptions
 
-    pattern, *flags = spec.split("/")
+    pattern, *flags = spec.split("_")
     masks = [f for f in flags if f != "norepair"]
     return SparsityOptions(pattern=pattern, masks=masks[0] if masks else "magnitude", repair="norepair" not in flags)
 
