@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     sparsity.add_argument("--sparsity-masks", default=DEFAULT.sparsity.masks, choices=MASKS,
                           help=f"magnitude, or transposable (N per row and column of M x M tiles; -approx: the greedy) (default {DEFAULT.sparsity.masks})")
     sparsity.add_argument("--sparse-first-last", action="store_true", help="also prune the first and last layers (default: dense)")
-    sparsity.add_argument("--dense-layers", nargs="+", default=[], metavar="PATTERN", help="node names (regular expressions) kept dense")
+    sparsity.add_argument("--sparsity-exclude", nargs="+", default=[], metavar="PATTERN", help="node names (regular expressions) of layers kept dense")
     sparsity.add_argument("--no-sparsity-repair", action="store_true",
                           help="keep the kept weights as they are (default: re-fit them to the dense layer's outputs on the calibration data)")
     lapq = p.add_argument_group("lapq search")
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # QuantConfig fields whose flag is not named after them
-RENAMED_FIELDS = {"label_key": "--labels", "exclude_op_types": "--exclude"}
+RENAMED_FIELDS = {"label_key": "--labels", "exclude_op_types": "--exclude", "dense_layers": "--sparsity-exclude"}
 
 
 def _config(args: argparse.Namespace) -> QuantConfig:
@@ -134,7 +134,7 @@ def _config(args: argparse.Namespace) -> QuantConfig:
         bias_correction=not args.no_bias_correction, quantize_attention=args.quantize_attention, weight_only=args.weight_only, block_size=args.block_size,
         mask_input=None if args.mask_input.lower() == "none" else args.mask_input, custom_op_libraries=tuple(args.custom_op_library),
         lapq=lapq, sparsity=SparsityOptions(
-            pattern=args.sparsity, masks=args.sparsity_masks, dense_first_last=not args.sparse_first_last, dense_layers=tuple(args.dense_layers),
+            pattern=args.sparsity, masks=args.sparsity_masks, dense_first_last=not args.sparse_first_last, dense_layers=tuple(args.sparsity_exclude),
             repair=not args.no_sparsity_repair,
         ),
     )
@@ -232,7 +232,7 @@ def _in_flag_words(message: str, parser: argparse.ArgumentParser) -> str:
 
     message = re.sub(r"\b([a-z][a-z0-9_]*) \(CLI: ([^)]*)\)", lambda m: m.group(2) if flag_of(m.group(1)) else m.group(0), message)
     message = re.sub(r"\b([a-z][a-z0-9_]*)=", lambda m: f"{flag_of(m.group(1))} " if flag_of(m.group(1)) else m.group(0), message)
-    names = [f.name for options in (QuantConfig, LapqOptions, CalibrationOptions) for f in dataclasses.fields(options)]
+    names = [f.name for options in (QuantConfig, LapqOptions, CalibrationOptions, SparsityOptions) for f in dataclasses.fields(options)]
     fields = "|".join(name for name in names if "_" in name)
     message = re.sub(rf"(?<![\w-])({fields})\b", lambda m: flag_of(m.group(1)) or m.group(0), message)
     return message.replace("(or None for", "(or leave it out for")

@@ -53,7 +53,7 @@ def test_layers_the_pattern_does_not_fit_stay_dense_and_are_named():
     model = block_model()
     _, record = _run(model, random_inputs(model, 32, batch=32), dense_first_last=False, dense_layers=("conva",))
     dense = dict(record.dense)
-    assert dense["conva"] == "dense_layers"
+    assert dense["conva"] == "excluded"
     assert dense["conv3"].startswith("a reduction dimension of 54 is not a multiple of M=4")
     assert "conv1" in dense and "fc" not in dense  # conv1: 2 input channels x 9 = 18; fc pruned: first/last not kept dense
     assert "sparsity 2:4 (magnitude)" in record.summary() and "conv3 (a reduction dimension of 54" in record.summary()

@@ -131,7 +131,7 @@ def _why_dense(node: str, edges: set[str], dense_layers: tuple[str, ...], shape)
     if node in edges:
         return "first or last layer"
     if any(re.fullmatch(p, node) for p in dense_layers):
-        return "dense_layers"
+        return "excluded"
     return shape if isinstance(shape, str) else None
 
 
