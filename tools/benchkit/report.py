@@ -25,6 +25,9 @@ CONFIG_RE = re.compile(r"^w(\d+)a(\d+)(-pt|-wo|-fl)?$")
 MARKERS = "os^Dv<>p*h"
 
 
+SPARSE_METHOD = re.compile(r"\d+:\d+[_+]")  # a method that prunes to N:M first
+
+
 def config_order(config: str) -> tuple:
     m = CONFIG_RE.match(config)
     return (-int(m[1]), -int(m[2]), m[3] or "") if m else (0, 0, config)
@@ -152,6 +155,7 @@ def write_plots(out_dir: Path, rows: list[dict]) -> list[Path]:
 
 
 def _plot_accuracy(plt, path: Path, rows: list[dict]) -> None:
+    rows = [r for r in rows if not SPARSE_METHOD.match(r["method"])]  # accuracy against bits of dense models; pruned rows are in the tables
     models = _by_model(rows)
     methods = sorted({r["method"] for r in rows})  # one colour and marker per method in every subplot
     cols = min(3, len(models))
