@@ -103,3 +103,13 @@ def test_an_unstructured_sparse_model_converts_to_n_m_keeping_more_of_its_magnit
     kept = {layer.node: layer.kept_magnitude for layer in record.layers}
     assert kept["conv4"] > dense_kept["conv4"] + 0.05
     assert {f.node: f.pattern for f in inspect_model(result.model)}["conv4"] == "2:4"
+
+
+def test_a_pruned_model_searched_by_lapq_exports_the_loss_the_search_reported():
+    model, calibration = digits()
+    config = QuantConfig(weight_bits=4, act_bits=4, method="lapq", weights="nearest", sparsity=SparsityOptions(pattern="2:4"),
+                         lapq=onnx_lapq.LapqOptions(max_evals=30))
+    result = onnx_lapq.quantize(model, calibration, config=config)
+    assert result.report["exported_loss"] == pytest.approx(result.report["final_loss"], rel=1e-5)
+    pruned = {layer.node for layer in next(r for r in result.stages if r.stage == "sparsify").layers}
+    assert all(f.pattern == "2:4" for f in inspect_model(result.model) if f.node in pruned) and pruned
