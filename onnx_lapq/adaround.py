@@ -37,7 +37,8 @@ overriding the reconstruction, and λ within about an order of magnitude either 
 nearly the same rounding.
 
 Clamp.  An entry whose f + z lies outside [qmin, qmax − 1] reaches the same code rounding down
-or up; it is fixed at clamp(f + z) and not optimized.
+or up; it is fixed at clamp(f + z) and not optimized.  So is an entry outside ``support`` (a
+pruned weight: W = 0, so its code is the zero point).
 
 Damping.  δ = damping · mean diag Ĥ (per group) is added to the diagonal of both Ĥ and C: the
 objective gains δ‖Ŵ − W‖² (+ const), which keeps it strictly convex and pulls columns no input
@@ -82,10 +83,12 @@ class _Rounding:
     scale: np.ndarray
 
 
-def _rounding(rows: np.ndarray, grid: RowGrid) -> _Rounding:
+def _rounding(rows: np.ndarray, grid: RowGrid, support: np.ndarray | None) -> _Rounding:
     floor, fraction, scale, zero = grid.floor_and_fraction(rows)
     codes = floor + zero
     free = (codes >= grid.qmin) & (codes <= grid.qmax - 1)
+    if support is not None:  # a pruned entry stays at its zero code
+        free &= support
     scale = scale.astype(np.float64)
     start = (np.clip(codes, grid.qmin, grid.qmax) - zero) * scale - rows
     return _Rounding(codes, start, np.where(free, scale, 0.0), fraction, scale)
@@ -199,14 +202,16 @@ def _learn_alpha(alpha: np.ndarray, middle: np.ndarray, half_step: np.ndarray, h
 
 def adaround(weight: np.ndarray, hessian: np.ndarray, cross: np.ndarray, grid: RowGrid, *,
              iterations: int = 1000, regularization: float = 0.01, beta: tuple[float, float] = (20.0, 2.0),
-             warmup: float = 0.2, learning_rate: float = 1e-2, damping: float = 0.01) -> np.ndarray:
-    """Ŵ [G, r, d] on ``grid`` minimizing E‖W x − Ŵ x̂‖² by learned rounding (see the module docstring)."""
+             warmup: float = 0.2, learning_rate: float = 1e-2, damping: float = 0.01, support: np.ndarray | None = None) -> np.ndarray:
+    """Ŵ [G, r, d] on ``grid`` minimizing E‖W x − Ŵ x̂‖² by learned rounding (see the module
+    docstring); entries outside ``support`` ([G, r, d] bool: the kept weights of a pruned
+    layer, whose others are 0) stay 0."""
     weight = np.asarray(weight, np.float64)
     hessian = np.asarray(hessian, np.float64)
     cross = np.asarray(cross, np.float64)
     groups, r, d = weight.shape
     rows = weight.reshape(groups * r, d)
-    rounding = _rounding(rows, grid)
+    rounding = _rounding(rows, grid, None if support is None else support.reshape(groups * r, d))
     damped_h, damped_c, energy = _damped(hessian, cross, damping)
 
     def shaped(a, dtype=np.float32):
@@ -220,4 +225,5 @@ def adaround(weight: np.ndarray, hessian: np.ndarray, cross: np.ndarray, grid: R
         shaped(0.5 * rounding.step), np.ascontiguousarray(damped_h, np.float32), shaped(offset),
         shaped(rec_weight), _beta_schedule(iterations, warmup, beta), regularization, learning_rate)
 
-    return grid.dequantize(rounding.floor + (alpha.reshape(groups * r, d) >= 0)).reshape(groups, r, d)
+    up = (alpha.reshape(groups * r, d) >= 0) & (rounding.step > 0)  # fixed entries: either way the same code, or pruned
+    return grid.dequantize(rounding.floor + up).reshape(groups, r, d)

@@ -21,10 +21,13 @@ from .rowgrid import RowGrid
 
 def gptq(
     weight: np.ndarray, hessian: np.ndarray, cross: np.ndarray, grid: RowGrid, *,
-    damping: float = 0.01, act_order: bool = True, block: int = 128,
+    damping: float = 0.01, act_order: bool = True, block: int = 128, support: np.ndarray | None = None,
 ) -> np.ndarray:
     """Ŵ [G, r, d] on ``grid`` (whose rows are the G·r rows in order) for ``weight`` [G, r, d],
-    ``hessian`` Ĥ and ``cross`` C ([G, d, d], see the module docstring)."""
+    ``hessian`` Ĥ and ``cross`` C ([G, d, d], see the module docstring).  Entries outside
+    ``support`` ([G, r, d] bool: a pruned layer's kept weights) are set to 0 as their column
+    comes, and the columns after absorb that error as they absorb rounding's (SparseGPT's
+    sweep on a fixed mask)."""
     groups, rows, d = weight.shape
     h = np.array(hessian, np.float64)
     w = np.array(weight, np.float64)
@@ -42,6 +45,7 @@ def gptq(
     if grid.block is not None and groups > 1:
         raise ValueError("blockwise grids are for single-group layers")
     target = np.take_along_axis(target, order[:, None, :], axis=2)
+    kept = None if support is None else np.take_along_axis(np.asarray(support, bool), order[:, None, :], axis=2)
     h = np.take_along_axis(np.take_along_axis(h, order[:, :, None], axis=1), order[:, None, :], axis=2)
     upper = np.swapaxes(np.linalg.cholesky(np.linalg.inv(h)), 1, 2)  # U with Ĥ_λ⁻¹ = Uᵀ U
 
@@ -52,6 +56,8 @@ def gptq(
         for i in range(start, stop):
             column = target[:, :, i]
             q = grid.quantize_columns(column.reshape(groups * rows, 1), order[0, i:i + 1], d).reshape(groups, rows)
+            if kept is not None:
+                q = np.where(kept[:, :, i], q, 0.0)
             quantized[:, :, i] = q
             error = (column - q) / upper[:, i, i][:, None]
             errors[:, :, i - start] = error

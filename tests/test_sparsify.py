@@ -113,3 +113,19 @@ def test_a_pruned_model_searched_by_lapq_exports_the_loss_the_search_reported():
     assert result.report["exported_loss"] == pytest.approx(result.report["final_loss"], rel=1e-5)
     pruned = {layer.node for layer in next(r for r in result.stages if r.stage == "sparsify").layers}
     assert all(f.pattern == "2:4" for f in inspect_model(result.model) if f.node in pruned) and pruned
+
+
+@pytest.mark.parametrize("solver", ["gptq", "adaround"])
+def test_reconstruction_of_pruned_layers_keeps_their_zeros(solver):
+    """The solvers know the mask: pruned entries stay at the zero code (gptq spreads their error
+    over the kept columns), and the reconstruction still fits better than rounding."""
+    model, calibration = digits()
+    config = QuantConfig(weight_bits=3, act_bits=8, weights=solver, sparsity=SparsityOptions(pattern="2:4"))
+    result = onnx_lapq.quantize(model, calibration, config=config)
+    pruned = {layer.node for layer in next(r for r in result.stages if r.stage == "sparsify").layers}
+    facts = {f.node: f for f in inspect_model(result.model)}
+    assert pruned and all(facts[node].pattern == "2:4" for node in pruned)
+    for tensor, mask in result.solution.masks.items():  # the solver's own answer, before the Solution masks it
+        assert (result.solution.weights[tensor][~mask] == 0).all() and mask.mean() == 0.5
+    layers = [layer for layer in next(r for r in result.stages if r.stage == solver).layers if layer.node in pruned]
+    assert sum(layer.error_reconstructed for layer in layers) < 0.9 * sum(layer.error_nearest for layer in layers)

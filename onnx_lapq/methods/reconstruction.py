@@ -8,7 +8,8 @@ feedback; adaround.py: learned rounding); a row where the solver's answer fits w
 rounding to nearest keeps the latter, judged on the fit's own samples or, with ``held_out``,
 on samples kept out of the fit (with few samples per input column a solver fits their
 noise).  Layers whose inputs do not depend on each other
-are collected in one pass (a "wave").  Statistics correction then sets each bias so that the
+are collected in one pass (a "wave").  A pruned layer's solver keeps its pruned entries at 0.
+Statistics correction then sets each bias so that the
 layer's mean output matches the float model's: b + W E[x] − Ŵ E[x̂].
 
 The grid of each weight is fixed here (its range from ``weight_clipping`` on the float
@@ -39,11 +40,13 @@ from ..unfold import LayerShape
 from .base import RunContext, StageRecord
 from .calibrators import activation_observers, choose_ranges
 
-# solver name -> Ŵ [G, r, d] from (W, Ĥ, C, grid, ReconstructionOptions)
+# solver name -> Ŵ [G, r, d] from (W, Ĥ, C, grid, ReconstructionOptions, support: the kept entries of a pruned layer or None)
 SOLVERS = {
-    "gptq": lambda w, hessian, cross, grid, o: gptq(w, hessian, cross, grid, damping=o.damping, act_order=o.act_order, block=o.block),
-    "adaround": lambda w, hessian, cross, grid, o: adaround(
-        w, hessian, cross, grid, iterations=o.iterations, regularization=o.regularization, damping=o.damping,
+    "gptq": lambda w, hessian, cross, grid, o, support: gptq(
+        w, hessian, cross, grid, damping=o.damping, act_order=o.act_order, block=o.block, support=support,
+    ),
+    "adaround": lambda w, hessian, cross, grid, o, support: adaround(
+        w, hessian, cross, grid, iterations=o.iterations, regularization=o.regularization, damping=o.damping, support=support,
     ),
 }
 
@@ -144,8 +147,10 @@ class Reconstruct:
             collect_seconds += time.perf_counter() - started
             started = time.perf_counter()
             for site, (gram, held) in zip(wave, grams):
+                mask = current.masks.get(site.tensor)
+                support = None if mask is None else shapes[site.tensor].to_matrix(mask) > 0.5
                 record, new_weight, shift = _reconstruct(
-                    site, shapes[site.tensor], gram, held, current.weight(site.tensor), params[site.tensor], self.solver, options,
+                    site, shapes[site.tensor], gram, held, current.weight(site.tensor), params[site.tensor], self.solver, options, support,
                 )
                 weights[site.tensor] = new_weight
                 grids[site.tensor] = range_of(params[site.tensor])
@@ -163,7 +168,7 @@ class Reconstruct:
 
 
 def _reconstruct(site: WeightSite, shape: LayerShape, gram: LayerGram, held: LayerGram, weight: np.ndarray, qp: QParams, solver: str,
-                 options):
+                 options, support: np.ndarray | None):
     """(record, reconstructed weight, the bias shift of statistics correction) of one layer,
     fitted on ``gram`` and judged on ``held`` (the held-out entries; on ``gram`` where none)."""
     w = shape.to_matrix(weight)
@@ -173,7 +178,7 @@ def _reconstruct(site: WeightSite, shape: LayerShape, gram: LayerGram, held: Lay
     nearest = grid.quantize(w.reshape(groups * rows, -1)).reshape(w.shape)
     judge = held if held.sampled else gram
     judged = (judge.mean("hessian"), judge.mean("cross")) if held.sampled else (hessian, cross)
-    w_hat = better_than_nearest(w, *judged, SOLVERS[solver](w, hessian, cross, grid, options), nearest)
+    w_hat = better_than_nearest(w, *judged, SOLVERS[solver](w, hessian, cross, grid, options, support), nearest)
     float_judged = judge.mean("float_hessian") if held.sampled else float_gram
     energy = float(np.einsum("grd,grd->", w, w @ float_judged))
 
