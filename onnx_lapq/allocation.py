@@ -1,0 +1,98 @@
+"""Bit-width allocation under a size budget, as an integer program (scipy.optimize.milp).
+
+Each layer l takes one candidate width k: binary x_lk, Σ_k x_lk = 1.  The program minimizes
+the summed loss increases Σ cost[l, k] x_lk plus, for chosen pairs of layers, their measured
+interaction Σ pair[l, m][k, j] y_lmkj, where y_lmkj = x_lk · x_mj is linearized by
+y ≤ x_lk, y ≤ x_mj, y ≥ x_lk + x_mj − 1 (continuous in [0, 1]: integral wherever the x are);
+subject to Σ size[l, k] x_lk ≤ budget, and tied layers (ONNX Runtime runs them on one grid)
+taking the same candidate.  A budget below the smallest feasible size is a ConfigError that
+names that size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import lil_matrix
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The chosen candidate of each layer, and the program's objective and total size."""
+
+    choice: tuple[int, ...]
+    objective: float
+    size: float
+
+
+def smallest_size(sizes: np.ndarray, ties: tuple[tuple[int, ...], ...] = ()) -> float:
+    """The least total size any allocation reaches: each layer (each tied group together) at its smallest candidate."""
+    grouped = _groups(len(sizes), ties)
+    return float(sum(sizes[list(group)].sum(axis=0).min() for group in grouped))
+
+
+def allocate(costs: np.ndarray, sizes: np.ndarray, budget: float, *, pairs: dict[tuple[int, int], np.ndarray] | None = None,
+             ties: tuple[tuple[int, ...], ...] = (), time_limit: float = 60.0) -> Allocation:
+    """The allocation minimizing the loss (see the module docstring) within ``budget``.
+
+    ``costs``, ``sizes``: [layers, candidates]; ``pairs``: (l, m) -> [candidates, candidates]
+    interaction terms; ``ties``: groups of layers that take the same candidate."""
+    costs, sizes = np.asarray(costs, np.float64), np.asarray(sizes, np.float64)
+    layers, candidates = costs.shape
+    tied = [l for group in ties for l in group]
+    if len(tied) != len(set(tied)) or any(not 0 <= l < layers for l in tied):
+        raise ValueError("ties must be disjoint groups of layer indices")
+    least = smallest_size(sizes, ties)
+    if budget < least:
+        raise ConfigError(f"a budget of {budget:.0f} bytes is below the smallest model the candidate widths allow ({least:.0f} bytes): "
+                          f"give at least {least:.0f}")
+    pairs = pairs or {}
+    n_x = layers * candidates
+    n_y = len(pairs) * candidates * candidates
+    objective = np.concatenate([costs.ravel(), *(np.asarray(p, np.float64).ravel() for p in pairs.values())]) if pairs else costs.ravel()
+    rows = layers + 1 + 3 * n_y + sum((len(g) - 1) * candidates for g in ties)
+    a = lil_matrix((rows, n_x + n_y))
+    lower, upper = np.empty(rows), np.empty(rows)
+    row = 0
+    for l in range(layers):  # one candidate per layer
+        a[row, l * candidates:(l + 1) * candidates] = 1.0
+        lower[row] = upper[row] = 1.0
+        row += 1
+    a[row, :n_x] = sizes.ravel()  # the budget
+    lower[row], upper[row] = -np.inf, budget
+    row += 1
+    y = n_x
+    for (l, m) in pairs:
+        for k in range(candidates):
+            for j in range(candidates):
+                xl, xm = l * candidates + k, m * candidates + j
+                for coefficients, bound in (({y: 1.0, xl: -1.0}, (-np.inf, 0.0)), ({y: 1.0, xm: -1.0}, (-np.inf, 0.0)),
+                                            ({y: 1.0, xl: -1.0, xm: -1.0}, (-1.0, np.inf))):
+                    for column, value in coefficients.items():
+                        a[row, column] = value
+                    lower[row], upper[row] = bound
+                    row += 1
+                y += 1
+    for group in ties:  # x_{first, k} = x_{other, k}
+        for other in group[1:]:
+            for k in range(candidates):
+                a[row, group[0] * candidates + k], a[row, other * candidates + k] = 1.0, -1.0
+                lower[row] = upper[row] = 0.0
+                row += 1
+    integrality = np.concatenate([np.ones(n_x), np.zeros(n_y)])
+    result = milp(objective, constraints=LinearConstraint(a.tocsr(), lower, upper), integrality=integrality, bounds=Bounds(0, 1),
+                  options={"time_limit": time_limit})
+    if result.x is None:
+        raise RuntimeError(f"the allocation program found no solution ({result.message})")
+    x = result.x[:n_x].reshape(layers, candidates)
+    choice = tuple(int(k) for k in np.argmax(x, axis=1))
+    return Allocation(choice, float(result.fun), float(sum(sizes[l, k] for l, k in enumerate(choice))))
+
+
+def _groups(layers: int, ties: tuple[tuple[int, ...], ...]) -> list[tuple[int, ...]]:
+    """The layers as groups that choose together: the ties, and every other layer alone."""
+    tied = {l for group in ties for l in group}
+    return list(ties) + [(l,) for l in range(layers) if l not in tied]
