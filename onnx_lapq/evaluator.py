@@ -2,8 +2,8 @@
 
     loss(params) = mean over calibration samples of d(f_fp32(x), f_q(x; params))
 
-with d from distance.py; the FP32 reference is computed once.  Two ways to run the quantized
-graph, chosen by structure so that the machine's load never changes the mode or the model:
+with d from distance.py; the FP32 reference is computed once.  Three ways to run the quantized
+graph, the first two chosen by structure so that the machine's load never changes the mode or the model:
   * fed (any sub-8-bit site, which no CPU kernel fuses, or cuts too shallow for fused): the
     Q/DQ numbers are graph inputs (export.py's fed export), so one session per graph suffix
     serves every candidate, and ONNX Runtime fuses every suffix as it fuses the exported
@@ -12,6 +12,9 @@ graph, chosen by structure so that the machine's load never changes the mode or 
     enough of the graph: cuts.GraphCuts.fused_cuts_are_fine): the numbers are constants, as
     in the exported model, so ONNX Runtime runs its integer kernels; each evaluation builds
     and opens a session for the suffix it runs, still cheaper than float fake-quant.
+  * fed with dequantized weights (``dequantized_weights``, for sensitivity probes): every
+    weight is a float graph input, fake-quantized in numpy, so one session takes any weight
+    at any width; its layers run in float.
 All these sessions draw on runtime.py's shared memory arena: an arena per fed suffix costs
 memory in proportion to the number of cuts, no arena makes every run fetch fresh memory, and
 a fused session's own arena would start empty at every evaluation.
@@ -67,6 +70,7 @@ class LossEvaluator:
         memory_budget: int = 1 << 30,
         fused: bool | None = None,
         solution: Solution | None = None,
+        dequantized_weights: bool = False,
     ):
         if loss not in LOSSES:
             raise ConfigError(f"loss={loss!r} is unknown: use one of {', '.join(LOSSES)}")
@@ -83,7 +87,8 @@ class LossEvaluator:
         self.samples = sum(len(r) for r in self.reference)
         self.kind = resolve_loss(loss, model, self.reference)
         self.solution = Solution.of(model, plan) if solution is None else solution
-        self.fused = fuses_to_integer(*(a.bits for a in plan.activations), *(w.bits for w in plan.weights)) if fused is None else fused
+        self.dequantized_weights = dequantized_weights  # every weight fed in float: any width, any parameters (fed only)
+        self.fused = False if dequantized_weights else fuses_to_integer(*(a.bits for a in plan.activations), *(w.bits for w in plan.weights)) if fused is None else fused
         self._build(model, init_params)
         if fused is None and self.fused and not self._graph_cuts.fused_cuts_are_fine():
             self.fused = False
@@ -101,7 +106,7 @@ class LossEvaluator:
     def _build(self, model: onnx.ModelProto, init_params: dict[str, QParams]) -> None:
         """The QDQ template of the current mode, its Q/DQ numbers at ``init_params``, the value
         info of every tensor and the template's cuts."""
-        self.template = export_qdq(model, self.plan, init_params, self.solution, fed=not self.fused)
+        self.template = export_qdq(model, self.plan, init_params, self.solution, fed=not self.fused, dequantized_weights=self.dequantized_weights)
         self._raw: dict[str, tuple[np.ndarray, int]] = {}
         self._feeds: dict[str, np.ndarray | ort.OrtValue] = {}
         self._version: dict[str, int] = {}
@@ -204,7 +209,7 @@ class LossEvaluator:
         """Recompute the Q/DQ tensors of sites whose parameters changed; bump their versions."""
         changed = set()
         for name, qp in params.items():
-            key = (qp.scale.tobytes(), qp.zero_point.tobytes())
+            key = (qp.scale.tobytes(), qp.zero_point.tobytes(), qp.fmt)
             if self._site_params.get(name) != key:
                 self._site_params[name] = key
                 changed.add(name)
@@ -212,7 +217,8 @@ class LossEvaluator:
             return
         if self.solution.input_means:  # a corrected bias moves with its weight's grid, even where its own scale does not
             changed |= {b.tensor for b in self.plan.biases if b.weight_tensor in changed}
-        for name, (value, dtype) in qdq_tensors(self.solution, self.plan, params, fed=True, sites=changed).items():
+        for name, (value, dtype) in qdq_tensors(self.solution, self.plan, params, fed=True, sites=changed,
+                                                dequantized_weights=self.dequantized_weights).items():
             old = self._raw.get(name)
             if old is None or old[0].shape != value.shape or not np.array_equal(old[0], value):
                 self._raw[name] = (value, dtype)

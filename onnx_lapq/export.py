@@ -112,6 +112,7 @@ def qdq_tensors(
     *,
     fed: bool = False,
     sites: set[str] | None = None,
+    dequantized_weights: bool = False,
 ) -> dict[str, tuple[np.ndarray, int]]:
     """The numbers of a QDQ model by tensor name: (array, ONNX type).
 
@@ -126,9 +127,12 @@ def qdq_tensors(
     graph's.
     A bias that overflows int32 saturates (params.py widens weight scales so that
     biases fit, with room for bias correction).
-    ``sites`` limits the result to the tensors of those sites.
+    ``sites`` limits the result to the tensors of those sites.  ``dequantized_weights`` (with
+    ``fed``) gives every weight dequantized, whatever its width: one fed graph then takes a
+    weight at any width (sensitivity probes), its layers run in float.
     """
     floats = solution.values(plan, params, sites)
+    weight_names = {w.tensor for w in plan.weights}
     out: dict[str, tuple[np.ndarray, int]] = {}
     for name in [w.tensor for w in plan.weights] + [b.tensor for b in plan.biases]:
         if sites is not None and name not in sites:
@@ -137,7 +141,7 @@ def qdq_tensors(
         values = floats[name]
         if qp.fmt.bits == 32 and not fed and np.any(np.abs(np.rint(values / broadcast(qp.scale, values.shape, qp.axis, None))) > qp.fmt.qmax):
             log.warning("bias %s overflows int32 at scale s_in*s_w; it saturates", name)
-        if fed and container(qp.fmt) in FOUR_BIT:
+        if fed and name in weight_names and (dequantized_weights or container(qp.fmt) in FOUR_BIT):
             out[f"{name}_DequantizeLinear_Output"] = _entry(fake_quantize(values, qp.scale, qp.zero_point, qp.fmt, qp.axis, qp.block_size), None)
             continue
         codes = quantize(values, qp.scale, qp.zero_point, qp.fmt, qp.axis, qp.block_size)
@@ -158,14 +162,16 @@ def qdq_tensors(
 
 def export_qdq(
     model: onnx.ModelProto, plan: QuantPlan, params: dict[str, QParams], solution: Solution | None = None, *, fed: bool = False,
+    dequantized_weights: bool = False,
 ) -> onnx.ModelProto:
     """A new QDQ ModelProto: ``model`` with ``params`` and ``solution``'s values (default: the
     model's own weights and biases) baked in (``model`` is untouched).
 
     With ``fed`` the Q/DQ numbers (see :func:`qdq_tensors`) become graph inputs
-    instead of initializers, so one ONNX Runtime session evaluates any parameters.
+    instead of initializers, so one ONNX Runtime session evaluates any parameters (and,
+    with ``dequantized_weights``, any weight widths).
     """
-    tensors = qdq_tensors(solution or Solution.of(model, plan), plan, params, fed=fed)
+    tensors = qdq_tensors(solution or Solution.of(model, plan), plan, params, fed=fed, dequantized_weights=dequantized_weights)
     new_nodes: list[onnx.NodeProto] = []
     rename: dict[str, str] = {}
     for name in [w.tensor for w in plan.weights] + [b.tensor for b in plan.biases]:

@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Measured weight sensitivities of a kit model: ΔL per layer and width, and their time.
+
+    python tools/sensitivity.py --kit ../shared/kit --model mobilenet_v2_zoo_int8dq \
+        [--widths 2,3,4,8] [--calib-size 256] [--method mse] [--json OUT.json]
+
+Quantizes the model at 8 bits (weights and activations, --method clipping) to get its plan,
+ranges and solution, then measures for every weight site and every width of --widths below 8
+the calibration loss increase when only that weight is at that width
+(onnx_lapq.sensitivity.weight_sensitivities, one loss evaluator with dequantized weights).
+Prints the seconds of the evaluator's set-up and of the probes, and per layer its ΔL.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+
+from benchkit import kitdata  # noqa: E402
+from benchkit.runners import load_batches  # noqa: E402
+from onnx_lapq import QuantConfig, quantize  # noqa: E402
+from onnx_lapq.evaluator import LossEvaluator  # noqa: E402
+from onnx_lapq.graph import normalize  # noqa: E402
+from onnx_lapq.sensitivity import WeightProbe, weight_sensitivities  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kit", type=Path, required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--widths", default="2,3,4,8")
+    ap.add_argument("--calib-size", type=int, default=256)
+    ap.add_argument("--method", default="mse")
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/onnx_lapq_sensitivity_cache"))
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    widths = tuple(int(w) for w in a.widths.split(","))
+    task = kitdata.build_task(a.kit, a.model, a.cache, a.calib_size, False, 0)
+    batches = load_batches(str(task.calib_npz), 32)
+    model = onnx.load(task.model_path)
+    started = time.perf_counter()
+    result = quantize(model, batches, config=QuantConfig(method=a.method, bias_correction=False))
+    normalized = normalize(model)
+    probe = WeightProbe(result.plan, result.solution.ranges, result.solution, a.method, weight_symmetric=True, act_symmetric=False)
+    evaluator = LossEvaluator(normalized, result.plan, batches, probe.params(), dequantized_weights=True, solution=result.solution)
+    setup = time.perf_counter() - started
+    started = time.perf_counter()
+    single = weight_sensitivities(evaluator, probe, widths)
+    probing = time.perf_counter() - started
+    probes = sum(len(v) for v in single.values())
+    print(f"{a.model}: {len(single)} layers, {probes} probes at widths {widths}; set-up {setup:.1f} s, probes {probing:.1f} s "
+          f"({probing / max(probes, 1):.2f} s each)")
+    for node, by_bits in reversed(list(single.items())):
+        print(f"  {node[:50]:50s} " + "  ".join(f"{b}b {v:.4g}" for b, v in sorted(by_bits.items())))
+    if a.json:
+        a.json.write_text(json.dumps({"model": a.model, "setup_seconds": setup, "probe_seconds": probing, "sensitivities": single}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
