@@ -148,14 +148,16 @@ def write_plots(out_dir: Path, rows: list[dict]) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = [out_dir / "accuracy_vs_bits.png", out_dir / "quant_time.png"]
-    _plot_accuracy(plt, paths[0], rows)
-    _plot_time(plt, paths[1], rows)
+    paths = [out_dir / "quant_time.png"]
+    _plot_time(plt, paths[0], rows)
+    dense = [r for r in rows if not SPARSE_METHOD.match(r["method"])]  # accuracy against bits of dense models; pruned rows are in the tables
+    if dense:
+        paths.insert(0, out_dir / "accuracy_vs_bits.png")
+        _plot_accuracy(plt, paths[0], dense)
     return paths
 
 
 def _plot_accuracy(plt, path: Path, rows: list[dict]) -> None:
-    rows = [r for r in rows if not SPARSE_METHOD.match(r["method"])]  # accuracy against bits of dense models; pruned rows are in the tables
     models = _by_model(rows)
     methods = sorted({r["method"] for r in rows})  # one colour and marker per method in every subplot
     cols = min(3, len(models))
