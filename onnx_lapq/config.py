@@ -35,9 +35,9 @@ class QuantConfig:
     per_channel: per-output-channel weight scales (per-tensor when False).
     weight_symmetric: weights with zero point 0 and range -(2**(b-1)-1)..2**(b-1)-1 (True),
         or each channel or block on the grid of its own [min, max] (False); None: symmetric,
-        except weight_only blocks, which are asymmetric (MatMulNBits with zero points, which
-        fits a block's 32 values better at no cost in speed).  ``symmetric_weights`` is the
-        one a run uses.
+        except weight_only blocks without N:M sparsity, which are asymmetric (MatMulNBits with
+        zero points, which fits a block's 32 values better at no cost in speed; a pruned
+        weight must be the code 0).  ``symmetric_weights`` is the one a run uses.
     act_symmetric: activations with zero point 0 (unsigned when never negative).
     method: how clipping ranges are chosen: a calibrator from the statistics (minmax,
         percentile, entropy (KL), mse, or lp; options in ``calibration``), where mse and
@@ -155,7 +155,9 @@ class QuantConfig:
     @property
     def symmetric_weights(self) -> bool:
         """Whether the weights' grids are symmetric: ``weight_symmetric``, with None resolved."""
-        return not self.weight_only if self.weight_symmetric is None else self.weight_symmetric
+        if self.weight_symmetric is not None:
+            return self.weight_symmetric
+        return not self.weight_only or self.sparsity.pattern is not None
 
     @property
     def weight_rounding(self) -> str:

@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 import onnx_lapq
-from conftest import DIGITS_CALIB, DIGITS_MODEL, block_model, digits, random_inputs
+from conftest import DIGITS_CALIB, DIGITS_MODEL, Net, block_model, digits, random_inputs
 from onnx_lapq import CalibrationError, ConfigError, QuantConfig
 from onnx_lapq.inspect import inspect_model
 from onnx_lapq.layerinputs import LayerGram
@@ -129,3 +129,19 @@ def test_reconstruction_of_pruned_layers_keeps_their_zeros(solver):
         assert (result.solution.weights[tensor][~mask] == 0).all() and mask.mean() == 0.5
     layers = [layer for layer in next(r for r in result.stages if r.stage == solver).layers if layer.node in pruned]
     assert sum(layer.error_reconstructed for layer in layers) < 0.9 * sum(layer.error_nearest for layer in layers)
+
+
+def test_weight_only_blocks_of_a_pruned_model_are_symmetric_so_a_pruned_weight_is_the_code_0():
+    net = Net(np.random.default_rng(7))
+    net.matmul("fc1", "x", 64, 32)
+    net.matmul("fc2", net.op("Relu", "relu", ["fc1"]), 32, 32)
+    net.matmul("fc3", "fc2", 32, 8)
+    model = net.model([("x", onnx.TensorProto.FLOAT, ["N", 64])], [("fc3", onnx.TensorProto.FLOAT, ["N", 8])])
+    config = QuantConfig(weight_only=True, weight_bits=4, sparsity=SparsityOptions(pattern="2:4", repair=False))
+    assert config.symmetric_weights and not QuantConfig(weight_only=True).symmetric_weights
+    result = onnx_lapq.quantize(model, None, config=config)
+    facts = {f.node: f for f in inspect_model(result.model)}
+    assert facts["fc2"].pattern == "2:4" and facts["fc2"].granularity == "blocks of 32"
+    stored = {t.name: onnx.numpy_helper.to_array(t).astype(np.int64) for t in result.model.graph.initializer if t.name.startswith("fc2")}
+    codes = next(v for name, v in stored.items() if name.endswith("_quantized"))
+    assert (codes == 0).mean() >= 0.5 and all(not np.any(v) for name, v in stored.items() if name.endswith("zero_point"))
