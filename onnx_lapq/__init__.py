@@ -10,12 +10,12 @@ from .config import QuantConfig
 from .errors import CalibrationError, CheckpointError, ConfigError, ExportError, LapqError, ModelError
 from .journal import SearchJournal
 from .modelio import load_model, save_model_atomic
-from .options import CalibrationOptions, LapqOptions, ReconstructionOptions, SparsityOptions
+from .options import CalibrationOptions, LapqOptions, MixedPrecisionOptions, ReconstructionOptions, SparsityOptions
 from .pipeline import quantize
 from .progress import Progress
 from .result import QuantResult
 
 __all__ = [
-    "QuantConfig", "CalibrationOptions", "LapqOptions", "ReconstructionOptions", "SparsityOptions", "QuantResult", "Progress", "quantize", "load_model", "save_model_atomic", "SearchJournal",
+    "QuantConfig", "CalibrationOptions", "LapqOptions", "ReconstructionOptions", "SparsityOptions", "MixedPrecisionOptions", "QuantResult", "Progress", "quantize", "load_model", "save_model_atomic", "SearchJournal",
     "LapqError", "ConfigError", "ModelError", "CalibrationError", "ExportError", "CheckpointError",
 ]

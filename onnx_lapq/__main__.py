@@ -24,7 +24,7 @@ from .bits import read_bits_file
 from .runtime import custom_ops
 from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, QUANTIZABLE_OP_TYPES, QuantConfig
 from .nmmask import MASKS
-from .options import LOSSES, SEARCH_BIAS_CORRECTION, SEARCHES, WEIGHT_METHODS, CalibrationOptions, LapqOptions, SparsityOptions
+from .options import LOSSES, SEARCH_BIAS_CORRECTION, SEARCHES, WEIGHT_METHODS, CalibrationOptions, LapqOptions, MixedPrecisionOptions, SparsityOptions
 from .data import calibration_files, npz_batches
 from .checkpoint import CheckpointFile
 from .errors import BitsFileError, ConfigError, LapqError, ModelError
@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", metavar="IN.onnx", help="float ONNX model (never modified)")
     p.add_argument("output", metavar="OUT.onnx", help="where to write the QDQ model")
     p.add_argument("--calib", metavar="CALIB.npz", help=".npz with one array per model input (samples on axis 0), or a folder of them (required, except with --weight-only)")
-    p.add_argument("--weight-bits", type=int, default=DEFAULT.weight_bits, help=f"weight bits: 2..8 or 16 (default {DEFAULT.weight_bits})")
+    p.add_argument("--weight-bits", type=_widths, default=DEFAULT.weight_bits,
+                   help=f"weight bits: 2..8 or 16 (default {DEFAULT.weight_bits}); several (2,3,4,8): each layer's chosen under --target-size or --target-bits")
     p.add_argument("--act-bits", type=int, default=DEFAULT.act_bits, help=f"activation bits: 2..8 or 16 (default {DEFAULT.act_bits})")
     p.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per output channel")
     p.add_argument("--method", default=DEFAULT.method, choices=[m for m in CALIBRATION_METHODS if m != "lp"],
@@ -72,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input marking real (1) vs padded (0) positions; 'auto' finds a 2-D integer input named *mask*, 'none' disables")
     p.add_argument("--batch-size", type=int, default=DEFAULT.batch_size, help=f"samples per ONNX Runtime call (default {DEFAULT.batch_size})")
     p.add_argument("--seed", type=int, default=DEFAULT.seed, help=f"seed of the random choices: the search's subset (--search-samples), the patches --weights samples (default {DEFAULT.seed})")
+    mixed = p.add_argument_group("mixed precision (with several --weight-bits)")
+    mixed.add_argument("--target-size", type=float, default=DEFAULT.mixed_precision.target_size, metavar="FRACTION",
+                       help="the weights' bytes as stored, as a fraction of the float32 weights' (e.g. 0.125)")
+    mixed.add_argument("--target-bits", type=float, default=DEFAULT.mixed_precision.target_bits, metavar="BITS",
+                       help="the weights' average bits (e.g. 3.5)")
     sparsity = p.add_argument_group("N:M sparsity")
     sparsity.add_argument("--sparsity", metavar="N:M", default=DEFAULT.sparsity.pattern,
                           help="prune every layer's weights to at most N non-zeros in M along the reduction dimension (e.g. 2:4) before quantizing")
@@ -113,8 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _widths(text: str):
+    """--weight-bits: one width (an int) or several candidates (a tuple), e.g. 2,3,4,8."""
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a width or a comma-separated list of widths (e.g. 4, or 2,3,4,8)") from None
+    return widths[0] if len(widths) == 1 else widths
+
+
 # QuantConfig fields whose flag is not named after them
-RENAMED_FIELDS = {"label_key": "--labels", "exclude_op_types": "--exclude", "dense_layers": "--sparsity-exclude"}
+RENAMED_FIELDS = {"label_key": "--labels", "exclude_op_types": "--exclude", "dense_layers": "--sparsity-exclude", "candidate_bits": "--weight-bits"}
 
 
 def _config(args: argparse.Namespace) -> QuantConfig:
@@ -125,15 +140,17 @@ def _config(args: argparse.Namespace) -> QuantConfig:
         search=args.search, max_evals=args.max_evals, search_samples=args.search_samples, time_limit=args.time_limit,
         search_step=args.search_step, loss=args.loss, search_bias_correction=args.search_bias_correction,
     )
+    candidates = args.weight_bits if isinstance(args.weight_bits, tuple) else ()
     return QuantConfig(
         op_types=op_types,
-        weight_bits=args.weight_bits, act_bits=args.act_bits, per_channel=not args.per_tensor, method=args.method, weights=args.weights,
+        weight_bits=max(candidates) if candidates else args.weight_bits, act_bits=args.act_bits, per_channel=not args.per_tensor, method=args.method, weights=args.weights,
         exclude=patterns, exclude_op_types=exclude_types, keep_first_last_8bit=args.keep_first_last_8bit,
         layer_bits=read_bits_file(args.bits_file) if args.bits_file else (),
         num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed, label_key=args.labels,
         bias_correction=not args.no_bias_correction, quantize_attention=args.quantize_attention, weight_only=args.weight_only, block_size=args.block_size,
         mask_input=None if args.mask_input.lower() == "none" else args.mask_input, custom_op_libraries=tuple(args.custom_op_library),
-        lapq=lapq, sparsity=SparsityOptions(
+        lapq=lapq, mixed_precision=MixedPrecisionOptions(candidate_bits=candidates, target_size=args.target_size, target_bits=args.target_bits),
+        sparsity=SparsityOptions(
             pattern=args.sparsity, masks=args.sparsity_masks, dense_first_last=not args.sparse_first_last, dense_layers=tuple(args.sparsity_exclude),
             repair=not args.no_sparsity_repair,
         ),
@@ -232,7 +249,7 @@ def _in_flag_words(message: str, parser: argparse.ArgumentParser) -> str:
 
     message = re.sub(r"\b([a-z][a-z0-9_]*) \(CLI: ([^)]*)\)", lambda m: m.group(2) if flag_of(m.group(1)) else m.group(0), message)
     message = re.sub(r"\b([a-z][a-z0-9_]*)=", lambda m: f"{flag_of(m.group(1))} " if flag_of(m.group(1)) else m.group(0), message)
-    names = [f.name for options in (QuantConfig, LapqOptions, CalibrationOptions, SparsityOptions) for f in dataclasses.fields(options)]
+    names = [f.name for options in (QuantConfig, LapqOptions, CalibrationOptions, SparsityOptions, MixedPrecisionOptions) for f in dataclasses.fields(options)]
     fields = "|".join(name for name in names if "_" in name)
     message = re.sub(rf"(?<![\w-])({fields})\b", lambda m: flag_of(m.group(1)) or m.group(0), message)
     return message.replace("(or None for", "(or leave it out for")

@@ -13,7 +13,10 @@ from dataclasses import dataclass, field, fields
 
 from .bits import SUPPORTED_BITS, BitsPolicy, LayerBits, layer_bits
 from .errors import ConfigError
-from .options import AUTO_RECONSTRUCTION, CALIBRATORS, WEIGHT_METHODS, CalibrationOptions, LapqOptions, ReconstructionOptions, SparsityOptions, check_patterns, check_types
+from .options import (
+    AUTO_RECONSTRUCTION, CALIBRATORS, WEIGHT_METHODS, CalibrationOptions, LapqOptions, MixedPrecisionOptions, ReconstructionOptions, SparsityOptions,
+    check_patterns, check_types,
+)
 
 CALIBRATION_METHODS = CALIBRATORS + ("lapq",)  # QuantConfig.method: a calibrator or LAPQ
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -82,6 +85,7 @@ class QuantConfig:
     lapq: LAPQ's options (:class:`LapqOptions`).
     reconstruction: the weight reconstruction's options (:class:`ReconstructionOptions`).
     sparsity: N:M sparsity of the weights, pruned before they are quantized (:class:`SparsityOptions`).
+    mixed_precision: per-layer weight widths chosen under a size budget (:class:`MixedPrecisionOptions`).
     """
 
     weight_bits: int = 8
@@ -110,12 +114,22 @@ class QuantConfig:
     lapq: LapqOptions = field(default_factory=LapqOptions)
     reconstruction: ReconstructionOptions = field(default_factory=ReconstructionOptions)
     sparsity: SparsityOptions = field(default_factory=SparsityOptions)
+    mixed_precision: MixedPrecisionOptions = field(default_factory=MixedPrecisionOptions)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_bits", layer_bits(self.layer_bits))
         check_types(self)
         _check_bits("weight_bits", self.weight_bits)
         _check_bits("act_bits", self.act_bits)
+        for bits in self.mixed_precision.candidate_bits:
+            _check_bits("candidate_bits", bits)
+        if self.mixed_precision.candidate_bits and self.weight_bits != max(self.mixed_precision.candidate_bits):
+            raise ConfigError(
+                f"weight_bits={self.weight_bits} must be the widest of candidate_bits ({max(self.mixed_precision.candidate_bits)}): "
+                "every layer starts there"
+            )
+        if self.mixed_precision.candidate_bits and self.weight_only:
+            raise ConfigError("mixed precision allocates the widths of quantized layers, not of weight_only blocks: leave weight_only off")
         if self.method not in CALIBRATION_METHODS:
             raise ConfigError(f"method={self.method!r} is unknown: use one of {', '.join(CALIBRATION_METHODS)}")
         if self.weights not in WEIGHT_METHODS:
@@ -170,14 +184,15 @@ class QuantConfig:
     @property
     def needs_opset21(self) -> bool:
         """4-bit and 16-bit Q/DQ types and blockwise DequantizeLinear exist only from opset 21."""
-        return self.weight_only or any(b in (4, 16) for b in self.bits_policy.widths)
+        return self.weight_only or any(b in (4, 16) for b in (*self.bits_policy.widths, *self.mixed_precision.candidate_bits))
 
 
 def _nested_option_hint(init):
     """QuantConfig's generated __init__, with a ConfigError that names the nested options
     class of a keyword that belongs to one (``max_evals`` -> ``lapq=LapqOptions(...)``)
     instead of Python's bare TypeError."""
-    owners = {f.name: (name, kind) for name, kind in (("lapq", LapqOptions), ("calibration", CalibrationOptions), ("reconstruction", ReconstructionOptions), ("sparsity", SparsityOptions)) for f in fields(kind)}
+    owners = {f.name: (name, kind) for name, kind in (("lapq", LapqOptions), ("calibration", CalibrationOptions), ("reconstruction", ReconstructionOptions), ("sparsity", SparsityOptions),
+                                                                ("mixed_precision", MixedPrecisionOptions)) for f in fields(kind)}
 
     @functools.wraps(init)
     def checked(self, **options):

@@ -45,6 +45,7 @@ _TYPES = {
     "str | None": (lambda v: v is None or isinstance(v, str), "a string or None"),
     "tuple[str, ...]": (lambda v: isinstance(v, tuple) and all(isinstance(x, str) for x in v), "a tuple of strings"),
     "tuple[float, ...]": (lambda v: isinstance(v, tuple) and all(_is_number(x) for x in v), "a tuple of numbers"),
+    "tuple[int, ...]": (lambda v: isinstance(v, tuple) and all(_is_int(x) for x in v), "a tuple of ints"),
     "tuple[LayerBits, ...]": (lambda v: isinstance(v, tuple) and all(isinstance(x, LayerBits) for x in v), "a tuple of LayerBits"),
 }
 
@@ -171,6 +172,35 @@ class LapqOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MixedPrecisionOptions:
+    """Per-layer weight widths under a size budget (methods/mixed.py).
+
+    candidate_bits: the candidate weight widths (e.g. (2, 3, 4, 8)); empty: every layer at the
+        config's weight_bits.  The config's weight_bits must be the widest of them.
+    target_size: the budget as a fraction of the float32 weights' bytes (e.g. 0.125).
+    target_bits: the budget as average bits per weight (e.g. 3.5).  Exactly one of the two.
+    """
+
+    candidate_bits: tuple[int, ...] = ()
+    target_size: float | None = None
+    target_bits: float | None = None
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        budgets = (self.target_size is not None) + (self.target_bits is not None)
+        if not self.candidate_bits and budgets:
+            raise ConfigError("a size budget needs candidate widths: give candidate_bits, e.g. (2, 3, 4, 8)")
+        if self.candidate_bits and len(set(self.candidate_bits)) < 2:
+            raise ConfigError(f"candidate_bits={self.candidate_bits} needs at least two widths, e.g. (2, 4, 8)")
+        if self.candidate_bits and budgets != 1:
+            raise ConfigError("mixed precision needs one budget: target_size (a fraction of the float weights' bytes) or target_bits (average bits)")
+        if self.target_size is not None and not 0.0 < self.target_size <= 1.0:
+            raise ConfigError(f"target_size={self.target_size} must be a fraction in (0, 1], e.g. 0.125")
+        if self.target_bits is not None and not 0.0 < self.target_bits <= 32.0:
+            raise ConfigError(f"target_bits={self.target_bits} must be average bits in (0, 32], e.g. 3.5")
+
+
+@dataclass(frozen=True, kw_only=True)
 class SparsityOptions:
     """N:M sparsity of the layers' weights (methods/sparsify.py; masks in nmmask.py).
 
@@ -184,8 +214,7 @@ class SparsityOptions:
     repair: re-fit each layer's kept weights, front to back, so that its output on its inputs
         in the model pruned so far matches the dense layer's (masked least squares), then
         set its bias so that its mean output matches too.
-    repair_damping: added to the diagonal of each layer's input Gram matrix in the repair,
-        as a fraction of its mean.
+    repair_damping: added to the diagonal of the repair's Gram matrices, as a fraction of its mean.
     """
 
     pattern: str | None = None
@@ -206,7 +235,6 @@ class SparsityOptions:
             raise ConfigError(f"repair_damping={self.repair_damping} must be in (0, 1], e.g. 0.01")
 
     def pattern_nm(self) -> tuple[int, int] | None:
-        """(N, M) of ``pattern``, or None."""
         return None if self.pattern is None else parse_pattern(self.pattern)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import conv_chain_model, random_inputs
-from onnx_lapq import CalibrationOptions, ConfigError, LapqOptions, QuantConfig, ReconstructionOptions, SparsityOptions, quantize
+from onnx_lapq import CalibrationOptions, ConfigError, LapqOptions, MixedPrecisionOptions, QuantConfig, ReconstructionOptions, SparsityOptions, quantize
 from onnx_lapq.options import checked_types
 
 
@@ -22,9 +22,9 @@ def test_quantize_rejects_non_config():
 
 
 def test_every_config_field_has_a_checked_type():
-    nested = {f.name for f in dataclasses.fields(QuantConfig) if f.type in ("CalibrationOptions", "LapqOptions", "ReconstructionOptions", "SparsityOptions")}
-    assert nested == {"calibration", "lapq", "reconstruction", "sparsity"}
-    for options in (QuantConfig, LapqOptions, CalibrationOptions, ReconstructionOptions, SparsityOptions):
+    nested = {f.name for f in dataclasses.fields(QuantConfig) if f.type in ("CalibrationOptions", "LapqOptions", "ReconstructionOptions", "SparsityOptions", "MixedPrecisionOptions")}
+    assert nested == {"calibration", "lapq", "reconstruction", "sparsity", "mixed_precision"}
+    for options in (QuantConfig, LapqOptions, CalibrationOptions, ReconstructionOptions, SparsityOptions, MixedPrecisionOptions):
         unchecked = [f.name for f in dataclasses.fields(options) if f.name not in nested and f.type not in checked_types()]
         assert not unchecked
 
