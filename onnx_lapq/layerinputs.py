@@ -245,7 +245,7 @@ def waves(model: onnx.ModelProto, sites: list) -> list[list]:
             stack.extend(i for i in node.input if i)
         return frozenset(found)
 
-    waves: list[list[WeightSite]] = []
+    waves: list[list] = []
     members: set[str] = set()
     nodes = {n.name: n for n in model.graph.node}
     for site in sites:

@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 REPO = Path(__file__).resolve().parents[1]
