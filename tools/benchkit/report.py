@@ -25,7 +25,7 @@ CONFIG_RE = re.compile(r"^w(\d+)a(\d+)(-pt|-wo|-fl)?$")
 MARKERS = "os^Dv<>p*h"
 
 
-SPARSE_METHOD = re.compile(r"\d+:\d+[_+]")  # a method that prunes to N:M first
+NOT_UNIFORM = re.compile(r"(\d+:\d+|mixed-[bs][\d.]+)[_+]")  # a method that prunes to N:M or chooses widths per layer first
 
 
 def config_order(config: str) -> tuple:
@@ -150,7 +150,7 @@ def write_plots(out_dir: Path, rows: list[dict]) -> list[Path]:
 
     paths = [out_dir / "quant_time.png"]
     _plot_time(plt, paths[0], rows)
-    dense = [r for r in rows if not SPARSE_METHOD.match(r["method"])]  # accuracy against bits of dense models; pruned rows are in the tables
+    dense = [r for r in rows if not NOT_UNIFORM.match(r["method"])]  # accuracy against the config's bits: dense, uniform rows; the others are in the tables
     if dense:
         paths.insert(0, out_dir / "accuracy_vs_bits.png")
         _plot_accuracy(plt, paths[0], dense)

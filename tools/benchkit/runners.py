@@ -45,6 +45,7 @@ ORT_PREFIX = "ort-"
 NO_PRE_PROCESS = {"mnist8"}  # quant_pre_process crashes on it (ORT 1.31)
 ORT_WIDE_OPSET = 21
 WEIGHT_ONLY_BLOCK = 32  # weights per block of weight-only rows, both tools
+MIXED_CANDIDATES = (2, 3, 4, 8)  # the widths a mixed-precision row chooses from (its config's weight bits: 8)
 
 
 def tool_of(method: str) -> str:
@@ -180,7 +181,7 @@ def _lapq_quantizer(job: dict, result: dict):
     import onnx
     import onnx_lapq
     from onnx_lapq import LapqOptions, QuantConfig, ReconstructionOptions, quantize  # ImportError while the package is incomplete
-    from onnx_lapq.options import SparsityOptions
+    from onnx_lapq.options import MixedPrecisionOptions, SparsityOptions
 
     result["tool_version"] = f"onnx_lapq {_lapq_version(onnx_lapq)}"
 
@@ -188,13 +189,15 @@ def _lapq_quantizer(job: dict, result: dict):
         weight_only = {"weight_only": True, "op_types": ("MatMul", "Gather"), "block_size": WEIGHT_ONLY_BLOCK} if job.get("weight_only") else {}
         parts = job["method"].split("+")
         sparsity = _sparsity(parts.pop(0)) if len(parts) > 1 and re.fullmatch(r"\d+:\d+(_[a-z-]+)*", parts[0]) else SparsityOptions()
+        mixed = _mixed(parts.pop(0)) if len(parts) > 1 and re.fullmatch(r"mixed-[bs][\d.]+", parts[0]) else MixedPrecisionOptions()
         method = parts.pop()
         weights, _, options = "+".join(parts).partition(":")
         reconstruction = ReconstructionOptions(**{k: _number(v) for k, v in (o.split("=") for o in options.split(",") if o)})
         cfg = QuantConfig(weight_bits=job["weight_bits"], act_bits=job["act_bits"], **weight_only,
                           per_channel=job["per_channel"], method=method, weights=weights or "nearest", reconstruction=reconstruction,
                           keep_first_last_8bit=job.get("keep_first_last_8bit", False),
-                          seed=job["seed"], batch_size=job["batch_size"], lapq=LapqOptions(**job.get("search", {})), sparsity=sparsity)
+                          seed=job["seed"], batch_size=job["batch_size"], lapq=LapqOptions(**job.get("search", {})), sparsity=sparsity,
+                          mixed_precision=mixed)
         data = None if cfg.weight_only and cfg.weight_rounding == "nearest" else batches  # rounding to nearest reads no data
         res = quantize(onnx.load(job["model_path"]), data, config=cfg)
         onnx.save(res.model, job["out_model"])
@@ -210,6 +213,15 @@ def _sparsity(spec: str):
     pattern, *flags = spec.split("_")
     masks = [f for f in flags if f != "norepair"]
     return SparsityOptions(pattern=pattern, masks=masks[0] if masks else "magnitude", repair="norepair" not in flags)
+
+
+def _mixed(spec: str):
+    """MixedPrecisionOptions of a method's leading ``mixed-bB`` (B bits a weight on average) or
+    ``mixed-sS`` (S of the float32 weights' bytes), over the candidates MIXED_CANDIDATES."""
+    from onnx_lapq.options import MixedPrecisionOptions
+
+    kind, value = spec[len("mixed-")], float(spec[len("mixed-") + 1:])
+    return MixedPrecisionOptions(candidate_bits=MIXED_CANDIDATES, **{"target_bits" if kind == "b" else "target_size": value})
 
 
 def _number(text: str):
