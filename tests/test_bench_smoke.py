@@ -200,3 +200,16 @@ def test_a_row_keeps_its_search_figures_when_its_long_report_is_gone(tmp_path):
     path.write_text(json.dumps(figures) + " " * 5000)
     (tmp_path / "results.json").write_text(json.dumps([legacy]))
     assert bench.read_rows(tmp_path / "results.json")[0]["search"] == figures
+
+
+def test_method_names_carry_sparsity_and_mixed_precision_options():
+    sys.path.insert(0, str(REPO / "tools"))
+    from benchkit.runners import _mixed, _sparsity
+    from benchkit.report import NOT_UNIFORM
+
+    assert _sparsity("2:4") == __import__("onnx_lapq").SparsityOptions(pattern="2:4")
+    options = _sparsity("4:8_transposable-approx_norepair")
+    assert (options.pattern, options.masks, options.repair) == ("4:8", "transposable-approx", False)
+    assert _mixed("mixed-b3.5").target_bits == 3.5 and _mixed("mixed-s0.15").target_size == 0.15
+    assert _mixed("mixed-b4").candidate_bits == (2, 3, 4, 8)
+    assert [bool(NOT_UNIFORM.match(m)) for m in ("2:4+minmax", "mixed-b4+adaround+mse", "adaround+mse", "lapq")] == [True, True, False, False]
