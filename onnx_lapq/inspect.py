@@ -25,19 +25,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from .errors import LapqError
 from .graphindex import GraphIndex
+from .largemodel import data_bytes, element_bits
 from .modelio import load_model, save_text_atomic
 from .nmmask import reduction_matrix, satisfies
 
 INSPECTED_OPS = ("Conv", "Gemm", "MatMul")
 PATTERN_SIZES = (4, 8, 16)
-_BITS = {
-    TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8, TensorProto.UINT8: 8, TensorProto.INT16: 16,
-    TensorProto.UINT16: 16, TensorProto.INT32: 32, TensorProto.FLOAT: 32, TensorProto.FLOAT16: 16, TensorProto.BFLOAT16: 16,
-}
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,7 @@ def inspect_model(model: onnx.ModelProto) -> list[LayerFacts]:
             continue
         matrix = reduction_matrix(node.op_type, real, trans_b)
         pattern, transposable = _pattern(matrix)
-        sparse = codes_bytes if pattern is None else _sparse_bytes(real.size, _BITS.get(stored, 32), pattern)
+        sparse = codes_bytes if pattern is None else _sparse_bytes(real.size, element_bits(stored), pattern)
         facts.append(LayerFacts(
             node.name, node.op_type, helper.tensor_dtype_to_string(stored).replace("TensorProto.", "").lower(), bits, granularity,
             _act_bits(index, node.input[0]), codes_bytes + param_bytes, sparse + param_bytes, round(float((real == 0).mean()), 6),
@@ -96,7 +93,7 @@ def _weight(index: GraphIndex, name: str):
     if name in index.initializers:
         tensor = index.initializers[name]
         real = numpy_helper.to_array(tensor).astype(np.float64)
-        return real, tensor.data_type, _BITS.get(tensor.data_type, 32), "float", _stored_bytes(tensor), 0
+        return real, tensor.data_type, element_bits(tensor.data_type), "float", data_bytes(tensor), 0
     node = index.producer.get(name)
     if node is None or node.op_type != "DequantizeLinear" or node.input[0] not in index.initializers:
         return None
@@ -122,8 +119,8 @@ def _weight(index: GraphIndex, name: str):
         granularity = "per tensor"
     real = (codes - expand(zero)) * expand(scale)
     span = int(codes.max() - codes.min()) + 1 if codes.size else 1
-    params = sum(_stored_bytes(index.initializers[i]) for i in node.input[1:] if i in index.initializers)
-    return real, codes_tensor.data_type, max(1, math.ceil(math.log2(span))), granularity, _stored_bytes(codes_tensor), params
+    params = sum(data_bytes(index.initializers[i]) for i in node.input[1:] if i in index.initializers)
+    return real, codes_tensor.data_type, max(1, math.ceil(math.log2(span))), granularity, data_bytes(codes_tensor), params
 
 
 def _act_bits(index: GraphIndex, name: str) -> int | None:
@@ -133,7 +130,7 @@ def _act_bits(index: GraphIndex, name: str) -> int | None:
     if q is None or q.op_type != "QuantizeLinear":
         return None
     zero = index.initializers.get(q.input[2]) if len(q.input) > 2 else None
-    bits = _BITS.get(zero.data_type, 8) if zero is not None else 8
+    bits = element_bits(zero.data_type) if zero is not None else 8
     clip = index.producer.get(q.input[0])
     scale = index.constant(q.input[1])
     if clip is not None and clip.op_type == "Clip" and len(clip.input) == 3 and scale is not None:
@@ -159,11 +156,6 @@ def _pattern(matrix: np.ndarray) -> tuple[str | None, bool]:
         return None, False
     n, m = best
     return f"{n}:{m}", satisfies(matrix, n, m, transposable=True)
-
-
-def _stored_bytes(tensor: TensorProto) -> int:
-    bits = 4 if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4) else 8 * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    return -(-math.prod(tensor.dims) * bits // 8)
 
 
 def format_table(facts: list[LayerFacts]) -> str:

@@ -172,8 +172,17 @@ def _stored_bytes(tensor: onnx.TensorProto) -> int:
     when its values sit in typed fields."""
     if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
         return tensor.ByteSize()
-    bits = _PACKED_BITS.get(tensor.data_type) or 8 * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    return -(-math.prod(tensor.dims) * bits // 8)
+    return data_bytes(tensor)
+
+
+def element_bits(data_type: int) -> int:
+    """Bits one element of an ONNX tensor type takes in raw data (sub-byte types packed)."""
+    return _PACKED_BITS.get(data_type) or 8 * helper.tensor_dtype_to_np_dtype(data_type).itemsize
+
+
+def data_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of ``tensor``'s data as raw data holds it, from its type and dims."""
+    return -(-math.prod(tensor.dims) * element_bits(tensor.data_type) // 8)
 
 
 def _bare(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-from onnx import TensorProto
 
 from ..allocation import allocate, smallest_size
 from ..bits import LayerBits
 from ..errors import ConfigError
 from ..evaluator import LossEvaluator
 from ..export import container
+from ..largemodel import element_bits
 from ..data import model_inputs
 from ..options import CALIBRATORS
 from ..plan import QuantPlan, WeightSite
@@ -35,7 +35,6 @@ from .base import RunContext, StageRecord
 from .calibrators import activation_observers, choose_ranges
 
 SCALE_BYTES = 4  # one float32 scale per output channel (or per tensor, or per block)
-CONTAINER_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8, TensorProto.UINT8: 8, TensorProto.INT16: 16, TensorProto.UINT16: 16}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,7 +111,7 @@ def weight_bytes(solution: Solution, site: WeightSite, bits: int, symmetric: boo
     point in the codes' container per channel."""
     weight = solution.weights[site.tensor]
     channels = weight.shape[site.axis] if site.axis is not None else 1
-    stored = CONTAINER_BITS[container(QFormat(bits, signed=True, symmetric=symmetric))]
+    stored = element_bits(container(QFormat(bits, signed=True, symmetric=symmetric)))
     return -(-weight.size * stored // 8) + channels * SCALE_BYTES + -(-channels * stored // 8)
 
 
