@@ -147,7 +147,8 @@ def _repair(context: RunContext, solution: Solution, sites, shapes: dict[str, La
     weights = dict(solution.weights)
     done = 0
     for wave in waves(context.model, sites):
-        pruned = _with_values(context.model, {s.tensor: solution.but(weights=weights).weight(s.tensor) for s in sites} | _bias_values(weights, biases, sites))
+        current = solution.but(weights=weights)
+        pruned = _with_values(context.model, {s.tensor: current.weight(s.tensor) for s in sites} | _bias_values(weights, biases, sites))
         wanted = [LayerInput(s.node, shapes[s.tensor], nodes[s.node].input[0], nodes[s.node].input[0]) for s in wave]
         for site, (gram, _) in zip(wave, collector.collect(pruned, wanted)):
             shape = shapes[site.tensor]
