@@ -10,7 +10,8 @@ from .config import QuantConfig
 from .errors import CalibrationError, CheckpointError, ConfigError, ExportError, LapqError, ModelError
 from .journal import SearchJournal
 from .modelio import load_model, save_model_atomic
-from .options import CalibrationOptions, LapqOptions, MixedPrecisionOptions, ReconstructionOptions, SparsityOptions
+from .mixedoptions import MixedPrecisionOptions
+from .options import CalibrationOptions, LapqOptions, ReconstructionOptions, SparsityOptions
 from .pipeline import quantize
 from .progress import Progress
 from .result import QuantResult

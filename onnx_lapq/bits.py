@@ -83,6 +83,12 @@ def read_bits_file(path: str) -> tuple[LayerBits, ...]:
         raise BitsFileError(f"the bits file {path!r}: {exc}") from None
 
 
+def bits_file_text(plan) -> str:
+    """A bits file (JSON) of every quantized layer's weight bits in ``plan`` (a QuantPlan),
+    which :func:`read_bits_file` reads back."""
+    return json.dumps({"layers": {site.node: {"weight_bits": site.bits} for site in plan.weights}}, indent=1)
+
+
 @dataclass(frozen=True)
 class BitsPolicy:
     """Uniform widths, 8-bit first and last layers (``first_last_8bit``) and explicit entries."""

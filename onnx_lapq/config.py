@@ -13,8 +13,9 @@ from dataclasses import dataclass, field, fields
 
 from .bits import SUPPORTED_BITS, BitsPolicy, LayerBits, layer_bits
 from .errors import ConfigError
+from .mixedoptions import MixedPrecisionOptions
 from .options import (
-    AUTO_RECONSTRUCTION, CALIBRATORS, WEIGHT_METHODS, CalibrationOptions, LapqOptions, MixedPrecisionOptions, ReconstructionOptions, SparsityOptions,
+    AUTO_RECONSTRUCTION, CALIBRATORS, WEIGHT_METHODS, CalibrationOptions, LapqOptions, ReconstructionOptions, SparsityOptions,
     check_patterns, check_types,
 )
 

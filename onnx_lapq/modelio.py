@@ -189,6 +189,13 @@ def save_text_atomic(text: str, path: str) -> None:
             fh.write(text)
 
 
+def save_bytes_atomic(data: bytes, path: str) -> None:
+    """Write ``data`` (a plot) to ``path`` all at once."""
+    with _staged(path, ".tmp") as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+
 @contextmanager
 def _staged(path: str, suffix: str):
     """A new empty file beside ``path`` to write; renamed onto ``path`` when the block ends

@@ -172,35 +172,6 @@ class LapqOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
-class MixedPrecisionOptions:
-    """Per-layer weight widths under a size budget (methods/mixed.py).
-
-    candidate_bits: the candidate weight widths (e.g. (2, 3, 4, 8)); empty: every layer at the
-        config's weight_bits.  The config's weight_bits must be the widest of them.
-    target_size: the budget as a fraction of the float32 weights' bytes (e.g. 0.125).
-    target_bits: the budget as average bits per weight (e.g. 3.5).  Exactly one of the two.
-    """
-
-    candidate_bits: tuple[int, ...] = ()
-    target_size: float | None = None
-    target_bits: float | None = None
-
-    def __post_init__(self) -> None:
-        check_types(self)
-        budgets = (self.target_size is not None) + (self.target_bits is not None)
-        if not self.candidate_bits and budgets:
-            raise ConfigError("a size budget needs candidate widths: give candidate_bits, e.g. (2, 3, 4, 8)")
-        if self.candidate_bits and len(set(self.candidate_bits)) < 2:
-            raise ConfigError(f"candidate_bits={self.candidate_bits} needs at least two widths, e.g. (2, 4, 8)")
-        if self.candidate_bits and budgets != 1:
-            raise ConfigError("mixed precision needs one budget: target_size (a fraction of the float weights' bytes) or target_bits (average bits)")
-        if self.target_size is not None and not 0.0 < self.target_size <= 1.0:
-            raise ConfigError(f"target_size={self.target_size} must be a fraction in (0, 1], e.g. 0.125")
-        if self.target_bits is not None and not 0.0 < self.target_bits <= 32.0:
-            raise ConfigError(f"target_bits={self.target_bits} must be average bits in (0, 32], e.g. 3.5")
-
-
-@dataclass(frozen=True, kw_only=True)
 class SparsityOptions:
     """N:M sparsity of the layers' weights (methods/sparsify.py; masks in nmmask.py).
 

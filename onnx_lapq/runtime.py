@@ -202,6 +202,17 @@ def _add_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> None:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
 
 
+_core_share: int | None = None  # set in a worker process that shares the machine's cores with others
+
+
 def cores() -> int:
-    """CPU cores this process may run on."""
+    """CPU cores this process may run on (its share, where :func:`share_cores` set one)."""
+    if _core_share is not None:
+        return _core_share
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def share_cores(count: int) -> None:
+    """Make this process's sessions size their thread pools to ``count`` cores."""
+    global _core_share
+    _core_share = max(1, count)

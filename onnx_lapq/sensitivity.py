@@ -6,11 +6,12 @@ for that width), every other site as the plan has it:
 
     ΔL(l, b) = loss(params with weight l at b bits) − loss(params of the plan)
 
-One loss evaluator serves every probe: it takes all weights dequantized, as float graph
-inputs (``LossEvaluator(dequantized_weights=True)``), so a weight's width is a change of the
-values fed, and each probe runs only the graph after the cut before the probed layer.  Probes
-go from the last layer to the first, so that restoring one layer's weight never reruns more
-than the next probe runs anyway.  :func:`pair_interactions` measures ΔL({l, m}) − ΔL(l) − ΔL(m)
+One loss evaluator per worker serves its probes: it takes all weights dequantized, as float
+graph inputs (``LossEvaluator(dequantized_weights=True)``), so a weight's width is a change of
+the values fed, and each probe runs only the graph after the cut before the probed layer, the
+same numbers from any cut.  Probes are independent: an executor (executor.py) runs them in
+this process, in local worker processes or on Ray, handing them out from the last layer to
+the first, so that restoring one layer's weight never reruns more than the next probe runs anyway.  :func:`pair_interactions` measures ΔL({l, m}) − ΔL(l) − ΔL(m)
 for chosen pairs of (layer, width).
 """
 from __future__ import annotations
@@ -18,9 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+import onnx
 
 from . import clip
 from .evaluator import LossEvaluator
+from .executor import run_jobs
 from .params import QParams, SiteRanges, qparams
 from .plan import QuantPlan, WeightSite
 from .qmath import QFormat
@@ -55,36 +58,75 @@ class WeightProbe:
         return clip.weight_range(self.solution.weight(site.tensor), site.axis, fmt, self.weight_method, self.p, site.block_size)
 
 
-def weight_sensitivities(evaluator: LossEvaluator, probe: WeightProbe, widths: tuple[int, ...], on_probe=None) -> dict[str, dict[int, float]]:
-    """node -> {bits: ΔL} for every weight site of ``probe.plan`` and every width of ``widths``
-    below its own (see the module docstring); ``evaluator`` was built with
-    ``dequantized_weights=True`` on the same plan.  ``on_probe(done, total)`` is told each probe."""
-    if not evaluator.dequantized_weights:
-        raise ValueError("sensitivity probes need an evaluator with dequantized_weights=True")
-    base = probe.params()
-    baseline = evaluator(base)
-    order = {tensor: i for i, tensor in enumerate(probe.plan.reads)}
-    sites = sorted(probe.plan.weights, key=lambda s: order.get(s.tensor, 0), reverse=True)
-    todo = [(s, b) for s in sites for b in sorted(widths) if b < s.bits]
-    out: dict[str, dict[int, float]] = {s.node: {} for s in sites}
-    for done, (site, bits) in enumerate(todo, 1):
-        out[site.node][bits] = evaluator(probe.params({site.tensor: bits})) - baseline
-        if on_probe is not None:
-            on_probe(done, len(todo))
-    evaluator(base)
+@dataclass(frozen=True)
+class ProbeJob:
+    """What a worker needs to measure probes: the float model, the probe's parameters, the
+    calibration batches (model inputs only), the loss and the evaluator's memory budget."""
+
+    model: onnx.ModelProto
+    probe: WeightProbe
+    batches: list[dict[str, np.ndarray]]
+    loss: str
+    memory_budget: int
+
+    def open(self) -> "ProbeSession":
+        """A worker's state: an evaluator with every weight dequantized, and its loss at the plan's widths."""
+        evaluator = LossEvaluator(self.model, self.probe.plan, self.batches, self.probe.params(), loss=self.loss,
+                                  solution=self.probe.solution, dequantized_weights=True, memory_budget=self.memory_budget)
+        return ProbeSession(evaluator, self.probe, evaluator(self.probe.params()))
+
+
+@dataclass
+class ProbeSession:
+    """An open probe evaluator: ``increase(widths)`` is the loss at ``widths`` (tensor -> bits
+    over the plan's) minus the loss at the plan's widths."""
+
+    evaluator: LossEvaluator
+    probe: WeightProbe
+    baseline: float
+
+    def increase(self, widths: Widths) -> float:
+        return self.evaluator(self.probe.params(dict(widths))) - self.baseline
+
+
+Widths = tuple[tuple[str, int], ...]  # (tensor, bits) of the weights a probe narrows
+
+
+def _open(job: ProbeJob) -> ProbeSession:
+    return job.open()
+
+
+def _increase(session: ProbeSession, widths: Widths) -> float:
+    return session.increase(widths)
+
+
+def loss_increases(job: ProbeJob, probes: list[Widths], executor: str = "inline", on_probe=None) -> list[float]:
+    """The loss increase of each probe, measured by ``executor`` (executor.py); the same
+    numbers whichever executor ran them.  ``on_probe(done, total)`` is told as probes finish."""
+    return run_jobs(executor, _open, _increase, job, probes, on_probe)
+
+
+def probe_order(plan: QuantPlan) -> list[WeightSite]:
+    """The plan's weight sites from the last layer to the first: probes in this order rerun the least graph."""
+    order = {tensor: i for i, tensor in enumerate(plan.reads)}
+    return sorted(plan.weights, key=lambda s: order.get(s.tensor, 0), reverse=True)
+
+
+def weight_sensitivities(job: ProbeJob, widths: tuple[int, ...], executor: str = "inline", on_probe=None) -> dict[str, dict[int, float]]:
+    """node -> {bits: ΔL} for every weight site of the job's plan and every width of ``widths``
+    below its own (see the module docstring)."""
+    todo = [(s, b) for s in probe_order(job.probe.plan) for b in sorted(widths) if b < s.bits]
+    measured = loss_increases(job, [((s.tensor, b),) for s, b in todo], executor, on_probe)
+    out: dict[str, dict[int, float]] = {s.node: {} for s in job.probe.plan.weights}
+    for (site, bits), value in zip(todo, measured):
+        out[site.node][bits] = value
     return out
 
 
-def pair_interactions(evaluator: LossEvaluator, probe: WeightProbe, pairs: list[tuple[tuple[str, int], tuple[str, int]]],
-                      single: dict[str, dict[int, float]]) -> dict[tuple[tuple[str, int], tuple[str, int]], float]:
+def pair_interactions(job: ProbeJob, pairs: list[tuple[tuple[str, int], tuple[str, int]]], single: dict[str, dict[int, float]],
+                      executor: str = "inline", on_probe=None) -> dict[tuple[tuple[str, int], tuple[str, int]], float]:
     """ΔL({l, m}) − ΔL(l) − ΔL(m) for each pair ((node, bits), (node, bits)), from the single
     probes ``single`` (:func:`weight_sensitivities`)."""
-    tensor = {s.node: s.tensor for s in probe.plan.weights}
-    base = probe.params()
-    baseline = evaluator(base)
-    out = {}
-    for (a, bits_a), (b, bits_b) in pairs:
-        joint = evaluator(probe.params({tensor[a]: bits_a, tensor[b]: bits_b})) - baseline
-        out[((a, bits_a), (b, bits_b))] = joint - single[a][bits_a] - single[b][bits_b]
-    evaluator(base)
-    return out
+    tensor = {s.node: s.tensor for s in job.probe.plan.weights}
+    joint = loss_increases(job, [((tensor[a], bits_a), (tensor[b], bits_b)) for (a, bits_a), (b, bits_b) in pairs], executor, on_probe)
+    return {pair: value - single[pair[0][0]][pair[0][1]] - single[pair[1][0]][pair[1][1]] for pair, value in zip(pairs, joint)}

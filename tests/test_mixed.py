@@ -1,8 +1,12 @@
 """Mixed precision as a stage: widths under a budget, read back from the exported model."""
 from __future__ import annotations
 
+import importlib.util
+import json
 import subprocess
 import sys
+
+import onnx
 
 import pytest
 
@@ -15,9 +19,10 @@ from onnx_lapq import MixedPrecisionOptions
 CANDIDATES = (2, 3, 4, 8)
 
 
-def _mixed(budget: dict, **config):
+def _mixed(options: dict, **config):
+    """The digits CNN under mixed precision with ``options`` (a budget and any other MixedPrecisionOptions)."""
     model, calibration = digits()
-    options = MixedPrecisionOptions(candidate_bits=CANDIDATES, **budget)
+    options = MixedPrecisionOptions(candidate_bits=CANDIDATES, **options)
     return onnx_lapq.quantize(model, calibration, config=QuantConfig(weights="nearest", method="mse", mixed_precision=options, **config))
 
 
@@ -59,3 +64,73 @@ def test_infeasible_budgets_and_bad_options_are_one_line_errors(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "onnx_lapq", str(DIGITS_MODEL), str(out), "--calib", str(DIGITS_CALIB),
                            "--weight-bits", "2,4,8", "--target-size", "0.01"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--target-size 0.01 is below" in proc.stderr and not out.exists()
+
+
+def _record(result):
+    return next(r for r in result.stages if r.stage == "mixed_precision")
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_the_same_bytes_from_every_executor(ray_instance):
+    runs = {spec: _mixed({"target_bits": 3.0, "executor": spec}) for spec in ("inline", "local:2", "ray")}
+    inline = runs.pop("inline")
+    for spec, result in runs.items():
+        assert _record(result).sensitivities == _record(inline).sensitivities, spec
+        assert result.model.SerializeToString() == inline.model.SerializeToString(), spec
+
+
+def test_a_loss_bound_keeps_the_smallest_allocation_within_it():
+    result = _mixed({"max_loss_ratio": 4.0})
+    record = _record(result)
+    assert record.bound == pytest.approx(4.0 * record.baseline_loss)
+    assert len(record.trials) >= 3 and record.widths in [t.widths for t in record.trials if t.loss <= record.bound]
+    smaller_within = [t for t in record.trials if t.loss <= record.bound and t.size < record.size_bytes]
+    assert not smaller_within
+    assert result.fidelity.loss <= record.bound * 1.01  # the exported model, measured with integer weights
+    stored = sum(f.weight_bytes for f in inspect_model(result.model))
+    uniform = sum(f.weight_bytes for f in inspect_model(onnx_lapq.quantize(*digits(), config=QuantConfig(weights="nearest", method="mse")).model))
+    assert stored < uniform
+    with pytest.raises(ConfigError, match="give at least 1"):
+        MixedPrecisionOptions(candidate_bits=CANDIDATES, max_loss_ratio=0.9)
+    with pytest.raises(ConfigError, match="give at least 0"):
+        MixedPrecisionOptions(candidate_bits=CANDIDATES, max_loss_increase=-0.01)
+
+
+def test_interactions_of_graph_neighbours_enter_the_allocation():
+    from onnx_lapq.interactions import neighbours
+    model = onnx_lapq.graph.normalize(digits()[0])
+    result = _mixed({"target_bits": 3.0, "executor": "inline", "interactions": True})
+    record = _record(result)
+    sites = list(result.plan.weights)
+    pairs = neighbours(model, sites)
+    assert pairs and len(record.couplings) == len(pairs)
+    assert all((sites[l].node, sites[m].node) in record.couplings for l, m in pairs)
+    assert any(rho != 0 for rho in record.couplings.values())
+
+
+def test_cli_writes_the_front_and_a_bits_file_a_later_run_reuses(tmp_path):
+    out, front, bits = tmp_path / "out.onnx", tmp_path / "front.json", tmp_path / "bits.json"
+    common = [sys.executable, "-m", "onnx_lapq", str(DIGITS_MODEL), str(out), "--calib", str(DIGITS_CALIB), "--weights", "nearest", "--method", "mse"]
+    proc = subprocess.run(common + ["--weight-bits", "2,3,4,8", "--max-loss-ratio", "4", "--executor", "inline", "--pareto", str(front),
+                                    "--bits-out", str(bits)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(front.read_text())
+    assert sum(t["chosen"] for t in report["trials"]) >= 1 and any(t["on_front"] for t in report["trials"])
+    assert all(t["loss"] <= report["bound"] for t in report["trials"] if t["chosen"])
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "front.png").read_bytes()[:4] == b"\x89PNG"
+    chosen = {f.node: f.weight_bits for f in inspect_model(onnx.load(out))}
+    assert {node: entry["weight_bits"] for node, entry in json.loads(bits.read_text())["layers"].items()} == chosen
+    again = tmp_path / "again.onnx"
+    proc = subprocess.run(common[:4] + [str(again)] + common[5:] + ["--bits-file", str(bits)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert {f.node: f.weight_bits for f in inspect_model(onnx.load(again))} == chosen
+    proc = subprocess.run(common + ["--pareto", str(tmp_path / "f2.json")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--pareto" in proc.stderr and not (tmp_path / "f2.json").exists()

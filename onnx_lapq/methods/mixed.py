@@ -1,12 +1,17 @@
-"""Mixed precision as a stage: each layer's weight width, chosen under a size budget.
+"""Mixed precision as a stage: each layer's weight width, chosen under a budget.
 
-The run's plan has every weight at the widest candidate.  The stage measures, through one
-loss evaluator with dequantized weights, the calibration loss increase of each layer at each
-narrower candidate with every other weight at the widest (sensitivity.py), then solves the
-integer program of allocation.py: the least summed increase whose weights fit the budget
-(``target_size`` of the float32 weights' bytes, counting what the export stores: codes in
-their containers, scales and zero points; or ``target_bits`` per weight on average, counting
-the grids' widths).
+The run's plan has every weight at the widest candidate.  The stage measures, with loss
+evaluators that take every weight dequantized, the calibration loss increase of each layer at
+each narrower candidate with every other weight at the widest (sensitivity.py; the probes run
+on the options' executor), optionally the interactions of neighbouring layers
+(interactions.py), then solves the integer program of allocation.py: the least summed
+increase whose weights fit the budget (``target_size`` of the float32 weights' bytes, counting
+what the export stores: codes in their containers, scales and zero points; or ``target_bits``
+per weight on average, counting the grids' widths).  Under an accuracy bound
+(``max_loss_increase``, ``max_loss_ratio`` against the widest model's loss) it bisects over
+the size budget, each step one allocation and one measurement of its loss, and keeps the
+smallest allocation within the bound.  Every allocation tried is in the record (the
+size/loss front, pareto.py).
 It returns the widths as the Solution's ``layer_bits``; the pipeline plans the model again
 at them before the later stages choose ranges.
 """
@@ -21,7 +26,6 @@ import numpy as np
 from ..allocation import allocate, smallest_size
 from ..bits import LayerBits
 from ..errors import ConfigError
-from ..evaluator import LossEvaluator
 from ..export import container
 from ..largemodel import element_bits
 from ..data import model_inputs
@@ -29,36 +33,49 @@ from ..options import CALIBRATORS
 from ..plan import QuantPlan, WeightSite
 from ..progress import Progress
 from ..qmath import QFormat
-from ..sensitivity import WeightProbe, weight_sensitivities
+from ..interactions import pair_terms
+from ..sensitivity import ProbeJob, WeightProbe, weight_sensitivities
 from ..solution import Solution
 from .base import RunContext, StageRecord
 from .calibrators import activation_observers, choose_ranges
 
 SCALE_BYTES = 4  # one float32 scale per output channel (or per tensor, or per block)
+BISECTION_TOLERANCE = 0.002  # an accuracy bound's bisection stops when the budget is known to this fraction of the float weights
+MAX_TRIALS = 16  # ... or after this many allocations
 
 
 @dataclass(frozen=True, kw_only=True)
 class MixedPrecisionRecord(StageRecord):
-    """Each layer's chosen width and measured sensitivities, the budget and the size reached."""
+    """Each layer's chosen width and measured sensitivities, the budget, the allocations tried
+    (each one's budget, size, measured loss and widths) and which of them was chosen."""
 
     widths: dict[str, int]
     sensitivities: dict[str, dict[int, float]]
+    couplings: dict[tuple[str, str], float]
     budget_bytes: float
     size_bytes: float
     float_bytes: float
+    baseline_loss: float
+    bound: float | None
+    trials: tuple[Trial, ...]
     seconds: float
 
     def report(self) -> dict[str, Any]:
         return {"mixed_precision": {
             "widths": self.widths, "sensitivities": {n: {str(b): v for b, v in s.items()} for n, s in self.sensitivities.items()},
-            "budget_bytes": self.budget_bytes, "size_bytes": self.size_bytes, "float_bytes": self.float_bytes, "seconds": round(self.seconds, 3),
+            "couplings": [{"layers": list(pair), "rho": rho} for pair, rho in self.couplings.items()],
+            "budget_bytes": self.budget_bytes, "size_bytes": self.size_bytes, "float_bytes": self.float_bytes,
+            "baseline_loss": self.baseline_loss, "bound": self.bound, "trials": [t.report(self.float_bytes) for t in self.trials],
+            "seconds": round(self.seconds, 3),
         }}
 
     def summary(self) -> str:
         counts = {b: sum(w == b for w in self.widths.values()) for b in sorted(set(self.widths.values()))}
         spread = ", ".join(f"{n} at {b} bits" for b, n in counts.items())
+        limit = (f"loss bound {self.bound:.4g} ({len(self.trials)} allocations tried)" if self.bound is not None
+                 else f"budget {self.budget_bytes / self.float_bytes:.3f}")
         return (f"mixed precision: {spread}; weights {self.size_bytes / self.float_bytes:.3f} of float32 "
-                f"(budget {self.budget_bytes / self.float_bytes:.3f}), {self.seconds:.0f} s measuring")
+                f"({limit}), {self.seconds:.0f} s")
 
 
 @dataclass(frozen=True)
@@ -84,7 +101,7 @@ class MixedPrecision:
             budget = options.target_bits * count / 8
         else:  # bytes as stored: codes, scales, zero points
             sizes = np.array([[weight_bytes(solution, s, b, config.symmetric_weights) for b in widths] for s in sites])
-            budget = options.target_size * float_bytes
+            budget = options.target_size * float_bytes if options.target_size is not None else float(sizes.max(axis=1).sum())
         least = smallest_size(sizes)
         if budget < least:
             raise ConfigError(_infeasible(options, least, float_bytes, budget))
@@ -92,17 +109,73 @@ class MixedPrecision:
         ranges = choose_ranges(solution, plan, context.stats, method, config.calibration, weight_symmetric=config.symmetric_weights,
                                act_symmetric=config.act_symmetric, weight_method=config.reconstruction.weight_clipping)
         probe = WeightProbe(plan, ranges, solution, config.reconstruction.weight_clipping, config.symmetric_weights, config.act_symmetric)
-        batches = list(model_inputs(context.batches, config.label_key))
-        evaluator = LossEvaluator(context.model, plan, batches, probe.params(), loss=config.lapq.loss, solution=solution,
-                                  dequantized_weights=True, memory_budget=config.lapq.memory_budget_mb << 20)
-        measured = weight_sensitivities(evaluator, probe, widths, on_probe=lambda done, total: context.notify(Progress("mixed_precision", done, total)))
+        job = ProbeJob(context.model, probe, list(model_inputs(context.batches, config.label_key)), config.lapq.loss, config.lapq.memory_budget_mb << 20)
+        notify = lambda done, total: context.notify(Progress("mixed_precision", done, total))  # noqa: E731
+        measured = weight_sensitivities(job, widths, options.executor, notify)
         costs = np.array([[0.0 if b >= s.bits else measured[s.node][b] for b in widths] for s in sites])
-        chosen = allocate(costs, sizes, budget)
-        choice = {s.node: widths[k] for s, k in zip(sites, chosen.choice)}
-        layer_bits = tuple(LayerBits(node, weight_bits=bits) for node, bits in choice.items())
-        record = MixedPrecisionRecord(stage=self.name, widths=choice, sensitivities=measured, budget_bytes=budget, size_bytes=chosen.size,
-                                      float_bytes=float_bytes, seconds=time.perf_counter() - started)
+        pairs, couplings = pair_terms(job, sites, widths, measured, options.executor, notify) if options.interactions else ({}, {})
+        session = job.open()
+        context.cleanup.callback(session.evaluator.close)
+
+        losses: dict[tuple, float] = {}  # an allocation measured once, whatever budgets it answers
+
+        def trial(limit: float) -> Trial:
+            chosen = allocate(costs, sizes, limit, pairs=pairs)
+            choice = {s.node: widths[k] for s, k in zip(sites, chosen.choice)}
+            narrowed = tuple((s.tensor, choice[s.node]) for s in sites if choice[s.node] < s.bits)
+            if narrowed not in losses:
+                losses[narrowed] = session.baseline + session.increase(narrowed)
+            return Trial(limit, chosen.size, losses[narrowed], choice)
+
+        bound = _bound(options, session.baseline)
+        trials = bisect(trial, least, budget, bound, BISECTION_TOLERANCE * float_bytes) if bound is not None else (trial(budget),)
+        best = min((t for t in trials if bound is None or t.loss <= bound), key=lambda t: t.size)
+        layer_bits = tuple(LayerBits(node, weight_bits=bits) for node, bits in best.widths.items())
+        record = MixedPrecisionRecord(stage=self.name, widths=best.widths, sensitivities=measured, couplings=couplings, budget_bytes=best.budget,
+                                      size_bytes=best.size, float_bytes=float_bytes, baseline_loss=session.baseline, bound=bound,
+                                      trials=trials, seconds=time.perf_counter() - started)
         return solution.but(layer_bits=layer_bits), record
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One allocation: the budget it was solved under, its size, its measured calibration loss, its widths."""
+
+    budget: float
+    size: float
+    loss: float
+    widths: dict[str, int]
+
+    def report(self, float_bytes: float) -> dict[str, Any]:
+        return {"budget_bytes": self.budget, "size_bytes": self.size, "size_fraction": self.size / float_bytes, "loss": self.loss, "widths": self.widths}
+
+
+def bisect(trial, least: float, full: float, bound: float, tolerance: float) -> tuple[Trial, ...]:
+    """The allocations tried bisecting the budget between ``least`` and ``full`` for the
+    smallest whose loss stays within ``bound``: the smallest budget first, then the full one
+    (always within: every layer at its widest), then halves until the interval is under ``tolerance``."""
+    tried = [trial(least)]
+    if tried[0].loss <= bound:
+        return tuple(tried)
+    tried.append(trial(full))
+    low, high = least, tried[-1].size
+    while high - low > tolerance and len(tried) < MAX_TRIALS:
+        step = trial((low + high) / 2)
+        tried.append(step)
+        if step.loss <= bound:
+            high = min(step.size, (low + high) / 2)
+        else:
+            low = (low + high) / 2
+    return tuple(tried)
+
+
+def _bound(options, baseline: float) -> float | None:
+    """The loss bound of an accuracy-bound budget over the widest model's loss ``baseline``; None for a size budget."""
+    if options.max_loss_increase is not None:
+        return baseline + options.max_loss_increase
+    if options.max_loss_ratio is not None:
+        return baseline * options.max_loss_ratio
+    return None
 
 
 def weight_bytes(solution: Solution, site: WeightSite, bits: int, symmetric: bool) -> float:

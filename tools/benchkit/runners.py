@@ -181,7 +181,8 @@ def _lapq_quantizer(job: dict, result: dict):
     import onnx
     import onnx_lapq
     from onnx_lapq import LapqOptions, QuantConfig, ReconstructionOptions, quantize  # ImportError while the package is incomplete
-    from onnx_lapq.options import MixedPrecisionOptions, SparsityOptions
+    from onnx_lapq.mixedoptions import MixedPrecisionOptions
+    from onnx_lapq.options import SparsityOptions
 
     result["tool_version"] = f"onnx_lapq {_lapq_version(onnx_lapq)}"
 
@@ -218,7 +219,7 @@ def _sparsity(spec: str):
 def _mixed(spec: str):
     """MixedPrecisionOptions of a method's leading ``mixed-bB`` (B bits a weight on average) or
     ``mixed-sS`` (S of the float32 weights' bytes), over the candidates MIXED_CANDIDATES."""
-    from onnx_lapq.options import MixedPrecisionOptions
+    from onnx_lapq.mixedoptions import MixedPrecisionOptions
 
     kind, value = spec[len("mixed-")], float(spec[len("mixed-") + 1:])
     return MixedPrecisionOptions(candidate_bits=MIXED_CANDIDATES, **{"target_bits" if kind == "b" else "target_size": value})

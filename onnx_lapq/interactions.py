@@ -1,0 +1,69 @@
+"""How neighbouring layers' quantization errors interact, as pair terms of the bit allocation.
+
+Pairs: graph neighbours, the weight layers m reached from layer l's output through nodes
+without quantized weights (a residual branch's last convolution and the next block's first;
+a depthwise convolution and its pointwise neighbours).
+
+Each pair is measured at the candidate widths both can take below the widest, width for
+width (ΔL({l@b, m@b}) − ΔL(l@b) − ΔL(m@b), sensitivity.pair_interactions), which fits one
+coupling coefficient per pair, least squares in the scale of the two errors:
+
+    I_lm(b, c) ≈ ρ_lm · sqrt(ΔL_l(b) · ΔL_m(c))
+
+so three probes per pair (at candidates 2, 3, 4 below 8) give the whole [candidates,
+candidates] table the integer program reads (zero where either layer is at the widest).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .graphindex import consumer_map
+from .plan import WeightSite
+from .sensitivity import ProbeJob, pair_interactions
+
+
+def neighbours(model: onnx.ModelProto, sites: list[WeightSite]) -> list[tuple[int, int]]:
+    """Index pairs (l, m), l < m in ``sites``' order, of weight layers whose outputs feed one
+    another through nodes without quantized weights."""
+    index = {s.node: i for i, s in enumerate(sites)}
+    consumers = consumer_map(model.graph.node)
+    pairs = set()
+    for node in model.graph.node:
+        if node.name not in index:
+            continue
+        seen, frontier = set(), list(node.output)
+        while frontier:
+            for reader in consumers.get(frontier.pop(), []):
+                if reader.name in index:
+                    pairs.add(tuple(sorted((index[node.name], index[reader.name]))))
+                elif reader.name not in seen:
+                    seen.add(reader.name)
+                    frontier.extend(reader.output)
+    return sorted(p for p in pairs if p[0] != p[1])
+
+
+def pair_terms(job: ProbeJob, sites: list[WeightSite], widths: tuple[int, ...], single: dict[str, dict[int, float]],
+               executor: str, on_probe=None) -> tuple[dict[tuple[int, int], np.ndarray], dict[tuple[str, str], float]]:
+    """The allocation's pair terms of every neighbour pair ((l, m) -> [candidates, candidates]),
+    and each pair's coupling ρ by node names (see the module docstring)."""
+    pairs = neighbours(job.model, sites)
+    narrow = [b for b in widths if b < max(widths)]
+    probes = [((sites[l].node, b), (sites[m].node, b)) for l, m in pairs for b in narrow
+              if b < sites[l].bits and b < sites[m].bits]
+    measured = pair_interactions(job, probes, single, executor, on_probe)
+    terms, coupling = {}, {}
+    for l, m in pairs:
+        a, b = sites[l].node, sites[m].node
+        scale = {w: np.sqrt(max(single[a].get(w, 0.0), 0.0) * max(single[b].get(w, 0.0), 0.0)) for w in narrow}
+        seen = [(measured[((a, w), (b, w))], scale[w]) for w in narrow if ((a, w), (b, w)) in measured]
+        weight = sum(s * s for _, s in seen)
+        rho = sum(i * s for i, s in seen) / weight if weight > 0 else 0.0
+        coupling[(a, b)] = rho
+        table = np.zeros((len(widths), len(widths)))
+        for k, wa in enumerate(widths):
+            for j, wb in enumerate(widths):
+                if wa in narrow and wb in narrow:
+                    table[k, j] = rho * np.sqrt(max(single[a].get(wa, 0.0), 0.0) * max(single[b].get(wb, 0.0), 0.0))
+        terms[(l, m)] = table
+    return terms, coupling
