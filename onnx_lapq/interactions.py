@@ -1,8 +1,10 @@
 """How neighbouring layers' quantization errors interact, as pair terms of the bit allocation.
 
 Pairs: graph neighbours, the weight layers m reached from layer l's output through nodes
-without quantized weights (a residual branch's last convolution and the next block's first;
-a depthwise convolution and its pointwise neighbours).
+without quantized weights and at most one node that merges activations (an Add, a Concat):
+a convolution and the next in its branch, a residual branch's last convolution and the next
+block's first, a depthwise convolution and its pointwise neighbours; not every later block
+an identity shortcut chain reaches.
 
 Each pair is measured at the candidate widths both can take below the widest, width for
 width (ΔL({l@b, m@b}) − ΔL(l@b) − ΔL(m@b), sensitivity.pair_interactions), which fits one
@@ -24,22 +26,26 @@ from .sensitivity import ProbeJob, pair_interactions
 
 
 def neighbours(model: onnx.ModelProto, sites: list[WeightSite]) -> list[tuple[int, int]]:
-    """Index pairs (l, m), l < m in ``sites``' order, of weight layers whose outputs feed one
-    another through nodes without quantized weights."""
+    """Index pairs (l, m), l < m in ``sites``' order, of weight layers one of which reads the
+    other's output through nodes without quantized weights and at most one merge."""
     index = {s.node: i for i, s in enumerate(sites)}
     consumers = consumer_map(model.graph.node)
+    constants = {t.name for t in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     pairs = set()
     for node in model.graph.node:
         if node.name not in index:
             continue
-        seen, frontier = set(), list(node.output)
+        seen, frontier = set(), [(name, 0) for name in node.output]
         while frontier:
-            for reader in consumers.get(frontier.pop(), []):
+            tensor, merges = frontier.pop()
+            for reader in consumers.get(tensor, []):
                 if reader.name in index:
                     pairs.add(tuple(sorted((index[node.name], index[reader.name]))))
-                elif reader.name not in seen:
+                    continue
+                through = merges + (sum(1 for i in reader.input if i and i not in constants) > 1)
+                if reader.name not in seen and through <= 1:
                     seen.add(reader.name)
-                    frontier.extend(reader.output)
+                    frontier.extend((name, through) for name in reader.output)
     return sorted(p for p in pairs if p[0] != p[1])
 
 

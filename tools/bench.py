@@ -14,9 +14,11 @@ Methods: `ort-minmax|ort-entropy|ort-percentile` run onnxruntime's
 quantize_static (QDQ; see benchkit/runners.py); any other name is passed to
 onnx_lapq as QuantConfig(method=...), and `WEIGHTS+METHOD` (e.g. gptq+lapq) as
 QuantConfig(weights=WEIGHTS, method=METHOD); a leading `N:M[_MASKS][_norepair]+` (e.g.
-2:4_transposable+minmax) prunes to N:M first (SparsityOptions); a leading `mixed-bB+` or
-`mixed-sS+` (e.g. mixed-b4+adaround+mse, with --configs w8a8) chooses each layer's weight
-width among 2, 3, 4 and 8 bits under B bits a weight on average or S of the float32 bytes. A method/config a tool refuses becomes a
+2:4_transposable+minmax) prunes to N:M first (SparsityOptions); a leading `mixed-bB+`,
+`mixed-sS+` or `mixed-rR+` (e.g. mixed-b4+adaround+mse, with --configs w8a8) chooses each
+layer's weight width among 2, 3, 4 and 8 bits under B bits a weight on average, S of the
+float32 bytes, or as the smallest model within R times the 8-bit model's calibration loss;
+`mixed-b4-pairs+` adds neighbour interactions. A method/config a tool refuses becomes a
 row with `error` set, never a missing row.
 
 Fixed splits (seed 0 unless --seed; details in benchkit/kitdata.py):
