@@ -16,7 +16,7 @@ for chosen pairs of (layer, width).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -68,24 +68,31 @@ class ProbeJob:
     batches: list[dict[str, np.ndarray]]
     loss: str
     memory_budget: int
+    replaced: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # (tensor, bits) -> the weight a probe evaluates there
 
     def open(self) -> "ProbeSession":
         """A worker's state: an evaluator with every weight dequantized, and its loss at the plan's widths."""
         evaluator = LossEvaluator(self.model, self.probe.plan, self.batches, self.probe.params(), loss=self.loss,
                                   solution=self.probe.solution, dequantized_weights=True, memory_budget=self.memory_budget)
-        return ProbeSession(evaluator, self.probe, evaluator(self.probe.params()))
+        return ProbeSession(evaluator, self.probe, self.replaced, evaluator(self.probe.params()))
 
 
 @dataclass
 class ProbeSession:
     """An open probe evaluator: ``increase(widths)`` is the loss at ``widths`` (tensor -> bits
-    over the plan's) minus the loss at the plan's widths."""
+    over the plan's; each weight the one ``replaced`` holds for its width, if any) minus the
+    loss at the plan's widths."""
 
     evaluator: LossEvaluator
     probe: WeightProbe
+    replaced: dict[tuple[str, int], np.ndarray]
     baseline: float
 
     def increase(self, widths: Widths) -> float:
+        weights = {tensor: self.replaced[(tensor, bits)] for tensor, bits in widths if (tensor, bits) in self.replaced}
+        base = self.probe.solution
+        # a weight's numbers are recomputed when its grid changes, and each (tensor, bits) has one grid and one weight
+        self.evaluator.solution = base.but(weights={**base.weights, **weights}) if weights else base
         return self.evaluator(self.probe.params(dict(widths))) - self.baseline
 
 

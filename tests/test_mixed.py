@@ -23,7 +23,7 @@ def _mixed(options: dict, **config):
     """The digits CNN under mixed precision with ``options`` (a budget and any other MixedPrecisionOptions)."""
     model, calibration = digits()
     options = MixedPrecisionOptions(candidate_bits=CANDIDATES, **options)
-    return onnx_lapq.quantize(model, calibration, config=QuantConfig(weights="nearest", method="mse", mixed_precision=options, **config))
+    return onnx_lapq.quantize(model, calibration, config=QuantConfig(**{"weights": "nearest", "method": "mse", "mixed_precision": options, **config}))
 
 
 def _float_weights() -> dict[str, int]:
@@ -134,3 +134,10 @@ def test_cli_writes_the_front_and_a_bits_file_a_later_run_reuses(tmp_path):
     assert {f.node: f.weight_bits for f in inspect_model(onnx.load(again))} == chosen
     proc = subprocess.run(common + ["--pareto", str(tmp_path / "f2.json")], capture_output=True, text=True)
     assert proc.returncode == 2 and "--pareto" in proc.stderr and not (tmp_path / "f2.json").exists()
+
+
+def test_with_reconstruction_the_probes_measure_reconstructed_weights():
+    nearest, fitted = (_record(_mixed({"target_bits": 3.0, "executor": "inline"}, weights=w)) for w in ("nearest", "gptq"))
+    assert (nearest.probe_weights, fitted.probe_weights) == ("nearest", "gptq")
+    narrowest = [(fitted.sensitivities[n][2], nearest.sensitivities[n][2]) for n in nearest.sensitivities]
+    assert sum(f for f, _ in narrowest) < 0.5 * sum(r for _, r in narrowest)  # reconstruction recovers most of what 2 bits lose

@@ -3,7 +3,8 @@
 The run's plan has every weight at the widest candidate.  The stage measures, with loss
 evaluators that take every weight dequantized, the calibration loss increase of each layer at
 each narrower candidate with every other weight at the widest (sensitivity.py; the probes run
-on the options' executor), optionally the interactions of neighbouring layers
+on the options' executor; where the run reconstructs weights, each probe's weight is
+reconstructed for its width, probeweights.py), optionally the interactions of neighbouring layers
 (interactions.py), then solves the integer program of allocation.py: the least summed
 increase whose weights fit the budget (``target_size`` of the float32 weights' bytes, counting
 what the export stores: codes in their containers, scales and zero points; or ``target_bits``
@@ -34,10 +35,12 @@ from ..plan import QuantPlan, WeightSite
 from ..progress import Progress
 from ..qmath import QFormat
 from ..interactions import pair_terms
+from ..probeweights import PROBE_SOLVER, probe_weights
 from ..sensitivity import ProbeJob, WeightProbe, weight_sensitivities
 from ..solution import Solution
 from .base import RunContext, StageRecord
 from .calibrators import activation_observers, choose_ranges
+from .reconstruction import SOLVERS
 
 SCALE_BYTES = 4  # one float32 scale per output channel (or per tensor, or per block)
 BISECTION_TOLERANCE = 0.002  # an accuracy bound's bisection stops when the budget is known to this fraction of the float weights
@@ -51,6 +54,7 @@ class MixedPrecisionRecord(StageRecord):
 
     widths: dict[str, int]
     sensitivities: dict[str, dict[int, float]]
+    probe_weights: str
     couplings: dict[tuple[str, str], float]
     budget_bytes: float
     size_bytes: float
@@ -63,7 +67,7 @@ class MixedPrecisionRecord(StageRecord):
     def report(self) -> dict[str, Any]:
         return {"mixed_precision": {
             "widths": self.widths, "sensitivities": {n: {str(b): v for b, v in s.items()} for n, s in self.sensitivities.items()},
-            "couplings": [{"layers": list(pair), "rho": rho} for pair, rho in self.couplings.items()],
+            "probe_weights": self.probe_weights, "couplings": [{"layers": list(pair), "rho": rho} for pair, rho in self.couplings.items()],
             "budget_bytes": self.budget_bytes, "size_bytes": self.size_bytes, "float_bytes": self.float_bytes,
             "baseline_loss": self.baseline_loss, "bound": self.bound, "trials": [t.report(self.float_bytes) for t in self.trials],
             "seconds": round(self.seconds, 3),
@@ -109,7 +113,9 @@ class MixedPrecision:
         ranges = choose_ranges(solution, plan, context.stats, method, config.calibration, weight_symmetric=config.symmetric_weights,
                                act_symmetric=config.act_symmetric, weight_method=config.reconstruction.weight_clipping)
         probe = WeightProbe(plan, ranges, solution, config.reconstruction.weight_clipping, config.symmetric_weights, config.act_symmetric)
-        job = ProbeJob(context.model, probe, list(model_inputs(context.batches, config.label_key)), config.lapq.loss, config.lapq.memory_budget_mb << 20)
+        batches = list(model_inputs(context.batches, config.label_key))
+        replaced = probe_weights(context.model, probe, widths, batches, config) if config.weight_rounding in SOLVERS else {}
+        job = ProbeJob(context.model, probe, batches, config.lapq.loss, config.lapq.memory_budget_mb << 20, replaced)
         notify = lambda done, total: context.notify(Progress("mixed_precision", done, total))  # noqa: E731
         measured = weight_sensitivities(job, widths, options.executor, notify)
         costs = np.array([[0.0 if b >= s.bits else measured[s.node][b] for b in widths] for s in sites])
@@ -131,7 +137,7 @@ class MixedPrecision:
         trials = bisect(trial, least, budget, bound, BISECTION_TOLERANCE * float_bytes) if bound is not None else (trial(budget),)
         best = min((t for t in trials if bound is None or t.loss <= bound), key=lambda t: t.size)
         layer_bits = tuple(LayerBits(node, weight_bits=bits) for node, bits in best.widths.items())
-        record = MixedPrecisionRecord(stage=self.name, widths=best.widths, sensitivities=measured, couplings=couplings, budget_bytes=best.budget,
+        record = MixedPrecisionRecord(stage=self.name, widths=best.widths, sensitivities=measured, probe_weights=PROBE_SOLVER if replaced else "nearest", couplings=couplings, budget_bytes=best.budget,
                                       size_bytes=best.size, float_bytes=float_bytes, baseline_loss=session.baseline, bound=bound,
                                       trials=trials, seconds=time.perf_counter() - started)
         return solution.but(layer_bits=layer_bits), record

@@ -149,7 +149,7 @@ class Reconstruct:
             for site, (gram, held) in zip(wave, grams):
                 mask = current.masks.get(site.tensor)
                 support = None if mask is None else shapes[site.tensor].to_matrix(mask) > 0.5
-                record, new_weight, shift = _reconstruct(
+                record, new_weight, shift = reconstruct_layer(
                     site, shapes[site.tensor], gram, held, current.weight(site.tensor), params[site.tensor], self.solver, options, support,
                 )
                 weights[site.tensor] = new_weight
@@ -167,7 +167,7 @@ class Reconstruct:
         return solution.but(weights=weights, weight_grids=grids), record
 
 
-def _reconstruct(site: WeightSite, shape: LayerShape, gram: LayerGram, held: LayerGram, weight: np.ndarray, qp: QParams, solver: str,
+def reconstruct_layer(site: WeightSite, shape: LayerShape, gram: LayerGram, held: LayerGram, weight: np.ndarray, qp: QParams, solver: str,
                  options, support: np.ndarray | None):
     """(record, reconstructed weight, the bias shift of statistics correction) of one layer,
     fitted on ``gram`` and judged on ``held`` (the held-out entries; on ``gram`` where none)."""
