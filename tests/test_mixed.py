@@ -86,14 +86,16 @@ def test_the_same_bytes_from_every_executor(ray_instance):
         assert result.model.SerializeToString() == inline.model.SerializeToString(), spec
 
 
-def test_a_loss_bound_keeps_the_smallest_allocation_within_it():
-    result = _mixed({"max_loss_ratio": 4.0})
+@pytest.mark.parametrize("weights", ["nearest", "gptq"])
+def test_a_loss_bound_keeps_the_smallest_allocation_within_it(weights):
+    result = _mixed({"max_loss_ratio": 4.0, "executor": "inline"}, weights=weights)
     record = _record(result)
     assert record.bound == pytest.approx(4.0 * record.baseline_loss)
     assert len(record.trials) >= 3 and record.widths in [t.widths for t in record.trials if t.loss <= record.bound]
     smaller_within = [t for t in record.trials if t.loss <= record.bound and t.size < record.size_bytes]
     assert not smaller_within
-    assert result.fidelity.loss <= record.bound * 1.01  # the exported model, measured with integer weights
+    if weights == "nearest":  # the exported model, measured with integer weights (with gptq the run fits the weights again, in sequence)
+        assert result.fidelity.loss <= record.bound * 1.01
     stored = sum(f.weight_bytes for f in inspect_model(result.model))
     uniform = sum(f.weight_bytes for f in inspect_model(onnx_lapq.quantize(*digits(), config=QuantConfig(weights="nearest", method="mse")).model))
     assert stored < uniform

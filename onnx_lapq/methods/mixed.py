@@ -125,16 +125,18 @@ class MixedPrecision:
 
         losses: dict[tuple, float] = {}  # an allocation measured once, whatever budgets it answers
 
-        def trial(limit: float) -> Trial:
-            chosen = allocate(costs, sizes, limit, pairs=pairs)
-            choice = {s.node: widths[k] for s, k in zip(sites, chosen.choice)}
+        def trial(limit: float | None) -> Trial:
+            """The allocation within ``limit`` bytes, measured; None: every layer at the widest candidate."""
+            chosen = allocate(costs, sizes, limit, pairs=pairs).choice if limit is not None else (len(widths) - 1,) * len(sites)
+            choice = {s.node: widths[k] for s, k in zip(sites, chosen)}
+            size = float(sum(sizes[l, k] for l, k in enumerate(chosen)))
             narrowed = tuple((s.tensor, choice[s.node]) for s in sites if choice[s.node] < s.bits)
             if narrowed not in losses:
-                losses[narrowed] = session.baseline + session.increase(narrowed)
-            return Trial(limit, chosen.size, losses[narrowed], choice)
+                losses[narrowed] = session.baseline + (session.increase(narrowed) if narrowed else 0.0)
+            return Trial(size if limit is None else limit, size, losses[narrowed], choice)
 
         bound = _bound(options, session.baseline)
-        trials = bisect(trial, least, budget, bound, BISECTION_TOLERANCE * float_bytes) if bound is not None else (trial(budget),)
+        trials = bisect(trial, least, bound, BISECTION_TOLERANCE * float_bytes) if bound is not None else (trial(budget),)
         best = min((t for t in trials if bound is None or t.loss <= bound), key=lambda t: t.size)
         layer_bits = tuple(LayerBits(node, weight_bits=bits) for node, bits in best.widths.items())
         record = MixedPrecisionRecord(stage=self.name, widths=best.widths, sensitivities=measured, probe_weights=PROBE_SOLVER if replaced else "nearest", couplings=couplings, budget_bytes=best.budget,
@@ -156,22 +158,25 @@ class Trial:
         return {"budget_bytes": self.budget, "size_bytes": self.size, "size_fraction": self.size / float_bytes, "loss": self.loss, "widths": self.widths}
 
 
-def bisect(trial, least: float, full: float, bound: float, tolerance: float) -> tuple[Trial, ...]:
-    """The allocations tried bisecting the budget between ``least`` and ``full`` for the
-    smallest whose loss stays within ``bound``: the smallest budget first, then the full one
-    (always within: every layer at its widest), then halves until the interval is under ``tolerance``."""
+def bisect(trial, least: float, bound: float, tolerance: float) -> tuple[Trial, ...]:
+    """The allocations tried bisecting the budget for the smallest whose loss stays within
+    ``bound``: the smallest budget ``least`` first, then every layer at the widest candidate
+    (within by definition, whatever the program would pick: a narrow reconstructed weight can
+    measure below the widest alone and not beside others), then halves between the two until
+    the interval is under ``tolerance``."""
     tried = [trial(least)]
     if tried[0].loss <= bound:
         return tuple(tried)
-    tried.append(trial(full))
+    tried.append(trial(None))
     low, high = least, tried[-1].size
     while high - low > tolerance and len(tried) < MAX_TRIALS:
-        step = trial((low + high) / 2)
+        middle = (low + high) / 2
+        step = trial(middle)
         tried.append(step)
         if step.loss <= bound:
-            high = min(step.size, (low + high) / 2)
+            high = step.size
         else:
-            low = (low + high) / 2
+            low = middle
     return tuple(tried)
 
 
