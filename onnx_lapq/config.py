@@ -79,8 +79,8 @@ class QuantConfig:
         ("gptq": rounding with error feedback; "adaround": learned rounding) that chooses each
         layer's weights front to back so that its output in the quantized model matches the
         float model's (options in ``reconstruction``; the clipping method then chooses the
-        activation ranges); "auto": adaround where some layer's weights are narrower than
-        8 bits, except with weight_only (which runs without calibration data), else nearest.
+        activation ranges); "auto": adaround where some layer's weights are (or, with
+        mixed precision, may be) narrower than 8 bits, except with weight_only (which runs without calibration data), else nearest.
         ``weight_rounding`` is the one a run uses.
     calibration: the calibrators' options (:class:`CalibrationOptions`).
     lapq: LAPQ's options (:class:`LapqOptions`).
@@ -179,7 +179,7 @@ class QuantConfig:
         """The rounding of the weights a run uses: ``weights``, with "auto" resolved."""
         if self.weights != "auto":
             return self.weights
-        narrow = any(b < 8 for b in self.bits_policy.weight_widths)
+        narrow = any(b < 8 for b in (*self.bits_policy.weight_widths, *self.mixed_precision.candidate_bits))
         return AUTO_RECONSTRUCTION if narrow and not self.weight_only else "nearest"
 
     @property

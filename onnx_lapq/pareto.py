@@ -58,6 +58,7 @@ def write_front(record, path: str) -> None:
     ax.set_xlabel("weight bytes / float32 weight bytes")
     ax.set_ylabel("calibration loss")
     ax.legend()
+    fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)

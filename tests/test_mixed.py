@@ -143,3 +143,9 @@ def test_with_reconstruction_the_probes_measure_reconstructed_weights():
     assert (nearest.probe_weights, fitted.probe_weights) == ("nearest", "gptq")
     narrowest = [(fitted.sensitivities[n][2], nearest.sensitivities[n][2]) for n in nearest.sensitivities]
     assert sum(f for f, _ in narrowest) < 0.5 * sum(r for _, r in narrowest)  # reconstruction recovers most of what 2 bits lose
+
+
+def test_auto_weights_reconstruct_where_mixed_precision_may_narrow_layers():
+    options = MixedPrecisionOptions(candidate_bits=CANDIDATES, target_bits=4.0)
+    assert QuantConfig(mixed_precision=options).weight_rounding == "adaround"
+    assert QuantConfig().weight_rounding == "nearest"
