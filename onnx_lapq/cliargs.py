@@ -10,7 +10,7 @@ import argparse
 from . import __version__
 from .bits import read_bits_file
 from .config import CALIBRATION_METHODS, DEFAULT_OP_TYPES, QUANTIZABLE_OP_TYPES, QuantConfig
-from .mixedoptions import MixedPrecisionOptions
+from .mixedoptions import SENSITIVITIES, MixedPrecisionOptions
 from .nmmask import MASKS
 from .options import LOSSES, SEARCH_BIAS_CORRECTION, SEARCHES, WEIGHT_METHODS, LapqOptions, SparsityOptions
 
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     mixed.add_argument("--max-loss-ratio", type=float, default=DEFAULT.mixed_precision.max_loss_ratio, metavar="R",
                        help="instead of a size: the smallest model whose calibration loss is at most R times the widest model's (e.g. 1.5)")
     mixed.add_argument("--interactions", action="store_true", help="also measure how neighbouring layers' errors interact (pair terms; 3 more probes a pair)")
+    mixed.add_argument("--sensitivity", default=DEFAULT.mixed_precision.sensitivity, choices=SENSITIVITIES,
+                       help=f"measured (a probe per layer and width) or proxy (one noise probe per layer) (default {DEFAULT.mixed_precision.sensitivity})")
     mixed.add_argument("--executor", default=DEFAULT.mixed_precision.executor, metavar="SPEC",
                        help=f"where the probes run: inline, local, local:N (worker processes), ray, ray:ADDRESS, ray://HOST:PORT (default {DEFAULT.mixed_precision.executor})")
     mixed.add_argument("--pareto", metavar="FILE.json", help="write the allocations tried (size, loss, widths) as JSON, and FILE.png with matplotlib")
@@ -140,7 +142,7 @@ def config_of(args: argparse.Namespace) -> QuantConfig:
         mask_input=None if args.mask_input.lower() == "none" else args.mask_input, custom_op_libraries=tuple(args.custom_op_library),
         lapq=lapq, mixed_precision=MixedPrecisionOptions(
             candidate_bits=candidates, target_size=args.target_size, target_bits=args.target_bits, max_loss_increase=args.max_loss_increase,
-            max_loss_ratio=args.max_loss_ratio, interactions=args.interactions, executor=args.executor,
+            max_loss_ratio=args.max_loss_ratio, interactions=args.interactions, sensitivity=args.sensitivity, executor=args.executor,
         ),
         sparsity=SparsityOptions(
             pattern=args.sparsity, masks=args.sparsity_masks, dense_first_last=not args.sparse_first_last, dense_layers=tuple(args.sparsity_exclude),

@@ -198,11 +198,15 @@ class LossEvaluator:
         labels = self.labels[b] if self.labels is not None else None
         return distance(self.kind, self.reference[b], out, labels, self.probabilities)
 
-    def use(self, solution: Solution) -> None:
+    def use(self, solution: Solution, tensors: frozenset[str] | None = None) -> None:
         """Evaluate ``solution``'s weights and biases from now on (e.g. with bias correction
-        switched on or off); every Q/DQ number is recomputed at the next evaluation."""
+        switched on or off); the Q/DQ numbers of ``tensors`` (those where the solution differs;
+        None: every site) are recomputed at the next evaluation."""
         self.solution = solution
-        self._site_params = {}
+        if tensors is None:
+            self._site_params = {}
+        for name in tensors or ():
+            self._site_params.pop(name, None)
 
     # ----------------------------------------------------------------- Q/DQ numbers
     def _update(self, params: dict[str, QParams]) -> None:

@@ -12,6 +12,7 @@ from .errors import ConfigError
 from .executor import check_spec
 from .options import check_types
 
+SENSITIVITIES = ("measured", "proxy")
 BUDGETS = ("target_size", "target_bits", "max_loss_increase", "max_loss_ratio")
 
 
@@ -28,6 +29,8 @@ class MixedPrecisionOptions:
     max_loss_ratio: the same bound as a multiple of that loss (e.g. 1.5).  Exactly one of the four.
     interactions: also measure how graph neighbours' errors interact, as pair terms of the
         allocation (more probes: three per pair of neighbouring layers).
+    sensitivity: "measured" (a probe per layer and width) or "proxy" (one random-noise probe
+        per layer, scaled by each width's rounding error: noiseprobe.py; rounding to nearest).
     executor: where the probes run: "inline", "local" (worker processes, one per core),
         "local:N", "ray", "ray:ADDRESS" or "ray://HOST:PORT" (executor.py).
     """
@@ -38,11 +41,14 @@ class MixedPrecisionOptions:
     max_loss_increase: float | None = None
     max_loss_ratio: float | None = None
     interactions: bool = False
+    sensitivity: str = "measured"
     executor: str = "local"
 
     def __post_init__(self) -> None:
         check_types(self)
         check_spec(self.executor)
+        if self.sensitivity not in SENSITIVITIES:
+            raise ConfigError(f"sensitivity={self.sensitivity!r} is unknown: use {' or '.join(SENSITIVITIES)}")
         budgets = sum(getattr(self, b) is not None for b in BUDGETS)
         if not self.candidate_bits and budgets:
             raise ConfigError("a budget needs candidate widths: give candidate_bits, e.g. (2, 3, 4, 8)")

@@ -80,20 +80,22 @@ class ProbeJob:
 @dataclass
 class ProbeSession:
     """An open probe evaluator: ``increase(widths)`` is the loss at ``widths`` (tensor -> bits
-    over the plan's; each weight the one ``replaced`` holds for its width, if any) minus the
-    loss at the plan's widths."""
+    over the plan's; bits 0: the plan's own) with each weight the one ``replaced`` holds for
+    (tensor, bits), if any, minus the loss at the plan's widths and weights."""
 
     evaluator: LossEvaluator
     probe: WeightProbe
     replaced: dict[tuple[str, int], np.ndarray]
     baseline: float
+    _swapped: frozenset[str] = frozenset()  # the tensors whose weight the evaluator holds replaced
 
     def increase(self, widths: Widths) -> float:
         weights = {tensor: self.replaced[(tensor, bits)] for tensor, bits in widths if (tensor, bits) in self.replaced}
-        base = self.probe.solution
-        # a weight's numbers are recomputed when its grid changes, and each (tensor, bits) has one grid and one weight
-        self.evaluator.solution = base.but(weights={**base.weights, **weights}) if weights else base
-        return self.evaluator(self.probe.params(dict(widths))) - self.baseline
+        if weights or self._swapped:
+            base = self.probe.solution
+            self.evaluator.use(base.but(weights={**base.weights, **weights}), tensors=self._swapped | set(weights))
+            self._swapped = frozenset(weights)
+        return self.evaluator(self.probe.params({tensor: bits for tensor, bits in widths if bits})) - self.baseline
 
 
 Widths = tuple[tuple[str, int], ...]  # (tensor, bits) of the weights a probe narrows

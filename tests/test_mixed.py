@@ -149,3 +149,16 @@ def test_auto_weights_reconstruct_where_mixed_precision_may_narrow_layers():
     options = MixedPrecisionOptions(candidate_bits=CANDIDATES, target_bits=4.0)
     assert QuantConfig(mixed_precision=options).weight_rounding == "adaround"
     assert QuantConfig().weight_rounding == "nearest"
+
+
+def test_the_noise_probe_proxy_ranks_layers_and_widths_as_the_measured_sensitivities_do():
+    from scipy.stats import spearmanr
+    measured = _record(_mixed({"target_bits": 3.0, "executor": "inline"}))
+    seen = []
+    model, calibration = digits()
+    proxy = _record(onnx_lapq.quantize(model, calibration, on_step=seen.append, config=QuantConfig(
+        weights="nearest", method="mse", mixed_precision=MixedPrecisionOptions(candidate_bits=CANDIDATES, target_bits=3.0, executor="inline", sensitivity="proxy"))))
+    assert proxy.sensitivity == "proxy" and max(p.total for p in seen if p.stage == "mixed_precision") == len(measured.sensitivities)  # a probe a layer
+    keys = [(node, bits) for node, by_bits in measured.sensitivities.items() for bits in by_bits]
+    rho = spearmanr([measured.sensitivities[n][b] for n, b in keys], [proxy.sensitivities[n][b] for n, b in keys]).statistic
+    assert rho > 0.7

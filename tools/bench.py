@@ -18,7 +18,7 @@ QuantConfig(weights=WEIGHTS, method=METHOD); a leading `N:M[_MASKS][_norepair]+`
 `mixed-sS+` or `mixed-rR+` (e.g. mixed-b4+adaround+mse, with --configs w8a8) chooses each
 layer's weight width among 2, 3, 4 and 8 bits under B bits a weight on average, S of the
 float32 bytes, or as the smallest model within R times the 8-bit model's calibration loss;
-`mixed-b4-pairs+` adds neighbour interactions. A method/config a tool refuses becomes a
+`mixed-b4-pairs+` adds neighbour interactions, `mixed-b4-proxy+` uses the noise-probe proxy. A method/config a tool refuses becomes a
 row with `error` set, never a missing row.
 
 Fixed splits (seed 0 unless --seed; details in benchkit/kitdata.py):

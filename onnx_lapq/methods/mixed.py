@@ -4,7 +4,8 @@ The run's plan has every weight at the widest candidate.  The stage measures, wi
 evaluators that take every weight dequantized, the calibration loss increase of each layer at
 each narrower candidate with every other weight at the widest (sensitivity.py; the probes run
 on the options' executor; where the run reconstructs weights, each probe's weight is
-reconstructed for its width, probeweights.py), optionally the interactions of neighbouring layers
+reconstructed for its width, probeweights.py; or, cheaper, a proxy from one random-noise
+probe per layer, noiseprobe.py), optionally the interactions of neighbouring layers
 (interactions.py), then solves the integer program of allocation.py: the least summed
 increase whose weights fit the budget (``target_size`` of the float32 weights' bytes, counting
 what the export stores: codes in their containers, scales and zero points; or ``target_bits``
@@ -35,6 +36,7 @@ from ..plan import QuantPlan, WeightSite
 from ..progress import Progress
 from ..qmath import QFormat
 from ..interactions import pair_terms
+from ..noiseprobe import proxy_sensitivities
 from ..probeweights import PROBE_SOLVER, probe_weights
 from ..sensitivity import ProbeJob, WeightProbe, weight_sensitivities
 from ..solution import Solution
@@ -55,6 +57,7 @@ class MixedPrecisionRecord(StageRecord):
     widths: dict[str, int]
     sensitivities: dict[str, dict[int, float]]
     probe_weights: str
+    sensitivity: str
     couplings: dict[tuple[str, str], float]
     budget_bytes: float
     size_bytes: float
@@ -67,7 +70,7 @@ class MixedPrecisionRecord(StageRecord):
     def report(self) -> dict[str, Any]:
         return {"mixed_precision": {
             "widths": self.widths, "sensitivities": {n: {str(b): v for b, v in s.items()} for n, s in self.sensitivities.items()},
-            "probe_weights": self.probe_weights, "couplings": [{"layers": list(pair), "rho": rho} for pair, rho in self.couplings.items()],
+            "probe_weights": self.probe_weights, "sensitivity": self.sensitivity, "couplings": [{"layers": list(pair), "rho": rho} for pair, rho in self.couplings.items()],
             "budget_bytes": self.budget_bytes, "size_bytes": self.size_bytes, "float_bytes": self.float_bytes,
             "baseline_loss": self.baseline_loss, "bound": self.bound, "trials": [t.report(self.float_bytes) for t in self.trials],
             "seconds": round(self.seconds, 3),
@@ -114,10 +117,14 @@ class MixedPrecision:
                                act_symmetric=config.act_symmetric, weight_method=config.reconstruction.weight_clipping)
         probe = WeightProbe(plan, ranges, solution, config.reconstruction.weight_clipping, config.symmetric_weights, config.act_symmetric)
         batches = list(model_inputs(context.batches, config.label_key))
-        replaced = probe_weights(context.model, probe, widths, batches, config) if config.weight_rounding in SOLVERS else {}
+        proxy = options.sensitivity == "proxy"
+        replaced = probe_weights(context.model, probe, widths, batches, config) if config.weight_rounding in SOLVERS and not proxy else {}
         job = ProbeJob(context.model, probe, batches, config.lapq.loss, config.lapq.memory_budget_mb << 20, replaced)
         notify = lambda done, total: context.notify(Progress("mixed_precision", done, total))  # noqa: E731
-        measured = weight_sensitivities(job, widths, options.executor, notify)
+        if proxy:
+            measured = proxy_sensitivities(job, widths, config.seed, options.executor, notify)
+        else:
+            measured = weight_sensitivities(job, widths, options.executor, notify)
         costs = np.array([[0.0 if b >= s.bits else measured[s.node][b] for b in widths] for s in sites])
         pairs, couplings = pair_terms(job, sites, widths, measured, options.executor, notify) if options.interactions else ({}, {})
         session = job.open()
@@ -139,7 +146,7 @@ class MixedPrecision:
         trials = bisect(trial, least, bound, BISECTION_TOLERANCE * float_bytes) if bound is not None else (trial(budget),)
         best = min((t for t in trials if bound is None or t.loss <= bound), key=lambda t: t.size)
         layer_bits = tuple(LayerBits(node, weight_bits=bits) for node, bits in best.widths.items())
-        record = MixedPrecisionRecord(stage=self.name, widths=best.widths, sensitivities=measured, probe_weights=PROBE_SOLVER if replaced else "nearest", couplings=couplings, budget_bytes=best.budget,
+        record = MixedPrecisionRecord(stage=self.name, widths=best.widths, sensitivities=measured, probe_weights=PROBE_SOLVER if replaced else "nearest", sensitivity=options.sensitivity, couplings=couplings, budget_bytes=best.budget,
                                       size_bytes=best.size, float_bytes=float_bytes, baseline_loss=session.baseline, bound=bound,
                                       trials=trials, seconds=time.perf_counter() - started)
         return solution.but(layer_bits=layer_bits), record
