@@ -60,7 +60,7 @@ def run_jobs(spec: str, setup: Callable[[Any], Any], work: Callable[[Any, Any], 
 
 
 def _local(workers: int, setup, work, payload, items: list, done) -> list:
-    """Jobs on ``workers`` fresh Python processes (``python -m onnx_lapq.executor``), fed over
+    """Jobs on ``workers`` fresh Python processes (``python -m onnx_lapq.worker``), fed over
     their pipes: nothing of the caller's main module is imported or run again there."""
     workers = min(workers, len(items))
     queue = list(enumerate(items))
@@ -87,7 +87,7 @@ def _local(workers: int, setup, work, payload, items: list, done) -> list:
         except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below
             failures.append(exc)
 
-    processes = [subprocess.Popen([sys.executable, "-m", "onnx_lapq.executor"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    processes = [subprocess.Popen([sys.executable, "-m", "onnx_lapq.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
                  for _ in range(workers)]
     try:
         servers = [threading.Thread(target=serve, args=(p,), daemon=True) for p in processes]
@@ -119,7 +119,7 @@ def _receive(pipe):
     return pickle.loads(pipe.read(size))
 
 
-def _serve_pipes() -> None:
+def serve_pipes() -> None:
     """A local worker: read (setup, work, payload, threads), then answer each item with (ok, result)."""
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing but answers on the pipe
@@ -176,7 +176,3 @@ def _ray(address: str, setup, work, payload, items: list, done) -> list:
     for actor in actors:
         ray.kill(actor)
     return results
-
-
-if __name__ == "__main__":
-    _serve_pipes()
