@@ -101,14 +101,7 @@ class MixedPrecision:
         options = config.mixed_precision
         widths = tuple(sorted(set(options.candidate_bits)))
         sites = list(plan.weights)
-        count = sum(solution.weights[s.tensor].size for s in sites)
-        float_bytes = 4.0 * count
-        if options.target_bits is not None:  # average bits of the codes
-            sizes = np.array([[solution.weights[s.tensor].size * b / 8 for b in widths] for s in sites])
-            budget = options.target_bits * count / 8
-        else:  # bytes as stored: codes, scales, zero points
-            sizes = np.array([[weight_bytes(solution, s, b, config.symmetric_weights) for b in widths] for s in sites])
-            budget = options.target_size * float_bytes if options.target_size is not None else float(sizes.max(axis=1).sum())
+        sizes, budget, float_bytes = _sizes(solution, sites, widths, options, config.symmetric_weights)
         least = smallest_size(sizes)
         if budget < least:
             raise ConfigError(_infeasible(options, least, float_bytes, budget))
@@ -146,8 +139,8 @@ class MixedPrecision:
         trials = bisect(trial, least, bound, BISECTION_TOLERANCE * float_bytes) if bound is not None else (trial(budget),)
         best = min((t for t in trials if bound is None or t.loss <= bound), key=lambda t: t.size)
         layer_bits = tuple(LayerBits(node, weight_bits=bits) for node, bits in best.widths.items())
-        record = MixedPrecisionRecord(stage=self.name, widths=best.widths, sensitivities=measured, probe_weights=PROBE_SOLVER if replaced else "nearest", sensitivity=options.sensitivity, couplings=couplings, budget_bytes=best.budget,
-                                      size_bytes=best.size, float_bytes=float_bytes, baseline_loss=session.baseline, bound=bound,
+        record = MixedPrecisionRecord(stage=self.name, widths=best.widths, sensitivities=measured, probe_weights=PROBE_SOLVER if replaced else "nearest",
+                                      sensitivity=options.sensitivity, couplings=couplings, budget_bytes=best.budget, size_bytes=best.size, float_bytes=float_bytes, baseline_loss=session.baseline, bound=bound,
                                       trials=trials, seconds=time.perf_counter() - started)
         return solution.but(layer_bits=layer_bits), record
 
@@ -194,6 +187,20 @@ def _bound(options, baseline: float) -> float | None:
     if options.max_loss_ratio is not None:
         return baseline * options.max_loss_ratio
     return None
+
+
+def _sizes(solution: Solution, sites: list[WeightSite], widths: tuple[int, ...], options, symmetric: bool) -> tuple[np.ndarray, float, float]:
+    """(size of each site at each width [sites, widths], the budget, the float32 weights' bytes):
+    sizes in the budget's unit, bytes as stored or, for ``target_bits``, the grids' bits / 8;
+    an accuracy bound's budget is every site at its widest."""
+    count = sum(solution.weights[s.tensor].size for s in sites)
+    float_bytes = 4.0 * count
+    if options.target_bits is not None:  # average bits of the codes
+        sizes = np.array([[solution.weights[s.tensor].size * b / 8 for b in widths] for s in sites])
+        return sizes, options.target_bits * count / 8, float_bytes
+    sizes = np.array([[weight_bytes(solution, s, b, symmetric) for b in widths] for s in sites])  # codes, scales, zero points
+    budget = options.target_size * float_bytes if options.target_size is not None else float(sizes.max(axis=1).sum())
+    return sizes, budget, float_bytes
 
 
 def weight_bytes(solution: Solution, site: WeightSite, bits: int, symmetric: bool) -> float:
