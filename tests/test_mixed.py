@@ -162,3 +162,19 @@ def test_the_noise_probe_proxy_ranks_layers_and_widths_as_the_measured_sensitivi
     keys = [(node, bits) for node, by_bits in measured.sensitivities.items() for bits in by_bits]
     rho = spearmanr([measured.sensitivities[n][b] for n, b in keys], [proxy.sensitivities[n][b] for n, b in keys]).statistic
     assert rho > 0.7
+
+
+def test_layers_whose_narrowing_measures_free_stay_wide_until_the_budget_needs_their_bytes():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from onnx_lapq.allocation import allocate
+    from onnx_lapq.methods.mixed import _costs
+    sites = [SimpleNamespace(node=n, bits=8) for n in ("a", "b", "c")]
+    measured = {"a": {2: -0.01, 4: -0.02}, "b": {2: 0.0, 4: 0.0}, "c": {2: 0.5, 4: 0.1}}  # a: a reconstructed narrow weight measured below 8 bits
+    sizes = np.array([[2.0, 4.0, 8.0]] * 3)
+    costs = _costs(measured, sites, (2, 4, 8), sizes)
+    assert (costs >= 0).all()
+    assert allocate(costs, sizes, 24.0).choice == (2, 2, 2)  # room for every layer at 8 bits: all at 8
+    assert allocate(costs, sizes, 20.0).choice[2] == 2  # the costly layer keeps its width; the free ones give up bytes

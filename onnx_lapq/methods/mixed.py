@@ -47,6 +47,7 @@ from .reconstruction import SOLVERS
 SCALE_BYTES = 4  # one float32 scale per output channel (or per tensor, or per block)
 BISECTION_TOLERANCE = 0.002  # an accuracy bound's bisection stops when the budget is known to this fraction of the float weights
 MAX_TRIALS = 16  # ... or after this many allocations
+TIE_BREAK = 1e-9  # of the largest cost: the price of narrowing a site whose narrowing measured free
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,7 +119,7 @@ class MixedPrecision:
             measured = proxy_sensitivities(job, widths, config.seed, options.executor, notify)
         else:
             measured = weight_sensitivities(job, widths, options.executor, notify)
-        costs = np.array([[0.0 if b >= s.bits else measured[s.node][b] for b in widths] for s in sites])
+        costs = _costs(measured, sites, widths, sizes)
         pairs, couplings = pair_terms(job, sites, widths, measured, options.executor, notify) if options.interactions else ({}, {})
         session = job.open()
         context.cleanup.callback(session.evaluator.close)
@@ -187,6 +188,16 @@ def _bound(options, baseline: float) -> float | None:
     if options.max_loss_ratio is not None:
         return baseline * options.max_loss_ratio
     return None
+
+
+def _costs(measured: dict[str, dict[int, float]], sites: list[WeightSite], widths: tuple[int, ...], sizes: np.ndarray) -> np.ndarray:
+    """The program's cost of each site at each width: its measured loss increase, never below
+    0 (a narrow reconstructed weight that measures below the widest alone does not beside
+    others), plus a tie-break far below any measured difference that keeps a site at its
+    widest until the budget needs its bytes."""
+    increase = np.array([[0.0 if b >= s.bits else max(measured[s.node][b], 0.0) for b in widths] for s in sites])
+    tie = TIE_BREAK * max(float(increase.max()), np.finfo(np.float64).tiny)
+    return increase + tie * (1.0 - sizes / sizes.max(axis=1, keepdims=True))
 
 
 def _sizes(solution: Solution, sites: list[WeightSite], widths: tuple[int, ...], options, symmetric: bool) -> tuple[np.ndarray, float, float]:
