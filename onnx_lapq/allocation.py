@@ -18,6 +18,8 @@ from scipy.sparse import lil_matrix
 
 from .errors import ConfigError
 
+MIP_GAP = 1e-9  # relative optimality gap: below the mixed-precision stage's tie-break
+
 
 @dataclass(frozen=True)
 class Allocation:
@@ -83,13 +85,14 @@ def allocate(costs: np.ndarray, sizes: np.ndarray, budget: float, *, pairs: dict
                 lower[row] = upper[row] = 0.0
                 row += 1
     integrality = np.concatenate([np.ones(n_x), np.zeros(n_y)])
-    result = milp(objective, constraints=LinearConstraint(a.tocsr(), lower, upper), integrality=integrality, bounds=Bounds(0, 1),
-                  options={"time_limit": time_limit})
+    scale = float(np.abs(objective).max()) or 1.0  # the objective in units of its largest term, solved to a gap of MIP_GAP
+    result = milp(objective / scale, constraints=LinearConstraint(a.tocsr(), lower, upper), integrality=integrality, bounds=Bounds(0, 1),
+                  options={"time_limit": time_limit, "mip_rel_gap": MIP_GAP})
     if result.x is None:
         raise RuntimeError(f"the allocation program found no solution ({result.message})")
     x = result.x[:n_x].reshape(layers, candidates)
     choice = tuple(int(k) for k in np.argmax(x, axis=1))
-    return Allocation(choice, float(result.fun), float(sum(sizes[l, k] for l, k in enumerate(choice))))
+    return Allocation(choice, float(result.fun) * scale, float(sum(sizes[l, k] for l, k in enumerate(choice))))
 
 
 def _groups(layers: int, ties: tuple[tuple[int, ...], ...]) -> list[tuple[int, ...]]:
