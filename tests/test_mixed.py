@@ -178,3 +178,4 @@ def test_layers_whose_narrowing_measures_free_stay_wide_until_the_budget_needs_t
     assert (costs >= 0).all()
     assert allocate(costs, sizes, 24.0).choice == (2, 2, 2)  # room for every layer at 8 bits: all at 8
     assert allocate(costs, sizes, 20.0).choice[2] == 2  # the costly layer keeps its width; the free ones give up bytes
+    assert allocate(_costs(measured, sites, (2, 4, 8), np.array([[8.0, 8.0, 8.0]] * 3)), np.array([[8.0, 8.0, 8.0]] * 3), 24.0).choice == (2, 2, 2)

@@ -194,10 +194,12 @@ def _costs(measured: dict[str, dict[int, float]], sites: list[WeightSite], width
     """The program's cost of each site at each width: its measured loss increase, never below
     0 (a narrow reconstructed weight that measures below the widest alone does not beside
     others), plus a tie-break far below any measured difference that keeps a site at its
-    widest until the budget needs its bytes."""
+    widest until the budget needs its bytes (and off widths that save none: 3 bits stored in
+    int8 cost the bytes of 8)."""
     increase = np.array([[0.0 if b >= s.bits else max(measured[s.node][b], 0.0) for b in widths] for s in sites])
     tie = TIE_BREAK * max(float(increase.max()), np.finfo(np.float64).tiny)
-    return increase + tie * (1.0 - sizes / sizes.max(axis=1, keepdims=True))
+    narrower = (1.0 - sizes / sizes.max(axis=1, keepdims=True)) + (1.0 - np.asarray(widths) / max(widths))  # bytes saved, then bits given up
+    return increase + tie * narrower
 
 
 def _sizes(solution: Solution, sites: list[WeightSite], widths: tuple[int, ...], options, symmetric: bool) -> tuple[np.ndarray, float, float]:
