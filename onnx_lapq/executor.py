@@ -14,8 +14,8 @@ Jobs are handed out in the order of ``items``, so each worker sees them in that 
     fresh interpreters fed over pipes (no copy of this process's threads or sessions, and
     nothing of the caller's main module run again), each sizing its sessions to cores // N threads;
   * ``ray``, ``ray:ADDRESS`` or ``ray://HOST:PORT``: one Ray actor per CPU of the cluster (the
-    running one where ``ray.init`` was called, else ADDRESS, else a new local instance), each
-    one thread.  Ray is an optional extra (``pip install '.[ray]'``).
+    running one where ``ray.init`` was called, else ADDRESS, else a new local instance, shut
+    down again after the jobs), each one thread.  Ray is an optional extra (``pip install '.[ray]'``).
 """
 from __future__ import annotations
 
@@ -143,7 +143,8 @@ def _ray(address: str, setup, work, payload, items: list, done) -> list:
         import ray
     except ImportError:
         raise ConfigError("executor='ray' needs Ray: pip install 'onnx_lapq[ray]', or use executor='local'") from None
-    if not ray.is_initialized():
+    started = not ray.is_initialized()  # a cluster this call started ends with it; one the caller started stays
+    if started:
         ray.init(address=f"ray:{address}" if address.startswith("//") else address or None, include_dashboard=False, log_to_driver=False)
 
     @ray.remote(num_cpus=1)
@@ -155,24 +156,27 @@ def _ray(address: str, setup, work, payload, items: list, done) -> list:
         def run(self, item):
             return work(self.state, item)
 
-    shared = ray.put(payload)
-    actors = [Worker.remote(shared) for _ in range(max(1, min(len(items), int(ray.cluster_resources().get("CPU", 1)))))]
-    results: list = [None] * len(items)
-    pending, queue = {}, list(enumerate(items))
-    for actor in actors:
-        if queue:
-            i, item = queue.pop(0)
-            pending[actor.run.remote(item)] = (i, actor)
-    finished = 0
-    while pending:
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        i, actor = pending.pop(ref)
-        results[i] = ray.get(ref)
-        finished += 1
-        done(finished, len(items))
-        if queue:
-            j, item = queue.pop(0)
-            pending[actor.run.remote(item)] = (j, actor)
-    for actor in actors:
-        ray.kill(actor)
-    return results
+    actors = []
+    try:
+        shared = ray.put(payload)
+        actors = [Worker.remote(shared) for _ in range(max(1, min(len(items), int(ray.cluster_resources().get("CPU", 1)))))]
+        results: list = [None] * len(items)
+        pending, queue = {}, list(enumerate(items))
+        for actor in actors:
+            if queue:
+                i, item = queue.pop(0)
+                pending[actor.run.remote(item)] = (i, actor)
+        for finished in range(1, len(items) + 1):
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            i, actor = pending.pop(ref)
+            results[i] = ray.get(ref)
+            done(finished, len(items))
+            if queue:
+                j, item = queue.pop(0)
+                pending[actor.run.remote(item)] = (j, actor)
+        return results
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if started:
+            ray.shutdown()

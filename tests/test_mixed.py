@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import operator
 import subprocess
 import sys
 
@@ -179,3 +180,12 @@ def test_layers_whose_narrowing_measures_free_stay_wide_until_the_budget_needs_t
     assert allocate(costs, sizes, 24.0).choice == (2, 2, 2)  # room for every layer at 8 bits: all at 8
     assert allocate(costs, sizes, 20.0).choice[2] == 2  # the costly layer keeps its width; the free ones give up bytes
     assert allocate(_costs(measured, sites, (2, 4, 8), np.array([[8.0, 8.0, 8.0]] * 3)), np.array([[8.0, 8.0, 8.0]] * 3), 24.0).choice == (2, 2, 2)
+
+
+def test_a_ray_cluster_the_executor_starts_ends_with_its_jobs():
+    ray = pytest.importorskip("ray")
+    from onnx_lapq.executor import run_jobs
+    if ray.is_initialized():
+        ray.shutdown()
+    assert run_jobs("ray", abs, operator.mul, -3, [1, 2, 5]) == [3, 6, 15]  # functions a Ray worker can import
+    assert not ray.is_initialized()
