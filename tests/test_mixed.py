@@ -65,6 +65,10 @@ def test_infeasible_budgets_and_bad_options_are_one_line_errors(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "onnx_lapq", str(DIGITS_MODEL), str(out), "--calib", str(DIGITS_CALIB),
                            "--weight-bits", "2,4,8", "--target-size", "0.01"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--target-size 0.01 is below" in proc.stderr and not out.exists()
+    proc = subprocess.run([sys.executable, "-m", "onnx_lapq", str(DIGITS_MODEL), str(out), "--calib", str(DIGITS_CALIB),
+                           "--weight-bits", "2,4,8", "--max-loss-ratio", "0.9"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--max-loss-ratio 0.9 is below" in proc.stderr and "give at least 1" in proc.stderr
+    assert not out.exists()
 
 
 def _record(result):
