@@ -61,15 +61,10 @@ def pair_terms(job: ProbeJob, sites: list[WeightSite], widths: tuple[int, ...], 
     terms, coupling = {}, {}
     for l, m in pairs:
         a, b = sites[l].node, sites[m].node
-        scale = {w: np.sqrt(max(single[a].get(w, 0.0), 0.0) * max(single[b].get(w, 0.0), 0.0)) for w in narrow}
-        seen = [(measured[((a, w), (b, w))], scale[w]) for w in narrow if ((a, w), (b, w)) in measured]
+        strength = [np.array([max(single[n].get(w, 0.0), 0.0) if w in narrow else 0.0 for w in widths]) for n in (a, b)]
+        scale = np.sqrt(np.outer(*strength))  # √(ΔL_l(b)·ΔL_m(c)); 0 at the widest
+        seen = [(measured[((a, w), (b, w))], scale[k, k]) for k, w in enumerate(widths) if ((a, w), (b, w)) in measured]
         weight = sum(s * s for _, s in seen)
-        rho = sum(i * s for i, s in seen) / weight if weight > 0 else 0.0
-        coupling[(a, b)] = rho
-        table = np.zeros((len(widths), len(widths)))
-        for k, wa in enumerate(widths):
-            for j, wb in enumerate(widths):
-                if wa in narrow and wb in narrow:
-                    table[k, j] = rho * np.sqrt(max(single[a].get(wa, 0.0), 0.0) * max(single[b].get(wb, 0.0), 0.0))
-        terms[(l, m)] = table
+        coupling[(a, b)] = rho = sum(i * s for i, s in seen) / weight if weight > 0 else 0.0
+        terms[(l, m)] = rho * scale
     return terms, coupling

@@ -45,10 +45,9 @@ def probe_weights(model: onnx.ModelProto, probe: WeightProbe, widths: tuple[int,
         group = todo[start:start + LAYERS_PER_PASS]
         wanted = [LayerInput(s.node, shapes[s.tensor], nodes[s.node].input[0], exported[s.node].input[0]) for s in group]
         for site, (gram, held) in zip(group, collector.collect(quantized, wanted)):
-            mask = solution.masks.get(site.tensor)
-            support = None if mask is None else shapes[site.tensor].to_matrix(mask) > 0.5
             for bits in (b for b in widths if b < site.bits):
                 qp = probe.params({site.tensor: bits})[site.tensor]
-                _, weight, _ = reconstruct_layer(site, shapes[site.tensor], gram, held, solution.weight(site.tensor), qp, PROBE_SOLVER, options, support)
+                _, weight, _ = reconstruct_layer(site, shapes[site.tensor], gram, held, solution.weight(site.tensor), qp, PROBE_SOLVER, options,
+                                                 solution.masks.get(site.tensor))
                 out[(site.tensor, bits)] = weight
     return out

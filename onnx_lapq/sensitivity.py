@@ -11,8 +11,9 @@ graph inputs (``LossEvaluator(dequantized_weights=True)``), so a weight's width 
 the values fed, and each probe runs only the graph after the cut before the probed layer, the
 same numbers from any cut.  Probes are independent: an executor (executor.py) runs them in
 this process, in local worker processes or on Ray, handing them out from the last layer to
-the first, so that restoring one layer's weight never reruns more than the next probe runs anyway.  :func:`pair_interactions` measures ΔL({l, m}) − ΔL(l) − ΔL(m)
-for chosen pairs of (layer, width).
+the first, so that restoring one layer's weight never reruns more than the next probe runs
+anyway.  :func:`pair_interactions` measures ΔL({l, m}) − ΔL(l) − ΔL(m) for chosen pairs of
+(layer, width).
 """
 from __future__ import annotations
 
@@ -101,18 +102,10 @@ class ProbeSession:
 Widths = tuple[tuple[str, int], ...]  # (tensor, bits) of the weights a probe narrows
 
 
-def _open(job: ProbeJob) -> ProbeSession:
-    return job.open()
-
-
-def _increase(session: ProbeSession, widths: Widths) -> float:
-    return session.increase(widths)
-
-
 def loss_increases(job: ProbeJob, probes: list[Widths], executor: str = "inline", on_probe=None) -> list[float]:
     """The loss increase of each probe, measured by ``executor`` (executor.py); the same
     numbers whichever executor ran them.  ``on_probe(done, total)`` is told as probes finish."""
-    return run_jobs(executor, _open, _increase, job, probes, on_probe)
+    return run_jobs(executor, ProbeJob.open, ProbeSession.increase, job, probes, on_probe)
 
 
 def probe_order(plan: QuantPlan) -> list[WeightSite]:

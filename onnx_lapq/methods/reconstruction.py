@@ -147,10 +147,9 @@ class Reconstruct:
             collect_seconds += time.perf_counter() - started
             started = time.perf_counter()
             for site, (gram, held) in zip(wave, grams):
-                mask = current.masks.get(site.tensor)
-                support = None if mask is None else shapes[site.tensor].to_matrix(mask) > 0.5
                 record, new_weight, shift = reconstruct_layer(
-                    site, shapes[site.tensor], gram, held, current.weight(site.tensor), params[site.tensor], self.solver, options, support,
+                    site, shapes[site.tensor], gram, held, current.weight(site.tensor), params[site.tensor], self.solver, options,
+                    current.masks.get(site.tensor),
                 )
                 weights[site.tensor] = new_weight
                 grids[site.tensor] = range_of(params[site.tensor])
@@ -168,10 +167,12 @@ class Reconstruct:
 
 
 def reconstruct_layer(site: WeightSite, shape: LayerShape, gram: LayerGram, held: LayerGram, weight: np.ndarray, qp: QParams, solver: str,
-                 options, support: np.ndarray | None):
+                      options, mask: np.ndarray | None):
     """(record, reconstructed weight, the bias shift of statistics correction) of one layer,
-    fitted on ``gram`` and judged on ``held`` (the held-out entries; on ``gram`` where none)."""
+    fitted on ``gram`` and judged on ``held`` (the held-out entries; on ``gram`` where none);
+    the entries ``mask`` (the weight's N:M mask, or None) prunes stay 0."""
     w = shape.to_matrix(weight)
+    support = None if mask is None else shape.to_matrix(mask) > 0.5
     groups, rows, _ = w.shape
     grid = _row_grid(qp, groups * rows)
     hessian, cross, float_gram = _dropped(gram.mean("hessian"), gram.mean("cross"), gram.mean("float_hessian"), options.qdrop)
