@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"clipping: per-tensor calibrators, or lapq (joint loss-aware search; default {DEFAULT.method})")
     p.add_argument("--weights", default=DEFAULT.weights, choices=WEIGHT_METHODS,
                    help=f"how weights are rounded: nearest, or gptq or adaround (each layer reconstructed to fit its quantized inputs); "
-                        f"auto: adaround below 8 bits except with --weight-only (default {DEFAULT.weights})")
+                        f"auto: below 8 bits (not with --weight-only) adaround on convolutional networks, gptq on Gemm/MatMul-only ones "
+                        f"(default {DEFAULT.weights})")
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="node names (regular expressions) or op types to keep float")
     p.add_argument("--keep-first-last-8bit", action="store_true", help="first and last quantized layers at 8 bits")
     p.add_argument("--bits-file", metavar="FILE.json", help='bits of named layers, over the other bit flags: {"layers": {"fc": {"weight_bits": 4}}}')

@@ -9,13 +9,14 @@ from __future__ import annotations
 import functools
 import os
 import re
-from dataclasses import dataclass, field, fields
+from collections.abc import Collection
+from dataclasses import dataclass, field, fields, replace
 
 from .bits import SUPPORTED_BITS, BitsPolicy, LayerBits, layer_bits
 from .errors import ConfigError
 from .mixedoptions import MixedPrecisionOptions
 from .options import (
-    AUTO_RECONSTRUCTION, CALIBRATORS, WEIGHT_METHODS, CalibrationOptions, LapqOptions, ReconstructionOptions, SparsityOptions,
+    AUTO_RECONSTRUCTION, CALIBRATORS, CONVOLUTIONS, WEIGHT_METHODS, CalibrationOptions, LapqOptions, ReconstructionOptions, SparsityOptions,
     check_patterns, check_types,
 )
 
@@ -79,8 +80,10 @@ class QuantConfig:
         ("gptq": rounding with error feedback; "adaround": learned rounding) that chooses each
         layer's weights front to back so that its output in the quantized model matches the
         float model's (options in ``reconstruction``; the clipping method then chooses the
-        activation ranges); "auto": adaround where some layer's weights are (or, with
-        mixed precision, may be) narrower than 8 bits, except with weight_only (which runs without calibration data), else nearest.
+        activation ranges); "auto": where some layer's weights are (or, with mixed precision,
+        may be) narrower than 8 bits, except with weight_only (which runs without calibration
+        data), a reconstruction: adaround on a model with convolutions among its layers, gptq
+        on one of Gemm/MatMul layers only (``for_layers`` settles it for the model); else nearest.
         ``weight_rounding`` is the one a run uses.
     calibration: the calibrators' options (:class:`CalibrationOptions`).
     lapq: LAPQ's options (:class:`LapqOptions`).
@@ -176,11 +179,20 @@ class QuantConfig:
 
     @property
     def weight_rounding(self) -> str:
-        """The rounding of the weights a run uses: ``weights``, with "auto" resolved."""
+        """The rounding of the weights a run uses: ``weights``, with "auto" resolved (as for a
+        convolutional model until :meth:`for_layers` settles it)."""
         if self.weights != "auto":
             return self.weights
         narrow = any(b < 8 for b in (*self.bits_policy.weight_widths, *self.mixed_precision.candidate_bits))
-        return AUTO_RECONSTRUCTION if narrow and not self.weight_only else "nearest"
+        return AUTO_RECONSTRUCTION["convolutional"] if narrow and not self.weight_only else "nearest"
+
+    def for_layers(self, op_types: Collection[str]) -> QuantConfig:
+        """This config with weights="auto" settled for a model whose quantized layers have
+        these op types (see ``weights``)."""
+        if self.weights != "auto" or self.weight_rounding == "nearest":
+            return self
+        kind = "convolutional" if set(op_types) & set(CONVOLUTIONS) else "linear"
+        return replace(self, weights=AUTO_RECONSTRUCTION[kind])
 
     @property
     def needs_opset21(self) -> bool:

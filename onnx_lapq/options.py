@@ -22,7 +22,11 @@ SEARCHES = ("powell", "coordinate")
 LOSSES = ("auto", "kl", "mse", "cosine", "ce")
 SEARCH_BIAS_CORRECTION = ("auto", "on", "off", "race")
 WEIGHT_METHODS = ("auto", "nearest", "gptq", "adaround")  # how weights are rounded: to nearest, or by a reconstruction solver
-AUTO_RECONSTRUCTION = "adaround"  # what weights="auto" runs where a layer's weights are narrower than 8 bits
+# what weights="auto" runs where a layer's weights are narrower than 8 bits: adaround on a model
+# with convolutions among its reconstructed layers, gptq on one of Gemm/MatMul layers only
+# (transformers), where the bench measured learned rounding below gptq
+AUTO_RECONSTRUCTION = {"convolutional": "adaround", "linear": "gptq"}
+CONVOLUTIONS = ("Conv", "ConvTranspose")
 
 
 def _is_int(value) -> bool:

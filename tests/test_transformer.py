@@ -271,3 +271,14 @@ def test_weight_only_blocks_match_numpy():
     scale, zp = qmath.scale_zero_point(lo, hi, fmt)
     codes = qmath.quantize(w, scale, zp, fmt, axis=0, block_size=16)
     np.testing.assert_array_equal(codes[20], np.rint(w[20] / scale[1]).clip(-7, 7))
+
+
+def test_auto_weights_reconstruct_a_transformer_with_gptq_and_a_cnn_with_adaround(block):
+    from conftest import digits
+    result = onnx_lapq.quantize(block, [padded_batch(16, 8)], config=onnx_lapq.QuantConfig(weight_bits=4, act_bits=8, method="mse"))
+    assert result.config.weights == "gptq" and [r.stage for r in result.stages][-2:] == ["gptq", "mse"]
+    model, calibration = digits()
+    result = onnx_lapq.quantize(model, calibration, config=onnx_lapq.QuantConfig(weight_bits=4, act_bits=8, method="mse"))
+    assert result.config.weights == "adaround" and [r.stage for r in result.stages][-2:] == ["adaround", "mse"]
+    eight = onnx_lapq.quantize(block, [padded_batch(16, 8)])
+    assert eight.config.weights == "auto" and eight.config.weight_rounding == "nearest"
