@@ -225,10 +225,6 @@ class ReconstructionOptions:
         wave runs only its part of the model (layerinputs.py).
     statistics_correction: set each reconstructed layer's bias so that its mean output
         matches the float model's.
-    variance_correction: also scale each output channel of a per-channel weight (its grid's
-        scale: the codes stay) so that the channel's output variance on its quantized inputs
-        matches the float model's, within a factor of VARIANCE_GAIN_LIMIT (AdaQuant's global
-        statistics tuning, folded into the weights).
     qdrop: the probability that an element of a layer's input comes from the float model
         instead of the quantized one in its objective (QDrop); 0: always the quantized one.
     damping: added to the diagonal of each Gram matrix, as a fraction of its mean.
@@ -249,7 +245,6 @@ class ReconstructionOptions:
     max_columns: int = 65536
     cache_budget_mb: int = 1024
     statistics_correction: bool = True
-    variance_correction: bool = False
     qdrop: float = 0.0
     damping: float = 0.01
     act_order: bool = True

@@ -12,8 +12,6 @@ The result maps (tensor, bits) to the weight a probe of that layer at that width
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import onnx
 
@@ -35,7 +33,6 @@ def probe_weights(model: onnx.ModelProto, probe: WeightProbe, widths: tuple[int,
     nodes = {n.name: n for n in model.graph.node}
     order = {n.name: i for i, n in enumerate(model.graph.node)}
     solution, options = probe.solution, config.reconstruction
-    on_grid = replace(options, variance_correction=False)  # a probe's weight stays on the grid its width gives
     shapes = {s.tensor: LayerShape.of(nodes[s.node], solution.weights[s.tensor].shape) for s in probe.plan.weights}
     todo = sorted((s for s in probe.plan.weights if not isinstance(shapes[s.tensor], str) and any(b < s.bits for b in widths)),
                   key=lambda s: order[s.node])
@@ -50,7 +47,7 @@ def probe_weights(model: onnx.ModelProto, probe: WeightProbe, widths: tuple[int,
         for site, (gram, held) in zip(group, collector.collect(quantized, wanted)):
             for bits in (b for b in widths if b < site.bits):
                 qp = probe.params({site.tensor: bits})[site.tensor]
-                _, weight, _, _ = reconstruct_layer(site, shapes[site.tensor], gram, held, solution.weight(site.tensor), qp, PROBE_SOLVER,
-                                                    on_grid, solution.masks.get(site.tensor))
+                _, weight, _ = reconstruct_layer(site, shapes[site.tensor], gram, held, solution.weight(site.tensor), qp, PROBE_SOLVER, options,
+                                                 solution.masks.get(site.tensor))
                 out[(site.tensor, bits)] = weight
     return out

@@ -10,10 +10,7 @@ on samples kept out of the fit (with few samples per input column a solver fits 
 noise).  Layers whose inputs do not depend on each other
 are collected in one pass (a "wave").  A pruned layer's solver keeps its pruned entries at 0.
 Statistics correction then sets each bias so that the
-layer's mean output matches the float model's: b + W E[x] − Ŵ E[x̂]; with variance correction,
-each output channel of a per-channel grid first has its scale multiplied by γ = σ/σ̂, the ratio
-of the channel's output deviation in the float model to its deviation on x̂ (from the same
-Gram statistics), so that the codes stay and the channel's spread matches.
+layer's mean output matches the float model's: b + W E[x] − Ŵ E[x̂].
 
 The grid of each weight is fixed here (its range from ``weight_clipping`` on the float
 weight); the Solution records it in ``weight_grids`` so that the clipping stage after this one
@@ -43,7 +40,6 @@ from ..unfold import LayerShape
 from .base import RunContext, StageRecord
 from .calibrators import activation_observers, choose_ranges
 
-VARIANCE_GAIN_LIMIT = 2.0  # variance correction scales a channel by at most this factor either way
 # solver name -> Ŵ [G, r, d] from (W, Ĥ, C, grid, ReconstructionOptions, support: the kept entries of a pruned layer or None)
 SOLVERS = {
     "gptq": lambda w, hessian, cross, grid, o, support: gptq(
@@ -151,13 +147,12 @@ class Reconstruct:
             collect_seconds += time.perf_counter() - started
             started = time.perf_counter()
             for site, (gram, held) in zip(wave, grams):
-                record, new_weight, shift, gain = reconstruct_layer(
+                record, new_weight, shift = reconstruct_layer(
                     site, shapes[site.tensor], gram, held, current.weight(site.tensor), params[site.tensor], self.solver, options,
                     current.masks.get(site.tensor),
                 )
                 weights[site.tensor] = new_weight
-                lo, hi = range_of(params[site.tensor])
-                grids[site.tensor] = (lo * gain.reshape(lo.shape), hi * gain.reshape(hi.shape)) if gain is not None else (lo, hi)
+                grids[site.tensor] = range_of(params[site.tensor])
                 bias = biases.get(site.node)
                 if bias is not None and options.statistics_correction and shift.size == weights[bias.tensor].size:
                     weights[bias.tensor] = (weights[bias.tensor] + shift.reshape(weights[bias.tensor].shape)).astype(np.float32)
@@ -173,10 +168,9 @@ class Reconstruct:
 
 def reconstruct_layer(site: WeightSite, shape: LayerShape, gram: LayerGram, held: LayerGram, weight: np.ndarray, qp: QParams, solver: str,
                       options, mask: np.ndarray | None):
-    """(record, reconstructed weight, the bias shift of statistics correction, the per-channel
-    gain its grid's scale takes, or None) of one layer, fitted on ``gram`` and judged on
-    ``held`` (the held-out entries; on ``gram`` where none); the entries ``mask`` (the
-    weight's N:M mask, or None) prunes stay 0."""
+    """(record, reconstructed weight, the bias shift of statistics correction) of one layer,
+    fitted on ``gram`` and judged on ``held`` (the held-out entries; on ``gram`` where none);
+    the entries ``mask`` (the weight's N:M mask, or None) prunes stay 0."""
     w = shape.to_matrix(weight)
     support = None if mask is None else shape.to_matrix(mask) > 0.5
     groups, rows, _ = w.shape
@@ -192,27 +186,9 @@ def reconstruct_layer(site: WeightSite, shape: LayerShape, gram: LayerGram, held
     def error(candidate: np.ndarray) -> float:
         return float(max(row_error(w, *judged, candidate, float_judged).sum(), 0.0) / energy) if energy > 0 else 0.0
 
-    per_channel = qp.block_size is None and np.size(qp.scale) == groups * rows
-    gain = variance_gain(w, w_hat, gram) if options.variance_correction and per_channel else None
-    if gain is not None:
-        w_hat = w_hat * gain[:, :, None]
     shift = gram.output_shift(w, w_hat)
     record = LayerRecord(site.node, round(error(nearest), 6), round(error(w_hat), 6), gram.sampled, gram.positions, held.sampled)
-    return record, shape.from_matrix(w_hat), shift, None if gain is None else gain.ravel()
-
-
-def variance_gain(weight: np.ndarray, fitted: np.ndarray, gram: LayerGram) -> np.ndarray:
-    """Per output channel ([G, r]), σ/σ̂: the deviation of W x over the float inputs over that
-    of Ŵ x̂ over the quantized ones, clipped to [1/VARIANCE_GAIN_LIMIT, VARIANCE_GAIN_LIMIT];
-    1 where either deviation is 0."""
-    def variance(w: np.ndarray, second: np.ndarray, mean: np.ndarray) -> np.ndarray:
-        return np.einsum("grd,grd->gr", w, w @ second) - np.einsum("grd,gd->gr", w, mean) ** 2
-
-    spread = variance(weight, gram.mean("float_hessian"), gram.mean("float_mean"))
-    fitted_spread = variance(fitted, gram.mean("hessian"), gram.mean("quantized_mean"))
-    valid = (spread > 0) & (fitted_spread > 0)
-    gain = np.sqrt(np.where(valid, spread, 1.0) / np.where(valid, fitted_spread, 1.0))
-    return np.clip(gain, 1.0 / VARIANCE_GAIN_LIMIT, VARIANCE_GAIN_LIMIT)
+    return record, shape.from_matrix(w_hat), shift
 
 
 def _dropped(hessian: np.ndarray, cross: np.ndarray, float_gram: np.ndarray, drop: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
