@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", metavar="OUT.onnx", help="where to write the QDQ model")
     p.add_argument("--calib", metavar="CALIB.npz", help=".npz with one array per model input (samples on axis 0), or a folder of them (required, except with --weight-only)")
     p.add_argument("--weight-bits", type=_widths, default=DEFAULT.weight_bits,
-                   help=f"weight bits: 2..8 or 16 (default {DEFAULT.weight_bits}); several (2,3,4,8): each layer's chosen under a budget (--target-size, --target-bits, --max-loss-*)")
+                   help=f"weight bits: 2..8 or 16 (default {DEFAULT.weight_bits}); several (2,3,4,8): each layer's chosen under a budget (--target-size, --target-bits, --target-bops, --max-loss-*)")
     p.add_argument("--act-bits", type=int, default=DEFAULT.act_bits, help=f"activation bits: 2..8 or 16 (default {DEFAULT.act_bits})")
     p.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per output channel")
     p.add_argument("--method", default=DEFAULT.method, choices=[m for m in CALIBRATION_METHODS if m != "lp"],
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the weights' bytes as stored, as a fraction of the float32 weights' (e.g. 0.125)")
     mixed.add_argument("--target-bits", type=float, default=DEFAULT.mixed_precision.target_bits, metavar="BITS",
                        help="the weights' average bits (e.g. 3.5)")
+    mixed.add_argument("--target-bops", type=float, default=DEFAULT.mixed_precision.target_bops, metavar="FRACTION",
+                       help="the bit operations (MACs x weight bits x input bits) as a fraction of those with float32 weights (e.g. 0.125)")
     mixed.add_argument("--max-loss-increase", type=float, default=DEFAULT.mixed_precision.max_loss_increase, metavar="X",
                        help="instead of a size: the smallest model whose calibration loss exceeds the widest model's by at most X")
     mixed.add_argument("--max-loss-ratio", type=float, default=DEFAULT.mixed_precision.max_loss_ratio, metavar="R",
@@ -142,7 +144,8 @@ def config_of(args: argparse.Namespace) -> QuantConfig:
         bias_correction=not args.no_bias_correction, quantize_attention=args.quantize_attention, weight_only=args.weight_only, block_size=args.block_size,
         mask_input=None if args.mask_input.lower() == "none" else args.mask_input, custom_op_libraries=tuple(args.custom_op_library),
         lapq=lapq, mixed_precision=MixedPrecisionOptions(
-            candidate_bits=candidates, target_size=args.target_size, target_bits=args.target_bits, max_loss_increase=args.max_loss_increase,
+            candidate_bits=candidates, target_size=args.target_size, target_bits=args.target_bits, target_bops=args.target_bops,
+            max_loss_increase=args.max_loss_increase,
             max_loss_ratio=args.max_loss_ratio, interactions=args.interactions, sensitivity=args.sensitivity, executor=args.executor,
         ),
         sparsity=SparsityOptions(

@@ -1,6 +1,7 @@
 """Options of mixed precision (methods/mixed.py): the candidate widths, the budget, the probes.
 
-Exactly one budget: a size (``target_size``, ``target_bits``) or an accuracy bound
+Exactly one budget: a size (``target_size``, ``target_bits``), a compute budget
+(``target_bops``) or an accuracy bound
 (``max_loss_increase``, ``max_loss_ratio``) under which the stage bisects over the size.
 Checked like every options class (options.check_types, one-line ConfigError messages).
 """
@@ -13,7 +14,7 @@ from .executor import check_spec
 from .options import check_types
 
 SENSITIVITIES = ("measured", "proxy")
-BUDGETS = ("target_size", "target_bits", "max_loss_increase", "max_loss_ratio")
+BUDGETS = ("target_size", "target_bits", "target_bops", "max_loss_increase", "max_loss_ratio")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,9 +25,12 @@ class MixedPrecisionOptions:
         config's weight_bits.  The config's weight_bits must be the widest of them.
     target_size: the budget as a fraction of the float32 weights' bytes (e.g. 0.125).
     target_bits: the budget as average bits per weight (e.g. 3.5).
+    target_bops: the budget as a fraction of the bit operations (MACs × weight bits × input
+        bits, bops.py) of the model with float32 weights at the plan's activation widths
+        (e.g. 0.125: 4-bit weights on average over the multiply-accumulates).
     max_loss_increase: an accuracy bound: the smallest model whose calibration loss exceeds
         that of every layer at the widest candidate by at most this much.
-    max_loss_ratio: the same bound as a multiple of that loss (e.g. 1.5).  Exactly one of the four.
+    max_loss_ratio: the same bound as a multiple of that loss (e.g. 1.5).  Exactly one of the five.
     interactions: also measure how graph neighbours' errors interact, as pair terms of the
         allocation (more probes: three per pair of neighbouring layers).
     sensitivity: "measured" (a probe per layer and width) or "proxy" (one random-noise probe
@@ -38,6 +42,7 @@ class MixedPrecisionOptions:
     candidate_bits: tuple[int, ...] = ()
     target_size: float | None = None
     target_bits: float | None = None
+    target_bops: float | None = None
     max_loss_increase: float | None = None
     max_loss_ratio: float | None = None
     interactions: bool = False
@@ -56,9 +61,12 @@ class MixedPrecisionOptions:
             raise ConfigError(f"candidate_bits={self.candidate_bits} needs at least two widths, e.g. (2, 4, 8)")
         if self.candidate_bits and budgets != 1:
             raise ConfigError("mixed precision needs one budget: target_size (a fraction of the float weights' bytes), target_bits (average bits), "
+                              "target_bops (a fraction of the bit operations with float weights), "
                               "max_loss_increase or max_loss_ratio (a bound on the calibration loss)")
         if self.target_size is not None and not 0.0 < self.target_size <= 1.0:
             raise ConfigError(f"target_size={self.target_size} must be a fraction in (0, 1], e.g. 0.125")
+        if self.target_bops is not None and not 0.0 < self.target_bops <= 1.0:
+            raise ConfigError(f"target_bops={self.target_bops} must be a fraction in (0, 1], e.g. 0.125")
         if self.target_bits is not None and not 0.0 < self.target_bits <= 32.0:
             raise ConfigError(f"target_bits={self.target_bits} must be average bits in (0, 32], e.g. 3.5")
         if self.max_loss_increase is not None and self.max_loss_increase < 0:

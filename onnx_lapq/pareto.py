@@ -1,7 +1,7 @@
 """The size/loss front of the allocations a mixed-precision run tried, as JSON and a plot.
 
-``front_report(record)`` lists every allocation (its budget, size as stored and as a
-fraction of the float32 weights, measured calibration loss, widths), marks those on the
+``front_report(record)`` lists every allocation (its budget, size in the budget's unit and
+as a fraction of the float32 weights', measured calibration loss, widths), marks those on the
 Pareto front (no other is both smaller and of lower loss) and the one chosen.
 ``write_front(record, path)`` writes it atomically to ``path`` and, where matplotlib is
 installed (the ``plot`` extra), the plot beside it with the suffix ``.png``.
@@ -16,6 +16,9 @@ import os
 from .modelio import save_bytes_atomic, save_text_atomic
 
 log = logging.getLogger(__name__)
+AXIS_LABELS = {  # the size axis in each budget's unit (MixedPrecisionRecord.unit)
+    "bytes": "weight bytes / float32 weight bytes", "bits": "weight bits / 32", "bops": "bit operations / those with float32 weights",
+}
 
 
 def on_front(points: list[tuple[float, float]]) -> list[bool]:
@@ -29,7 +32,7 @@ def front_report(record) -> dict:
     for trial, front in zip(trials, on_front([(t.size, t.loss) for t in record.trials])):
         trial["on_front"] = front
         trial["chosen"] = trial["widths"] == record.widths
-    return {"float_bytes": record.float_bytes, "baseline_loss": record.baseline_loss, "bound": record.bound, "trials": trials}
+    return {"float_bytes": record.float_bytes, "unit": record.unit, "baseline_loss": record.baseline_loss, "bound": record.bound, "trials": trials}
 
 
 def png_path(path: str) -> str:
@@ -55,7 +58,7 @@ def write_front(record, path: str) -> None:
     ax.axhline(report["baseline_loss"], color="grey", linestyle=":", label="every layer at the widest width")
     if report["bound"] is not None:
         ax.axhline(report["bound"], color="C3", linestyle="--", label="loss bound")
-    ax.set_xlabel("weight bytes / float32 weight bytes")
+    ax.set_xlabel(AXIS_LABELS[report["unit"]])
     ax.set_ylabel("calibration loss")
     ax.legend()
     fig.tight_layout()

@@ -193,3 +193,21 @@ def test_a_ray_cluster_the_executor_starts_ends_with_its_jobs():
         ray.shutdown()
     assert run_jobs("ray", abs, operator.mul, -3, [1, 2, 5]) == [3, 6, 15]  # functions a Ray worker can import
     assert not ray.is_initialized()
+
+
+def test_a_bops_budget_counts_each_layers_multiply_accumulates():
+    from conftest import conv_chain_model, random_inputs
+    from onnx_lapq.bops import input_bits, layer_macs
+    model = conv_chain_model()
+    result = onnx_lapq.quantize(model, random_inputs(model, 8), config=QuantConfig(weights="nearest", method="mse", act_bits=4,
+                                                                                  keep_first_last_8bit=True))
+    sites = list(result.plan.weights)
+    macs = layer_macs(model, sites, result.solution.weights, random_inputs(model, 2)[0])
+    # conv1: 4 x 8 x 8 outputs of 3 x 3 x 3 taps; conv2 (stride 2): 6 x 4 x 4 of 4 x 3 x 3; fc: 10 of 96
+    assert dict(zip((s.node for s in sites), macs)) == {"conv1": 256 * 27, "conv2": 96 * 36, "fc": 10 * 96}
+    assert list(input_bits(result.plan, model, sites)) == [8, 4, 8]
+    record = _record(_mixed({"target_bops": 0.1}))
+    assert record.unit == "bops" and record.size_bytes <= record.budget_bytes <= 0.1 * record.float_bytes
+    assert "bit operations" in record.summary() and len(set(record.widths.values())) > 1
+    with pytest.raises(ConfigError, match=r"target_bops=0.01 is below the fewest bit operations .* give at least 0\.0625"):
+        _mixed({"target_bops": 0.01})

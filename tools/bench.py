@@ -15,9 +15,10 @@ quantize_static (QDQ; see benchkit/runners.py); any other name is passed to
 onnx_lapq as QuantConfig(method=...), and `WEIGHTS+METHOD` (e.g. gptq+lapq) as
 QuantConfig(weights=WEIGHTS, method=METHOD); a leading `N:M[_MASKS][_norepair]+` (e.g.
 2:4_transposable+minmax) prunes to N:M first (SparsityOptions); a leading `mixed-bB+`,
-`mixed-sS+` or `mixed-rR+` (e.g. mixed-b4+adaround+mse, with --configs w8a8) chooses each
+`mixed-sS+`, `mixed-cC+` or `mixed-rR+` (e.g. mixed-b4+adaround+mse, with --configs w8a8) chooses each
 layer's weight width among 2, 3, 4 and 8 bits under B bits a weight on average, S of the
-float32 bytes, or as the smallest model within R times the 8-bit model's calibration loss;
+float32 bytes, C of the bit operations with float32 weights, or as the smallest model within
+R times the 8-bit model's calibration loss;
 `mixed-b4-pairs+` adds neighbour interactions, `mixed-b4-proxy+` uses the noise-probe proxy. A method/config a tool refuses becomes a
 row with `error` set, never a missing row.
 

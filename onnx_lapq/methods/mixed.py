@@ -9,7 +9,8 @@ probe per layer, noiseprobe.py), optionally the interactions of neighbouring lay
 (interactions.py), then solves the integer program of allocation.py: the least summed
 increase whose weights fit the budget (``target_size`` of the float32 weights' bytes, counting
 what the export stores: codes in their containers, scales and zero points; or ``target_bits``
-per weight on average, counting the grids' widths).  Under an accuracy bound
+per weight on average, counting the grids' widths; or ``target_bops`` of the bit operations
+with float32 weights, bops.py).  Under an accuracy bound
 (``max_loss_increase``, ``max_loss_ratio`` against the widest model's loss) it bisects over
 the size budget, each step one allocation and one measurement of its loss, and keeps the
 smallest allocation within the bound.  Every allocation tried is in the record (the
@@ -26,6 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..allocation import allocate, smallest_size
+from ..bops import FLOAT_BITS, input_bits, layer_macs
 from ..bits import LayerBits
 from ..errors import ConfigError
 from ..export import container
@@ -63,6 +65,7 @@ class MixedPrecisionRecord(StageRecord):
     budget_bytes: float
     size_bytes: float
     float_bytes: float
+    unit: str  # of the three above: "bytes" as stored, "bits" (the codes' bits / 8) or "bops" (bit operations)
     baseline_loss: float
     bound: float | None
     trials: tuple[Trial, ...]
@@ -72,7 +75,7 @@ class MixedPrecisionRecord(StageRecord):
         return {"mixed_precision": {
             "widths": self.widths, "sensitivities": {n: {str(b): v for b, v in s.items()} for n, s in self.sensitivities.items()},
             "probe_weights": self.probe_weights, "sensitivity": self.sensitivity, "couplings": [{"layers": list(pair), "rho": rho} for pair, rho in self.couplings.items()],
-            "budget_bytes": self.budget_bytes, "size_bytes": self.size_bytes, "float_bytes": self.float_bytes,
+            "budget_bytes": self.budget_bytes, "size_bytes": self.size_bytes, "float_bytes": self.float_bytes, "unit": self.unit,
             "baseline_loss": self.baseline_loss, "bound": self.bound, "trials": [t.report(self.float_bytes) for t in self.trials],
             "seconds": round(self.seconds, 3),
         }}
@@ -82,7 +85,8 @@ class MixedPrecisionRecord(StageRecord):
         spread = ", ".join(f"{n} at {b} bits" for b, n in counts.items())
         limit = (f"loss bound {self.bound:.4g} ({len(self.trials)} allocations tried)" if self.bound is not None
                  else f"budget {self.budget_bytes / self.float_bytes:.3f}")
-        return (f"mixed precision: {spread}; weights {self.size_bytes / self.float_bytes:.3f} of float32 "
+        measure = "bit operations" if self.unit == "bops" else "weights"
+        return (f"mixed precision: {spread}; {measure} {self.size_bytes / self.float_bytes:.3f} of float32 "
                 f"({limit}), {self.seconds:.0f} s")
 
 
@@ -102,7 +106,9 @@ class MixedPrecision:
         options = config.mixed_precision
         widths = tuple(sorted(set(options.candidate_bits)))
         sites = list(plan.weights)
-        sizes, budget, float_bytes = _sizes(solution, sites, widths, options, config.symmetric_weights)
+        batches = list(model_inputs(context.batches, config.label_key))
+        bops = layer_macs(context.model, sites, solution.weights, batches[0]) * input_bits(plan, context.model, sites) if options.target_bops else None
+        sizes, budget, float_bytes = _sizes(solution, sites, widths, options, config.symmetric_weights, bops)
         least = smallest_size(sizes)
         if budget < least:
             raise ConfigError(_infeasible(options, least, float_bytes, budget))
@@ -110,7 +116,6 @@ class MixedPrecision:
         ranges = choose_ranges(solution, plan, context.stats, method, config.calibration, weight_symmetric=config.symmetric_weights,
                                act_symmetric=config.act_symmetric, weight_method=config.reconstruction.weight_clipping)
         probe = WeightProbe(plan, ranges, solution, config.reconstruction.weight_clipping, config.symmetric_weights, config.act_symmetric)
-        batches = list(model_inputs(context.batches, config.label_key))
         proxy = options.sensitivity == "proxy"
         replaced = probe_weights(context.model, probe, widths, batches, config) if config.weight_rounding in SOLVERS and not proxy else {}
         job = ProbeJob(context.model, probe, batches, config.lapq.loss, config.lapq.memory_budget_mb << 20, replaced)
@@ -141,7 +146,8 @@ class MixedPrecision:
         best = min((t for t in trials if bound is None or t.loss <= bound), key=lambda t: t.size)
         layer_bits = tuple(LayerBits(node, weight_bits=bits) for node, bits in best.widths.items())
         record = MixedPrecisionRecord(stage=self.name, widths=best.widths, sensitivities=measured, probe_weights=PROBE_SOLVER if replaced else "nearest",
-                                      sensitivity=options.sensitivity, couplings=couplings, budget_bytes=best.budget, size_bytes=best.size, float_bytes=float_bytes, baseline_loss=session.baseline, bound=bound,
+                                      sensitivity=options.sensitivity, couplings=couplings, budget_bytes=best.budget, size_bytes=best.size, float_bytes=float_bytes,
+                                      unit="bops" if bops is not None else "bits" if options.target_bits is not None else "bytes", baseline_loss=session.baseline, bound=bound,
                                       trials=trials, seconds=time.perf_counter() - started)
         return solution.but(layer_bits=layer_bits), record
 
@@ -202,10 +208,15 @@ def _costs(measured: dict[str, dict[int, float]], sites: list[WeightSite], width
     return increase + tie * narrower
 
 
-def _sizes(solution: Solution, sites: list[WeightSite], widths: tuple[int, ...], options, symmetric: bool) -> tuple[np.ndarray, float, float]:
-    """(size of each site at each width [sites, widths], the budget, the float32 weights' bytes):
-    sizes in the budget's unit, bytes as stored or, for ``target_bits``, the grids' bits / 8;
-    an accuracy bound's budget is every site at its widest."""
+def _sizes(solution: Solution, sites: list[WeightSite], widths: tuple[int, ...], options, symmetric: bool,
+           bops: np.ndarray | None) -> tuple[np.ndarray, float, float]:
+    """(size of each site at each width [sites, widths], the budget, the float32 weights' size):
+    sizes in the budget's unit, bytes as stored or, for ``target_bits``, the grids' bits / 8, or
+    for ``target_bops`` bit operations (``bops``: each site's MACs × input bits); an accuracy
+    bound's budget is every site at its widest."""
+    if bops is not None:
+        sizes = np.outer(bops, widths)
+        return sizes, options.target_bops * FLOAT_BITS * float(bops.sum()), FLOAT_BITS * float(bops.sum())
     count = sum(solution.weights[s.tensor].size for s in sites)
     float_bytes = 4.0 * count
     if options.target_bits is not None:  # average bits of the codes
@@ -227,6 +238,9 @@ def weight_bytes(solution: Solution, site: WeightSite, bits: int, symmetric: boo
 
 
 def _infeasible(options, least: float, float_bytes: float, budget: float) -> str:
+    if options.target_bops is not None:
+        return (f"target_bops={options.target_bops} is below the fewest bit operations the candidate widths allow "
+                f"({least / float_bytes:.4f} of those with float weights): give at least {np.ceil(least / float_bytes * 1e4) / 1e4}")
     if options.target_size is not None:
         return (f"target_size={options.target_size} is below the smallest model the candidate widths allow "
                 f"({least / float_bytes:.4f} of the float weights): give at least {np.ceil(least / float_bytes * 1e4) / 1e4}")

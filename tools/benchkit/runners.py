@@ -190,7 +190,7 @@ def _lapq_quantizer(job: dict, result: dict):
         weight_only = {"weight_only": True, "op_types": ("MatMul", "Gather"), "block_size": WEIGHT_ONLY_BLOCK} if job.get("weight_only") else {}
         parts = job["method"].split("+")
         sparsity = _sparsity(parts.pop(0)) if len(parts) > 1 and re.fullmatch(r"\d+:\d+(_[a-z-]+)*", parts[0]) else SparsityOptions()
-        mixed = _mixed(parts.pop(0)) if len(parts) > 1 and re.fullmatch(r"mixed-[bsr][\d.]+(-pairs|-proxy)*", parts[0]) else MixedPrecisionOptions()
+        mixed = _mixed(parts.pop(0)) if len(parts) > 1 and re.fullmatch(r"mixed-[bscr][\d.]+(-pairs|-proxy)*", parts[0]) else MixedPrecisionOptions()
         method = parts.pop()
         weights, _, options = "+".join(parts).partition(":")
         reconstruction = ReconstructionOptions(**{k: _number(v) for k, v in (o.split("=") for o in options.split(",") if o)})
@@ -218,13 +218,14 @@ def _sparsity(spec: str):
 
 def _mixed(spec: str):
     """MixedPrecisionOptions of a method's leading ``mixed-bB`` (B bits a weight on average),
-    ``mixed-sS`` (S of the float32 weights' bytes) or ``mixed-rR`` (the smallest model within R
+    ``mixed-sS`` (S of the float32 weights' bytes), ``mixed-cC`` (C of the bit operations with
+    float32 weights) or ``mixed-rR`` (the smallest model within R
     times the 8-bit model's calibration loss), over the candidates MIXED_CANDIDATES; a
     ``-pairs`` suffix adds neighbour interactions, ``-proxy`` the noise-probe proxy of the sensitivities."""
     from onnx_lapq.mixedoptions import MixedPrecisionOptions
 
     budget, *flags = spec[len("mixed-"):].split("-")
-    field = {"b": "target_bits", "s": "target_size", "r": "max_loss_ratio"}[budget[0]]
+    field = {"b": "target_bits", "s": "target_size", "c": "target_bops", "r": "max_loss_ratio"}[budget[0]]
     return MixedPrecisionOptions(candidate_bits=MIXED_CANDIDATES, interactions="pairs" in flags, sensitivity="proxy" if "proxy" in flags else "measured",
                                  **{field: float(budget[1:])})
 
