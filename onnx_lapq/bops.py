@@ -3,8 +3,9 @@
 A layer's multiply-accumulates (MACs) per sample are its output elements times the length of
 the sum behind each one, the weight's elements per output channel (C_in/g · kh · kw for a
 Conv, K for a MatMul or Gemm; output channels on axis 1 of a Conv's output, last elsewhere),
-or, for a ConvTranspose, its input elements times the weight's elements per input channel.  Tensor sizes come from one float pass over the first sample of a calibration batch,
-so symbolic dimensions (a sequence length) take that sample's values.  A layer's input bits
+or, for a ConvTranspose, its input elements times the weight's elements per input channel.
+Tensor sizes come from one float pass over the first sample of a calibration batch, so
+symbolic dimensions (a sequence length) take that sample's values.  A layer's input bits
 are those of the activation site on its first input, 32 where that input stays float.
 """
 from __future__ import annotations

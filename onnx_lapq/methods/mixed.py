@@ -107,8 +107,8 @@ class MixedPrecision:
         widths = tuple(sorted(set(options.candidate_bits)))
         sites = list(plan.weights)
         batches = list(model_inputs(context.batches, config.label_key))
-        bops = layer_macs(context.model, sites, solution.weights, batches[0]) * input_bits(plan, context.model, sites) if options.target_bops else None
-        sizes, budget, float_bytes = _sizes(solution, sites, widths, options, config.symmetric_weights, bops)
+        per_bit = layer_macs(context.model, sites, solution.weights, batches[0]) * input_bits(plan, context.model, sites) if options.target_bops else None
+        sizes, budget, float_bytes = _sizes(solution, sites, widths, options, config.symmetric_weights, per_bit)
         least = smallest_size(sizes)
         if budget < least:
             raise ConfigError(_infeasible(options, least, float_bytes, budget))
@@ -147,7 +147,7 @@ class MixedPrecision:
         layer_bits = tuple(LayerBits(node, weight_bits=bits) for node, bits in best.widths.items())
         record = MixedPrecisionRecord(stage=self.name, widths=best.widths, sensitivities=measured, probe_weights=PROBE_SOLVER if replaced else "nearest",
                                       sensitivity=options.sensitivity, couplings=couplings, budget_bytes=best.budget, size_bytes=best.size, float_bytes=float_bytes,
-                                      unit="bops" if bops is not None else "bits" if options.target_bits is not None else "bytes", baseline_loss=session.baseline, bound=bound,
+                                      unit="bops" if per_bit is not None else "bits" if options.target_bits is not None else "bytes", baseline_loss=session.baseline, bound=bound,
                                       trials=trials, seconds=time.perf_counter() - started)
         return solution.but(layer_bits=layer_bits), record
 
@@ -209,14 +209,14 @@ def _costs(measured: dict[str, dict[int, float]], sites: list[WeightSite], width
 
 
 def _sizes(solution: Solution, sites: list[WeightSite], widths: tuple[int, ...], options, symmetric: bool,
-           bops: np.ndarray | None) -> tuple[np.ndarray, float, float]:
+           per_bit: np.ndarray | None) -> tuple[np.ndarray, float, float]:
     """(size of each site at each width [sites, widths], the budget, the float32 weights' size):
     sizes in the budget's unit, bytes as stored or, for ``target_bits``, the grids' bits / 8, or
-    for ``target_bops`` bit operations (``bops``: each site's MACs × input bits); an accuracy
-    bound's budget is every site at its widest."""
-    if bops is not None:
-        sizes = np.outer(bops, widths)
-        return sizes, options.target_bops * FLOAT_BITS * float(bops.sum()), FLOAT_BITS * float(bops.sum())
+    for ``target_bops`` bit operations (``per_bit``: each site's bit operations per weight bit,
+    its MACs × input bits); an accuracy bound's budget is every site at its widest."""
+    if per_bit is not None:
+        full = FLOAT_BITS * float(per_bit.sum())
+        return np.outer(per_bit, widths), options.target_bops * full, full
     count = sum(solution.weights[s.tensor].size for s in sites)
     float_bytes = 4.0 * count
     if options.target_bits is not None:  # average bits of the codes
