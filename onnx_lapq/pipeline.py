@@ -79,8 +79,7 @@ def _quantize(model: onnx.ModelProto, calibration: Any, config: QuantConfig, not
         widened, interface = to_float32(model)  # float16/bfloat16 models are quantized in float32
         normalized = normalize(widened, min_opset=INT4_OPSET if config.needs_opset21 else MIN_OPSET, linear_as=_linear_form(config))
         plan = build_plan(normalized, config)
-        ops = {n.name: n.op_type for n in normalized.graph.node}
-        config = config.for_layers({ops[site.node] for site in plan.weights})
+        config = config.for_layers({site.op_type for site in plan.weights})
         require_custom_ops(normalized)
         run = stages(config)
     with _timed(times, "calibrate"):

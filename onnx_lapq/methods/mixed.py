@@ -108,7 +108,7 @@ class MixedPrecision:
         sites = list(plan.weights)
         batches = list(model_inputs(context.batches, config.label_key))
         per_bit = layer_macs(context.model, sites, solution.weights, batches[0]) * input_bits(plan, context.model, sites) if options.target_bops else None
-        sizes, budget, float_bytes = _sizes(solution, sites, widths, options, config.symmetric_weights, per_bit)
+        sizes, budget, float_bytes, unit = _sizes(solution, sites, widths, options, config.symmetric_weights, per_bit)
         least = smallest_size(sizes)
         if budget < least:
             raise ConfigError(_infeasible(options, least, float_bytes, budget))
@@ -147,7 +147,7 @@ class MixedPrecision:
         layer_bits = tuple(LayerBits(node, weight_bits=bits) for node, bits in best.widths.items())
         record = MixedPrecisionRecord(stage=self.name, widths=best.widths, sensitivities=measured, probe_weights=PROBE_SOLVER if replaced else "nearest",
                                       sensitivity=options.sensitivity, couplings=couplings, budget_bytes=best.budget, size_bytes=best.size, float_bytes=float_bytes,
-                                      unit="bops" if per_bit is not None else "bits" if options.target_bits is not None else "bytes", baseline_loss=session.baseline, bound=bound,
+                                      unit=unit, baseline_loss=session.baseline, bound=bound,
                                       trials=trials, seconds=time.perf_counter() - started)
         return solution.but(layer_bits=layer_bits), record
 
@@ -209,22 +209,23 @@ def _costs(measured: dict[str, dict[int, float]], sites: list[WeightSite], width
 
 
 def _sizes(solution: Solution, sites: list[WeightSite], widths: tuple[int, ...], options, symmetric: bool,
-           per_bit: np.ndarray | None) -> tuple[np.ndarray, float, float]:
-    """(size of each site at each width [sites, widths], the budget, the float32 weights' size):
-    sizes in the budget's unit, bytes as stored or, for ``target_bits``, the grids' bits / 8, or
-    for ``target_bops`` bit operations (``per_bit``: each site's bit operations per weight bit,
-    its MACs × input bits); an accuracy bound's budget is every site at its widest."""
+           per_bit: np.ndarray | None) -> tuple[np.ndarray, float, float, str]:
+    """(size of each site at each width [sites, widths], the budget, the float32 weights' size,
+    the unit): sizes in the budget's unit, "bytes" as stored or, for ``target_bits``, "bits"
+    (the grids' bits / 8), or for ``target_bops`` "bops" (``per_bit``: each site's bit
+    operations per weight bit, its MACs × input bits); an accuracy bound's budget is every site
+    at its widest."""
     if per_bit is not None:
         full = FLOAT_BITS * float(per_bit.sum())
-        return np.outer(per_bit, widths), options.target_bops * full, full
+        return np.outer(per_bit, widths), options.target_bops * full, full, "bops"
     count = sum(solution.weights[s.tensor].size for s in sites)
     float_bytes = 4.0 * count
     if options.target_bits is not None:  # average bits of the codes
         sizes = np.array([[solution.weights[s.tensor].size * b / 8 for b in widths] for s in sites])
-        return sizes, options.target_bits * count / 8, float_bytes
+        return sizes, options.target_bits * count / 8, float_bytes, "bits"
     sizes = np.array([[weight_bytes(solution, s, b, symmetric) for b in widths] for s in sites])  # codes, scales, zero points
     budget = options.target_size * float_bytes if options.target_size is not None else float(sizes.max(axis=1).sum())
-    return sizes, budget, float_bytes
+    return sizes, budget, float_bytes, "bytes"
 
 
 def weight_bytes(solution: Solution, site: WeightSite, bits: int, symmetric: bool) -> float:
