@@ -53,10 +53,10 @@ def proto(name: str, value: np.ndarray, dtype: int) -> TensorProto:
     """An initializer of ONNX type ``dtype`` holding ``value``; 4-bit values are packed two
     to a byte, low nibble first, in raw_data (ONNX's layout)."""
     if dtype in FOUR_BIT:
-        nibbles = np.asarray(value, np.int64).ravel() & 0xF
+        nibbles = np.asarray(value).astype(np.uint8).ravel() & 0xF  # two's complement: the low nibble of a negative code
         if nibbles.size % 2:
-            nibbles = np.append(nibbles, 0)
-        packed = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
+            nibbles = np.append(nibbles, np.uint8(0))
+        packed = nibbles[0::2] | (nibbles[1::2] << 4)
         return helper.make_tensor(name, dtype, value.shape, packed.tobytes(), raw=True)
     return numpy_helper.from_array(value, name)
 
@@ -79,7 +79,7 @@ def _entry(value, fmt: QFormat | None, wide: bool = False) -> tuple[np.ndarray, 
     if fmt is None:
         return np.asarray(value, np.float32), TensorProto.FLOAT
     dtype = container(fmt, wide)
-    return np.asarray(value, np.int64).astype(_numpy_type(dtype)), dtype
+    return np.asarray(value).astype(_numpy_type(dtype)), dtype
 
 
 def _dq_node(prefix: str, source: str, qp: QParams) -> onnx.NodeProto:

@@ -20,9 +20,11 @@ Initializers that are also graph inputs stay both in models of IR version 4 or l
 ONNX Runtime lets a caller override them: they are not folded into anything, and the graph
 inputs keep their names, types and order.  (Under IR 3 every initializer had to be listed
 as an input and ONNX Runtime treats them as constants, so they are constants here too.)
-Shape inference and opset conversion see the model's skeleton (largemodel.split_large), its
-large initializers stubs: they read no large constant, and copying the weights to and from
-bytes for them would cost more than they do (and is impossible over protobuf's 2 GB limit).
+Shape inference, opset conversion and onnx-graphsurgeon see the model's skeleton
+(largemodel.split_large), its large initializers stubs: the first two read no large constant,
+and copying the weights to and from bytes for them would cost more than they do (and is
+impossible over protobuf's 2 GB limit); the graph's constants made from stubs read the
+model's own TensorProtos, and the normalized copy takes each one's data once.
 The input ModelProto is never modified.  (File reading and writing live in modelio.)
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, inliner, version_converter
 
 from .errors import ModelError
-from .largemodel import copy_model, fill_stubs, refuse_oversized_tensors, split_large
+from .largemodel import copy_model, fill_stubs, is_large, refuse_oversized_tensors, split_large, stub_of
 from .layerfolds import fold_batchnorm, fold_conv_bias_add, fold_matmul_bias_add, unfold_gemm
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,11 @@ def normalize(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET, linear_as: 
     """The normalized copy of ``model`` described in the module docstring."""
     refuse_oversized_tensors(model)
     overridable = overridable_initializers(model)
-    model, defaults = _detach_initializers(_convert_opset(_inline_functions(model), min_opset), overridable)
-    graph = gs.import_onnx(model)  # reads the model; its export copies what it keeps
+    skeleton, stubs = split_large(_inline_functions(model))
+    large = [tensor for _, tensor in stubs]  # read where the folds need them, copied once by the export
+    model, defaults = _detach_initializers(_convert_opset(skeleton, min_opset), overridable)
+    graph = gs.import_onnx(model)
+    _attach(graph, large)
     _name_nodes(graph)
     try:
         graph.fold_constants()
@@ -87,15 +92,54 @@ def normalize(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET, linear_as: 
     for tensor, dtype in guessed:  # the export infers shapes again, on the graph as it is now
         tensor.shape, tensor.dtype = None, dtype
     graph.cleanup().toposort()
-    out = gs.export_onnx(graph)
+    out, exported = _export(graph)
     out.graph.initializer.extend(defaults)
+    fill_stubs(out, large + exported)
     out.ir_version = min(max(model.ir_version, _IR_FOR_OPSET[default_opset(out)]), MAX_IR)
     out.producer_name = model.producer_name
     del out.opset_import[:]
     out.opset_import.extend(model.opset_import)
     del graph, model
-    gc.collect()  # onnx-graphsurgeon's graphs are cyclic: free now the converted copy this one read
+    gc.collect()  # onnx-graphsurgeon's graphs are cyclic: free now the values its folds made
     return _infer_shapes(out)
+
+
+def _export(graph: gs.Graph) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """``gs.export_onnx(graph)`` with its large constants as stubs, and the TensorProtos to
+    fill them with.  The exporter would copy the data of each constant twice (into the
+    graph, then the graph into the model); this way the caller copies it once."""
+    originals = []
+    for tensor in graph.tensors().values():
+        values = getattr(tensor, "_values", None)  # a Constant's values, read lazily from a TensorProto
+        if isinstance(values, gs.ir.tensor.LazyValues) and is_large(values.tensor):
+            originals.append((tensor, values, values.tensor))
+            values.tensor = stub_of(values.tensor)
+    try:
+        out = gs.export_onnx(graph)
+    finally:
+        for _, values, original in originals:
+            values.tensor = original
+    return out, [_named(original, tensor.name) for tensor, _, original in originals]
+
+
+def _attach(graph: gs.Graph, tensors: list[onnx.TensorProto]) -> None:
+    """Make the constants of ``graph`` imported from stubs read ``tensors`` (by name) instead."""
+    by_name = {t.name: t for t in tensors}
+    for name, tensor in graph.tensors().items():
+        values = getattr(tensor, "_values", None)
+        if isinstance(values, gs.ir.tensor.LazyValues) and name in by_name:
+            values.tensor = by_name[name]
+            tensor.data_location = by_name[name].data_location if by_name[name].HasField("data_location") else None
+
+
+def _named(tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
+    """``tensor`` under ``name`` (a renamed copy's header over the same data where the name differs)."""
+    if tensor.name == name:
+        return tensor
+    renamed = onnx.TensorProto()
+    renamed.CopyFrom(tensor)
+    renamed.name = name
+    return renamed
 
 
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -149,19 +193,18 @@ def _inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     return inlined
 
 
-def _convert_opset(model: onnx.ModelProto, min_opset: int) -> onnx.ModelProto:
-    """``model`` at ``min_opset`` or later: a converted copy, or ``model`` itself."""
-    current = default_opset(model)
+def _convert_opset(skeleton: onnx.ModelProto, min_opset: int) -> onnx.ModelProto:
+    """A model's ``skeleton`` at ``min_opset`` or later: a converted copy (its stubs as they
+    were), or ``skeleton`` itself."""
+    current = default_opset(skeleton)
     if current > MAX_OPSET:
         raise ModelError(f"opset {current} is newer than onnx_lapq supports ({MAX_OPSET}): re-export the model at opset {MAX_OPSET} or lower")
     if current >= min_opset:
-        return model
-    skeleton, stubs = split_large(model)
+        return skeleton
     try:
         converted = version_converter.convert_version(skeleton, min_opset)
     except Exception as exc:
         raise ModelError(f"cannot convert opset {current} to {min_opset} ({exc}): re-export the model at opset {min_opset} or newer") from None
-    fill_stubs(converted, [tensor for _, tensor in stubs])
     converted.ir_version = max(converted.ir_version, _IR_FOR_OPSET[min_opset])
     return converted
 

@@ -26,7 +26,7 @@ from .errors import ModelError
 
 PROTOBUF_LIMIT = 2**31 - 1
 TENSOR_LIMIT = PROTOBUF_LIMIT  # one tensor: what protobuf copies as one message
-STUB_BYTES = 1 << 20  # initializers over this size are always stubs in a skeleton
+STUB_BYTES = 1 << 16  # initializers over this size are always stubs in a skeleton
 DATA_ALIGNMENT = 4096  # external data offsets: a page, so that ONNX Runtime can map each tensor
 # element types packed below a byte per element (those this onnx version knows)
 _PACKED_BITS = {getattr(onnx.TensorProto, n): b for n, b in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2)) if hasattr(onnx.TensorProto, n)}
@@ -111,11 +111,21 @@ def split_large(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[onn
     pairs = []
     for index, tensor in enumerate(model.graph.initializer):
         if index in stubbed:
-            stub = skeleton.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims, data_location=onnx.TensorProto.EXTERNAL)
-            pairs.append((stub, tensor))
+            skeleton.graph.initializer.append(stub_of(tensor))
+            pairs.append((skeleton.graph.initializer[-1], tensor))
         else:
             skeleton.graph.initializer.append(tensor)
     return skeleton, pairs
+
+
+def stub_of(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """A stub of ``tensor``: its name, type and dims, its data EXTERNAL with no location."""
+    return onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims, data_location=onnx.TensorProto.EXTERNAL)
+
+
+def is_large(tensor: onnx.TensorProto) -> bool:
+    """Whether a skeleton always has ``tensor`` as a stub (its data over STUB_BYTES)."""
+    return _stubbable(tensor) and _stored_bytes(tensor) > STUB_BYTES
 
 
 def fill_stubs(model: onnx.ModelProto, tensors: list[onnx.TensorProto]) -> None:

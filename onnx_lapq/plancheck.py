@@ -88,8 +88,8 @@ def check_weights(index: GraphIndex, plan: QuantPlan) -> QuantPlan:
     for tensor, node in quantized:
         kind = "bias" if any(b.tensor == tensor for b in plan.biases) else "weight"
         values = index.constant(tensor)
-        bad = {"NaN": int(np.isnan(values).sum()), "Inf": int(np.isinf(values).sum())}
-        if any(bad.values()):
+        if not np.isfinite(values).all():
+            bad = {"NaN": int(np.isnan(values).sum()), "Inf": int(np.isinf(values).sum())}
             found = " and ".join(f"{n} {what}" for what, n in bad.items() if n)
             raise ModelError(
                 f"{kind} {tensor!r} of node {node!r} holds {found} of {values.size} values, which quantization cannot "

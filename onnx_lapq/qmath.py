@@ -77,16 +77,19 @@ def broadcast(param, shape: tuple[int, ...], axis: int | None, block_size: int |
 
 
 def quantize(x, scale, zero_point, fmt: QFormat, axis: int | None = None, block_size: int | None = None) -> np.ndarray:
-    """Integer codes of ``x`` (int64), as ONNX QuantizeLinear computes them in float32."""
+    """Integer codes of ``x``, as ONNX QuantizeLinear computes them in float32: int32 for
+    grids of 16 bits or less, int64 for wider ones."""
     x = np.asarray(x, np.float32)
     split = whole_blocks(x.shape, axis, block_size)
     if split is not None:  # the blocks as an axis of their own: parameters broadcast without copies
         return quantize(x.reshape(split), np.expand_dims(scale, axis + 1), np.expand_dims(zero_point, axis + 1), fmt).reshape(x.shape)
     s = broadcast(np.asarray(scale, np.float32), x.shape, axis, block_size)
     z = broadcast(np.asarray(zero_point, np.float32), x.shape, axis, block_size)  # zero points of 16 bits or less: exact
-    q = np.rint(x / s)
+    q = np.asarray(np.divide(x, s, dtype=np.float32))  # an array even for one value: the steps below write in place
+    np.rint(q, out=q)
     q += z  # exact where it matters: a sum past float32's 2**24 integers is clipped to a code far below it
-    return np.clip(q, fmt.qmin, fmt.qmax).astype(np.int64)
+    np.clip(q, fmt.qmin, fmt.qmax, out=q)
+    return q.astype(np.int32 if fmt.bits <= 16 else np.int64)
 
 
 def dequantize(q, scale, zero_point, axis: int | None = None, block_size: int | None = None) -> np.ndarray:
