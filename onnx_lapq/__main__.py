@@ -88,7 +88,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.calib is None and not args.weight_only:
         raise ConfigError("--calib CALIB.npz is required (only --weight-only runs without calibration data): give the calibration file or folder")
     config = config_of(args)
-    if args.pareto and not config.mixed_precision.candidate_bits:
+    if args.pareto and not config.mixed_precision.allocates:
         raise ConfigError("--pareto writes the allocations mixed precision tries: give several --weight-bits and a budget")
     _warn_unused_search_flags(args, parser)
     model = read_model(args.input)
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             raise ModelError(f"--report {args.report!r} is the model just written to OUT.onnx: give the report a path of its own")
         save_text_atomic(json.dumps(result.report, indent=1), args.report)
     if args.bits_out:
-        save_text_atomic(bits_file_text(result.plan), args.bits_out)
+        save_text_atomic(bits_file_text(result.plan, result.config.layer_bits), args.bits_out)
     if args.pareto:
         write_front(next(r for r in result.stages if r.stage == "mixed_precision"), args.pareto)
     if checkpoint is not None:

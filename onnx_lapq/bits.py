@@ -83,10 +83,13 @@ def read_bits_file(path: str) -> tuple[LayerBits, ...]:
         raise BitsFileError(f"the bits file {path!r}: {exc}") from None
 
 
-def bits_file_text(plan) -> str:
+def bits_file_text(plan, entries: Sequence[LayerBits] = ()) -> str:
     """A bits file (JSON) of every quantized layer's weight bits in ``plan`` (a QuantPlan),
-    which :func:`read_bits_file` reads back."""
-    return json.dumps({"layers": {site.node: {"weight_bits": site.bits} for site in plan.weights}}, indent=1)
+    with the activation bits ``entries`` (a run's layer_bits) give its layers, which
+    :func:`read_bits_file` reads back."""
+    act = {e.node: e.act_bits for e in entries if e.act_bits is not None}
+    layers = {site.node: {"weight_bits": site.bits, **({"act_bits": act[site.node]} if site.node in act else {})} for site in plan.weights}
+    return json.dumps({"layers": layers}, indent=1)
 
 
 @dataclass(frozen=True)

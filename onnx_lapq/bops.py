@@ -43,5 +43,12 @@ def input_bits(plan: QuantPlan, model: onnx.ModelProto, sites: list[WeightSite])
     return np.asarray([bits.get(nodes[s.node].input[0], FLOAT_BITS) for s in sites], np.float64)
 
 
+def input_groups(plan: QuantPlan, model: onnx.ModelProto, sites: list[WeightSite]) -> list[str | None]:
+    """The activation group of each site's layer input ([sites]), None where that input stays float."""
+    nodes = {n.name: n for n in model.graph.node}
+    groups = {a.tensor: a.group for a in plan.activations}
+    return [groups.get(nodes[s.node].input[0]) for s in sites]
+
+
 def _measured_tensor(node: onnx.NodeProto) -> str:
     return node.input[0] if node.op_type == "ConvTranspose" else node.output[0]

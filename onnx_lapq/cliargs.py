@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="CALIB.npz", help=".npz with one array per model input (samples on axis 0), or a folder of them (required, except with --weight-only)")
     p.add_argument("--weight-bits", type=_widths, default=DEFAULT.weight_bits,
                    help=f"weight bits: 2..8 or 16 (default {DEFAULT.weight_bits}); several (2,3,4,8): each layer's chosen under a budget (--target-size, --target-bits, --target-bops, --max-loss-*)")
-    p.add_argument("--act-bits", type=int, default=DEFAULT.act_bits, help=f"activation bits: 2..8 or 16 (default {DEFAULT.act_bits})")
+    p.add_argument("--act-bits", type=_widths, default=DEFAULT.act_bits,
+                   help=f"activation bits: 2..8 or 16 (default {DEFAULT.act_bits}); several (4,8): each layer input's chosen with the weights' under --target-bops")
     p.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per output channel")
     p.add_argument("--method", default=DEFAULT.method, choices=[m for m in CALIBRATION_METHODS if m != "lp"],
                    help=f"clipping: per-tensor calibrators, or lapq (joint loss-aware search; default {DEFAULT.method})")
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="node names (regular expressions) or op types to keep float")
     p.add_argument("--keep-first-last-8bit", action="store_true", help="first and last quantized layers at 8 bits")
     p.add_argument("--bits-file", metavar="FILE.json", help='bits of named layers, over the other bit flags: {"layers": {"fc": {"weight_bits": 4}}}')
-    p.add_argument("--bits-out", metavar="FILE.json", help="write every quantized layer's weight bits as a --bits-file (to reuse or edit the widths chosen)")
+    p.add_argument("--bits-out", metavar="FILE.json", help="write every quantized layer's weight bits (and input bits where chosen) as a --bits-file (to reuse or edit the widths chosen)")
     p.add_argument("--num-samples", type=int, default=DEFAULT.num_samples, help="use the first N calibration samples (default: all)")
     p.add_argument("--no-bias-correction", action="store_true", help="keep the float biases (default: correct them for the mean output shift of weight quantization)")
     p.add_argument("--quantize-attention", action="store_true", help="also quantize MatMuls of two activations (attention)")
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _widths(text: str):
-    """--weight-bits: one width (an int) or several candidates (a tuple), e.g. 2,3,4,8."""
+    """--weight-bits, --act-bits: one width (an int) or several candidates (a tuple), e.g. 2,3,4,8."""
     try:
         widths = tuple(int(part) for part in text.split(","))
     except ValueError:
@@ -122,7 +123,8 @@ def _widths(text: str):
 
 
 # QuantConfig fields whose flag is not named after them
-RENAMED_FIELDS = {"label_key": "--labels", "exclude_op_types": "--exclude", "dense_layers": "--sparsity-exclude", "candidate_bits": "--weight-bits"}
+RENAMED_FIELDS = {"label_key": "--labels", "exclude_op_types": "--exclude", "dense_layers": "--sparsity-exclude", "candidate_bits": "--weight-bits",
+                  "candidate_act_bits": "--act-bits"}
 
 
 def config_of(args: argparse.Namespace) -> QuantConfig:
@@ -135,16 +137,18 @@ def config_of(args: argparse.Namespace) -> QuantConfig:
         search_step=args.search_step, loss=args.loss, search_bias_correction=args.search_bias_correction,
     )
     candidates = args.weight_bits if isinstance(args.weight_bits, tuple) else ()
+    act_candidates = args.act_bits if isinstance(args.act_bits, tuple) else ()
     return QuantConfig(
         op_types=op_types,
-        weight_bits=max(candidates) if candidates else args.weight_bits, act_bits=args.act_bits, per_channel=not args.per_tensor, method=args.method, weights=args.weights,
+        weight_bits=max(candidates) if candidates else args.weight_bits, act_bits=max(act_candidates) if act_candidates else args.act_bits,
+        per_channel=not args.per_tensor, method=args.method, weights=args.weights,
         exclude=patterns, exclude_op_types=exclude_types, keep_first_last_8bit=args.keep_first_last_8bit,
         layer_bits=read_bits_file(args.bits_file) if args.bits_file else (),
         num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed, label_key=args.labels,
         bias_correction=not args.no_bias_correction, quantize_attention=args.quantize_attention, weight_only=args.weight_only, block_size=args.block_size,
         mask_input=None if args.mask_input.lower() == "none" else args.mask_input, custom_op_libraries=tuple(args.custom_op_library),
         lapq=lapq, mixed_precision=MixedPrecisionOptions(
-            candidate_bits=candidates, target_size=args.target_size, target_bits=args.target_bits, target_bops=args.target_bops,
+            candidate_bits=candidates, candidate_act_bits=act_candidates, target_size=args.target_size, target_bits=args.target_bits, target_bops=args.target_bops,
             max_loss_increase=args.max_loss_increase,
             max_loss_ratio=args.max_loss_ratio, interactions=args.interactions, sensitivity=args.sensitivity, executor=args.executor,
         ),

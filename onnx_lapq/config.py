@@ -125,14 +125,13 @@ class QuantConfig:
         check_types(self)
         _check_bits("weight_bits", self.weight_bits)
         _check_bits("act_bits", self.act_bits)
-        for bits in self.mixed_precision.candidate_bits:
-            _check_bits("candidate_bits", bits)
-        if self.mixed_precision.candidate_bits and self.weight_bits != max(self.mixed_precision.candidate_bits):
-            raise ConfigError(
-                f"weight_bits={self.weight_bits} must be the widest of candidate_bits ({max(self.mixed_precision.candidate_bits)}): "
-                "every layer starts there"
-            )
-        if self.mixed_precision.candidate_bits and self.weight_only:
+        for name, own in (("candidate_bits", "weight_bits"), ("candidate_act_bits", "act_bits")):
+            candidates = getattr(self.mixed_precision, name)
+            for bits in candidates:
+                _check_bits(name, bits)
+            if candidates and getattr(self, own) != max(candidates):
+                raise ConfigError(f"{own}={getattr(self, own)} must be the widest of {name} ({max(candidates)}): every layer starts there")
+        if self.mixed_precision.allocates and self.weight_only:
             raise ConfigError("mixed precision allocates the widths of quantized layers, not of weight_only blocks: leave weight_only off")
         if self.method not in CALIBRATION_METHODS:
             raise ConfigError(f"method={self.method!r} is unknown: use one of {', '.join(CALIBRATION_METHODS)}")
@@ -197,7 +196,8 @@ class QuantConfig:
     @property
     def needs_opset21(self) -> bool:
         """4-bit and 16-bit Q/DQ types and blockwise DequantizeLinear exist only from opset 21."""
-        return self.weight_only or any(b in (4, 16) for b in (*self.bits_policy.widths, *self.mixed_precision.candidate_bits))
+        candidates = (*self.mixed_precision.candidate_bits, *self.mixed_precision.candidate_act_bits)
+        return self.weight_only or any(b in (4, 16) for b in (*self.bits_policy.widths, *candidates))
 
 
 def _nested_option_hint(init):

@@ -12,9 +12,10 @@ graph, the first two chosen by structure so that the machine's load never change
     enough of the graph: cuts.GraphCuts.fused_cuts_are_fine): the numbers are constants, as
     in the exported model, so ONNX Runtime runs its integer kernels; each evaluation builds
     and opens a session for the suffix it runs, still cheaper than float fake-quant.
-  * fed with dequantized weights (``dequantized_weights``, for sensitivity probes): every
-    weight is a float graph input, fake-quantized in numpy, so one session takes any weight
-    at any width; its layers run in float.
+  * fed at any widths (``any_widths``, for sensitivity probes): every weight is a float
+    graph input, fake-quantized in numpy, and every activation's codes sit in an 8-bit
+    container behind a Clip to its grid, so one session takes any weight and activation at
+    any width; its layers run in float.
 All these sessions draw on runtime.py's shared memory arena: an arena per fed suffix costs
 memory in proportion to the number of cuts, no arena makes every run fetch fresh memory, and
 a fused session's own arena would start empty at every evaluation.
@@ -70,7 +71,7 @@ class LossEvaluator:
         memory_budget: int = 1 << 30,
         fused: bool | None = None,
         solution: Solution | None = None,
-        dequantized_weights: bool = False,
+        any_widths: bool = False,
     ):
         if loss not in LOSSES:
             raise ConfigError(f"loss={loss!r} is unknown: use one of {', '.join(LOSSES)}")
@@ -87,8 +88,8 @@ class LossEvaluator:
         self.samples = sum(len(r) for r in self.reference)
         self.kind = resolve_loss(loss, model, self.reference)
         self.solution = Solution.of(model, plan) if solution is None else solution
-        self.dequantized_weights = dequantized_weights  # every weight fed in float: any width, any parameters (fed only)
-        self.fused = False if dequantized_weights else fuses_to_integer(*(a.bits for a in plan.activations), *(w.bits for w in plan.weights)) if fused is None else fused
+        self.any_widths = any_widths  # every weight fed in float and every activation clipped: any widths (fed only)
+        self.fused = False if any_widths else fuses_to_integer(*(a.bits for a in plan.activations), *(w.bits for w in plan.weights)) if fused is None else fused
         self._build(model, init_params)
         if fused is None and self.fused and not self._graph_cuts.fused_cuts_are_fine():
             self.fused = False
@@ -106,7 +107,7 @@ class LossEvaluator:
     def _build(self, model: onnx.ModelProto, init_params: dict[str, QParams]) -> None:
         """The QDQ template of the current mode, its Q/DQ numbers at ``init_params``, the value
         info of every tensor and the template's cuts."""
-        self.template = export_qdq(model, self.plan, init_params, self.solution, fed=not self.fused, dequantized_weights=self.dequantized_weights)
+        self.template = export_qdq(model, self.plan, init_params, self.solution, fed=not self.fused, any_widths=self.any_widths)
         self._raw: dict[str, tuple[np.ndarray, int]] = {}
         self._feeds: dict[str, np.ndarray | ort.OrtValue] = {}
         self._version: dict[str, int] = {}
@@ -222,7 +223,7 @@ class LossEvaluator:
         if self.solution.input_means:  # a corrected bias moves with its weight's grid, even where its own scale does not
             changed |= {b.tensor for b in self.plan.biases if b.weight_tensor in changed}
         for name, (value, dtype) in qdq_tensors(self.solution, self.plan, params, fed=True, sites=changed,
-                                                dequantized_weights=self.dequantized_weights).items():
+                                                any_widths=self.any_widths).items():
             old = self._raw.get(name)
             if old is None or old[0].shape != value.shape or not np.array_equal(old[0], value):
                 self._raw[name] = (value, dtype)

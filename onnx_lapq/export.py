@@ -112,7 +112,7 @@ def qdq_tensors(
     *,
     fed: bool = False,
     sites: set[str] | None = None,
-    dequantized_weights: bool = False,
+    any_widths: bool = False,
 ) -> dict[str, tuple[np.ndarray, int]]:
     """The numbers of a QDQ model by tensor name: (array, ONNX type).
 
@@ -127,9 +127,10 @@ def qdq_tensors(
     graph's.
     A bias that overflows int32 saturates (params.py widens weight scales so that
     biases fit, with room for bias correction).
-    ``sites`` limits the result to the tensors of those sites.  ``dequantized_weights`` (with
-    ``fed``) gives every weight dequantized, whatever its width: one fed graph then takes a
-    weight at any width (sensitivity probes), its layers run in float.
+    ``sites`` limits the result to the tensors of those sites.  ``any_widths`` (with ``fed``)
+    gives every weight dequantized, whatever its width, and every activation's codes in an
+    8-bit container behind a Clip to its grid: one fed graph then takes weights and
+    activations at any widths (sensitivity probes), its layers run in float.
     """
     floats = solution.values(plan, params, sites)
     weight_names = {w.tensor for w in plan.weights}
@@ -141,7 +142,7 @@ def qdq_tensors(
         values = floats[name]
         if qp.fmt.bits == 32 and not fed and np.any(np.abs(np.rint(values / broadcast(qp.scale, values.shape, qp.axis, None))) > qp.fmt.qmax):
             log.warning("bias %s overflows int32 at scale s_in*s_w; it saturates", name)
-        if fed and name in weight_names and (dequantized_weights or container(qp.fmt) in FOUR_BIT):
+        if fed and name in weight_names and (any_widths or container(qp.fmt) in FOUR_BIT):
             out[f"{name}_DequantizeLinear_Output"] = _entry(fake_quantize(values, qp.scale, qp.zero_point, qp.fmt, qp.axis, qp.block_size), None)
             continue
         codes = quantize(values, qp.scale, qp.zero_point, qp.fmt, qp.axis, qp.block_size)
@@ -152,26 +153,26 @@ def qdq_tensors(
         t, qp = site.tensor, params[site.tensor]
         if sites is not None and t not in sites:
             continue
-        if _clipped(site, qp):
+        if (fed and any_widths) or _clipped(site, qp):
             out[f"{t}_clip_min"] = _entry((qp.fmt.qmin - int(qp.zero_point)) * float(qp.scale), None)
             out[f"{t}_clip_max"] = _entry((qp.fmt.qmax - int(qp.zero_point)) * float(qp.scale), None)
         out[f"{t}_scale"] = _entry(qp.scale, None)
-        out[f"{t}_zero_point"] = _entry(qp.zero_point, qp.fmt, _wide(site, qp))
+        out[f"{t}_zero_point"] = _entry(qp.zero_point, qp.fmt, (fed and any_widths) or _wide(site, qp))
     return out
 
 
 def export_qdq(
     model: onnx.ModelProto, plan: QuantPlan, params: dict[str, QParams], solution: Solution | None = None, *, fed: bool = False,
-    dequantized_weights: bool = False,
+    any_widths: bool = False,
 ) -> onnx.ModelProto:
     """A new QDQ ModelProto: ``model`` with ``params`` and ``solution``'s values (default: the
     model's own weights and biases) baked in (``model`` is untouched).
 
     With ``fed`` the Q/DQ numbers (see :func:`qdq_tensors`) become graph inputs
     instead of initializers, so one ONNX Runtime session evaluates any parameters (and,
-    with ``dequantized_weights``, any weight widths).
+    with ``any_widths``, any weight and activation widths).
     """
-    tensors = qdq_tensors(solution or Solution.of(model, plan), plan, params, fed=fed, dequantized_weights=dequantized_weights)
+    tensors = qdq_tensors(solution or Solution.of(model, plan), plan, params, fed=fed, any_widths=any_widths)
     new_nodes: list[onnx.NodeProto] = []
     rename: dict[str, str] = {}
     for name in [w.tensor for w in plan.weights] + [b.tensor for b in plan.biases]:

@@ -23,6 +23,9 @@ class MixedPrecisionOptions:
 
     candidate_bits: the candidate weight widths (e.g. (2, 3, 4, 8)); empty: every layer at the
         config's weight_bits.  The config's weight_bits must be the widest of them.
+    candidate_act_bits: the candidate widths of each layer's input activation (e.g. (4, 8)),
+        chosen with the weights' under ``target_bops`` (the one budget that counts activation
+        bits); empty: every input at the config's act_bits, which must be the widest of them.
     target_size: the budget as a fraction of the float32 weights' bytes (e.g. 0.125).
     target_bits: the budget as average bits per weight (e.g. 3.5).
     target_bops: the budget as a fraction of the bit operations (MACs × weight bits × input
@@ -40,6 +43,7 @@ class MixedPrecisionOptions:
     """
 
     candidate_bits: tuple[int, ...] = ()
+    candidate_act_bits: tuple[int, ...] = ()
     target_size: float | None = None
     target_bits: float | None = None
     target_bops: float | None = None
@@ -55,11 +59,16 @@ class MixedPrecisionOptions:
         if self.sensitivity not in SENSITIVITIES:
             raise ConfigError(f"sensitivity={self.sensitivity!r} is unknown: use {' or '.join(SENSITIVITIES)}")
         budgets = sum(getattr(self, b) is not None for b in BUDGETS)
-        if not self.candidate_bits and budgets:
+        if not self.allocates and budgets:
             raise ConfigError("a budget needs candidate widths: give candidate_bits, e.g. (2, 3, 4, 8)")
         if self.candidate_bits and len(set(self.candidate_bits)) < 2:
             raise ConfigError(f"candidate_bits={self.candidate_bits} needs at least two widths, e.g. (2, 4, 8)")
-        if self.candidate_bits and budgets != 1:
+        if self.candidate_act_bits and len(set(self.candidate_act_bits)) < 2:
+            raise ConfigError(f"candidate_act_bits={self.candidate_act_bits} needs at least two widths, e.g. (4, 8)")
+        if self.candidate_act_bits and budgets == 1 and self.target_bops is None:
+            raise ConfigError("candidate_act_bits need a compute budget, target_bops (MACs x weight bits x input bits): "
+                              "a size or loss budget counts the weights only")
+        if self.allocates and budgets != 1:
             raise ConfigError("mixed precision needs one budget: target_size (a fraction of the float weights' bytes), target_bits (average bits), "
                               "target_bops (a fraction of the bit operations with float weights), "
                               "max_loss_increase or max_loss_ratio (a bound on the calibration loss)")
@@ -75,6 +84,11 @@ class MixedPrecisionOptions:
         if self.max_loss_ratio is not None and self.max_loss_ratio < 1:
             raise ConfigError(f"max_loss_ratio={self.max_loss_ratio} is below what any allocation meets (every layer at the widest "
                               "candidate has the ratio 1): give at least 1")
+
+    @property
+    def allocates(self) -> bool:
+        """Whether the stage runs: candidate weight or activation widths are given."""
+        return bool(self.candidate_bits or self.candidate_act_bits)
 
     @property
     def bounded(self) -> bool:

@@ -21,10 +21,10 @@ from dataclasses import replace
 import numpy as np
 
 from .qmath import fake_quantize
-from .sensitivity import ProbeJob, WeightProbe, loss_increases, probe_order
+from .sensitivity import ProbeJob, WidthProbe, loss_increases, probe_order
 
 
-def quantization_power(probe: WeightProbe, tensor: str, bits: int) -> float:
+def quantization_power(probe: WidthProbe, tensor: str, bits: int) -> float:
     """q(b): the mean square of W − Q_b(W) for weight ``tensor`` on its grid at ``bits``."""
     weight = probe.solution.weight(tensor)
     qp = probe.params({tensor: bits})[tensor]

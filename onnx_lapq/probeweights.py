@@ -19,14 +19,14 @@ from .data import padding_mask
 from .export import export_qdq
 from .layerinputs import InputCollector, LayerInput
 from .methods.reconstruction import reconstruct_layer
-from .sensitivity import WeightProbe
+from .sensitivity import WidthProbe
 from .unfold import LayerShape
 
 LAYERS_PER_PASS = 16  # layers whose inputs one collection pass keeps for every batch at once
 PROBE_SOLVER = "gptq"
 
 
-def probe_weights(model: onnx.ModelProto, probe: WeightProbe, widths: tuple[int, ...], batches: list[dict[str, np.ndarray]],
+def probe_weights(model: onnx.ModelProto, probe: WidthProbe, widths: tuple[int, ...], batches: list[dict[str, np.ndarray]],
                   config) -> dict[tuple[str, int], np.ndarray]:
     """(tensor, bits) -> the weight reconstructed at ``bits`` on its inputs in the model at the
     plan's widths, for every weight site the reconstruction unfolds and every narrower width."""

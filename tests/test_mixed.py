@@ -175,15 +175,18 @@ def test_layers_whose_narrowing_measures_free_stay_wide_until_the_budget_needs_t
     import numpy as np
 
     from onnx_lapq.allocation import allocate
-    from onnx_lapq.methods.mixed import _costs
+    from onnx_lapq.widthcosts import Candidates, costs
+
     sites = [SimpleNamespace(node=n, bits=8) for n in ("a", "b", "c")]
     measured = {"a": {2: -0.01, 4: -0.02}, "b": {2: 0.0, 4: 0.0}, "c": {2: 0.5, 4: 0.1}}  # a: a reconstructed narrow weight measured below 8 bits
     sizes = np.array([[2.0, 4.0, 8.0]] * 3)
-    costs = _costs(measured, sites, (2, 4, 8), sizes)
-    assert (costs >= 0).all()
-    assert allocate(costs, sizes, 24.0).choice == (2, 2, 2)  # room for every layer at 8 bits: all at 8
-    assert allocate(costs, sizes, 20.0).choice[2] == 2  # the costly layer keeps its width; the free ones give up bytes
-    assert allocate(_costs(measured, sites, (2, 4, 8), np.array([[8.0, 8.0, 8.0]] * 3)), np.array([[8.0, 8.0, 8.0]] * 3), 24.0).choice == (2, 2, 2)
+    candidates = Candidates.of((2, 4, 8), (), [None] * 3)
+    cost = costs(measured, {}, sites, candidates, sizes, {})
+    assert (cost >= 0).all()
+    assert allocate(cost, sizes, 24.0).choice == (2, 2, 2)  # room for every layer at 8 bits: all at 8
+    assert allocate(cost, sizes, 20.0).choice[2] == 2  # the costly layer keeps its width; the free ones give up bytes
+    flat = np.array([[8.0, 8.0, 8.0]] * 3)
+    assert allocate(costs(measured, {}, sites, candidates, flat, {}), flat, 24.0).choice == (2, 2, 2)
 
 
 def test_a_ray_cluster_the_executor_starts_ends_with_its_jobs():
@@ -211,3 +214,36 @@ def test_a_bops_budget_counts_each_layers_multiply_accumulates():
     assert "bit operations" in record.summary() and len(set(record.widths.values())) > 1
     with pytest.raises(ConfigError, match=r"target_bops=0.01 is below the fewest bit operations .* give at least 0\.0625"):
         _mixed({"target_bops": 0.01})
+
+
+def test_input_widths_are_chosen_with_the_weights_under_a_bops_budget():
+    """Candidate activation widths (--act-bits 4,8) join the allocation under a BOPs budget:
+    the exported model holds the chosen widths (weights and layer inputs), its bit operations
+    stay within the budget, the activation probes are in the record; a size budget cannot
+    price input widths, a budget under every layer at its narrowest pair names the least."""
+    from onnx_lapq.bops import FLOAT_BITS, layer_macs
+    model, calibration = digits()
+    options = MixedPrecisionOptions(candidate_bits=(4, 8), candidate_act_bits=(4, 8), target_bops=0.09)
+    result = onnx_lapq.quantize(model, calibration, config=QuantConfig(weights="nearest", method="mse", mixed_precision=options))
+    record = _record(result)
+    assert set(record.act_widths.values()) == {4, 8} and record.act_sensitivities
+    assert all(bits for group in record.act_sensitivities.values() for bits in group)
+    facts = {f.node: f for f in inspect_model(result.model)}
+    assert {n: facts[n].act_bits for n in record.act_widths} == record.act_widths
+    assert {n: facts[n].weight_bits for n in record.widths} == record.widths
+    sites = list(result.plan.weights)
+    batch = {i.name: calibration[0][i.name] for i in model.graph.input}
+    macs = layer_macs(onnx_lapq.graph.normalize(model), sites, result.solution.weights, batch)
+    used = sum(m * facts[s.node].weight_bits * facts[s.node].act_bits for s, m in zip(sites, macs))
+    assert used <= 0.09 * FLOAT_BITS * 8 * macs.sum() * (1 + 1e-9)
+    assert "inputs" in record.summary()
+    from onnx_lapq.bits import bits_file_text
+    written = json.loads(bits_file_text(result.plan, result.config.layer_bits))["layers"]
+    assert {n: e["act_bits"] for n, e in written.items() if "act_bits" in e} == record.act_widths  # --bits-out keeps them
+    with pytest.raises(ConfigError, match="candidate_act_bits need a compute budget, target_bops"):
+        MixedPrecisionOptions(candidate_bits=(4, 8), candidate_act_bits=(4, 8), target_size=0.2)
+    with pytest.raises(ConfigError, match="act_bits=4 must be the widest of candidate_act_bits"):
+        QuantConfig(act_bits=4, mixed_precision=MixedPrecisionOptions(candidate_act_bits=(4, 8), target_bops=0.1))
+    with pytest.raises(ConfigError, match=r"give at least 0\.0625"):
+        onnx_lapq.quantize(model, calibration, config=QuantConfig(weights="nearest", method="mse", mixed_precision=MixedPrecisionOptions(
+            candidate_bits=(4, 8), candidate_act_bits=(4, 8), target_bops=0.05)))

@@ -11,7 +11,7 @@ from onnx_lapq import QuantConfig
 from onnx_lapq.export import export_qdq
 from onnx_lapq.graph import normalize
 from onnx_lapq.runtime import session
-from onnx_lapq.sensitivity import ProbeJob, WeightProbe, pair_interactions, weight_sensitivities
+from onnx_lapq.sensitivity import ProbeJob, WidthProbe, pair_interactions, weight_sensitivities
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def probed():
     batches = [{k: v[i:i + 32] for k, v in calibration[0].items()} for i in range(0, 128, 32)]
     result = onnx_lapq.quantize(model, batches, config=QuantConfig(method="mse"))
     normalized = normalize(model, min_opset=21)  # 4-bit weights in the exported comparisons
-    probe = WeightProbe(result.plan, result.solution.ranges, result.solution, "mse", weight_symmetric=True, act_symmetric=False)
+    probe = WidthProbe(result.plan, result.solution.ranges, result.solution, "mse", weight_symmetric=True, act_symmetric=False)
     job = ProbeJob(normalized, probe, batches, "auto", 1 << 30)
     return normalized, result, job, job.open()
 

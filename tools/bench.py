@@ -19,7 +19,8 @@ QuantConfig(weights=WEIGHTS, method=METHOD); a leading `N:M[_MASKS][_norepair]+`
 layer's weight width among 2, 3, 4 and 8 bits under B bits a weight on average, S of the
 float32 bytes, C of the bit operations with float32 weights, or as the smallest model within
 R times the 8-bit model's calibration loss;
-`mixed-b4-pairs+` adds neighbour interactions, `mixed-b4-proxy+` uses the noise-probe proxy. A method/config a tool refuses becomes a
+`mixed-b4-pairs+` adds neighbour interactions, `mixed-b4-proxy+` uses the noise-probe proxy,
+`mixed-c0.0625-acts+` also chooses each layer input's width among 4 and 8 bits. A method/config a tool refuses becomes a
 row with `error` set, never a missing row.
 
 Fixed splits (seed 0 unless --seed; details in benchkit/kitdata.py):

@@ -31,7 +31,7 @@ from benchkit.runners import load_batches  # noqa: E402
 from onnx_lapq import QuantConfig, quantize  # noqa: E402
 from onnx_lapq.graph import normalize  # noqa: E402
 from onnx_lapq.noiseprobe import proxy_sensitivities  # noqa: E402
-from onnx_lapq.sensitivity import ProbeJob, WeightProbe, weight_sensitivities  # noqa: E402
+from onnx_lapq.sensitivity import ProbeJob, WidthProbe, weight_sensitivities  # noqa: E402
 
 
 def main() -> int:
@@ -53,7 +53,7 @@ def main() -> int:
     started = time.perf_counter()
     result = quantize(model, batches, config=QuantConfig(method=a.method, bias_correction=False))
     normalized = normalize(model)
-    probe = WeightProbe(result.plan, result.solution.ranges, result.solution, a.method, weight_symmetric=True, act_symmetric=False)
+    probe = WidthProbe(result.plan, result.solution.ranges, result.solution, a.method, weight_symmetric=True, act_symmetric=False)
     job = ProbeJob(normalized, probe, batches, "auto", 1 << 30)
     setup = time.perf_counter() - started
     started = time.perf_counter()

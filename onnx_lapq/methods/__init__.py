@@ -29,7 +29,7 @@ def stages(config: QuantConfig) -> list[Stage]:
     later stage may evaluate with it, and LAPQ may switch it off), then the weights'
     reconstruction where the config's rounding is one, then the clipping method."""
     sparsity = [Sparsify(config.sparsity.repair)] if config.sparsity.pattern else []
-    widths = [MixedPrecision()] if config.mixed_precision.candidate_bits else []
+    widths = [MixedPrecision()] if config.mixed_precision.allocates else []
     correction = [BiasCorrection()] if config.bias_correction and not config.weight_only else []
     reconstruction = [] if config.weight_rounding == "nearest" else [Reconstruct(config.weight_rounding)]
     return [*sparsity, *widths, *correction, *reconstruction, CLIPPING[config.method]]

@@ -25,7 +25,7 @@ CONFIG_RE = re.compile(r"^w(\d+)a(\d+)(-pt|-wo|-fl)?$")
 MARKERS = "os^Dv<>p*h"
 
 
-NOT_UNIFORM = re.compile(r"(\d+:\d+|mixed-[bs][\d.]+)[_+]")  # a method that prunes to N:M or chooses widths per layer first
+NOT_UNIFORM = re.compile(r"(\d+:\d+|mixed-[bscr][\d.]+(-[a-z]+)*)[_+]")  # a method that prunes to N:M or chooses widths per layer first
 
 
 def config_order(config: str) -> tuple:

@@ -46,6 +46,7 @@ NO_PRE_PROCESS = {"mnist8"}  # quant_pre_process crashes on it (ORT 1.31)
 ORT_WIDE_OPSET = 21
 WEIGHT_ONLY_BLOCK = 32  # weights per block of weight-only rows, both tools
 MIXED_CANDIDATES = (2, 3, 4, 8)  # the widths a mixed-precision row chooses from (its config's weight bits: 8)
+MIXED_ACT_CANDIDATES = (4, 8)  # the input widths a mixed-cC-acts row chooses from (its config's activation bits: 8)
 
 
 def tool_of(method: str) -> str:
@@ -190,7 +191,7 @@ def _lapq_quantizer(job: dict, result: dict):
         weight_only = {"weight_only": True, "op_types": ("MatMul", "Gather"), "block_size": WEIGHT_ONLY_BLOCK} if job.get("weight_only") else {}
         parts = job["method"].split("+")
         sparsity = _sparsity(parts.pop(0)) if len(parts) > 1 and re.fullmatch(r"\d+:\d+(_[a-z-]+)*", parts[0]) else SparsityOptions()
-        mixed = _mixed(parts.pop(0)) if len(parts) > 1 and re.fullmatch(r"mixed-[bscr][\d.]+(-pairs|-proxy)*", parts[0]) else MixedPrecisionOptions()
+        mixed = _mixed(parts.pop(0)) if len(parts) > 1 and re.fullmatch(r"mixed-[bscr][\d.]+(-pairs|-proxy|-acts)*", parts[0]) else MixedPrecisionOptions()
         method = parts.pop()
         weights, _, options = "+".join(parts).partition(":")
         reconstruction = ReconstructionOptions(**{k: _number(v) for k, v in (o.split("=") for o in options.split(",") if o)})
@@ -221,12 +222,14 @@ def _mixed(spec: str):
     ``mixed-sS`` (S of the float32 weights' bytes), ``mixed-cC`` (C of the bit operations with
     float32 weights) or ``mixed-rR`` (the smallest model within R
     times the 8-bit model's calibration loss), over the candidates MIXED_CANDIDATES; a
-    ``-pairs`` suffix adds neighbour interactions, ``-proxy`` the noise-probe proxy of the sensitivities."""
+    ``-pairs`` suffix adds neighbour interactions, ``-proxy`` the noise-probe proxy of the
+    sensitivities, ``-acts`` the input widths MIXED_ACT_CANDIDATES (with ``mixed-cC``)."""
     from onnx_lapq.mixedoptions import MixedPrecisionOptions
 
     budget, *flags = spec[len("mixed-"):].split("-")
     field = {"b": "target_bits", "s": "target_size", "c": "target_bops", "r": "max_loss_ratio"}[budget[0]]
-    return MixedPrecisionOptions(candidate_bits=MIXED_CANDIDATES, interactions="pairs" in flags, sensitivity="proxy" if "proxy" in flags else "measured",
+    return MixedPrecisionOptions(candidate_bits=MIXED_CANDIDATES, candidate_act_bits=MIXED_ACT_CANDIDATES if "acts" in flags else (),
+                                 interactions="pairs" in flags, sensitivity="proxy" if "proxy" in flags else "measured",
                                  **{field: float(budget[1:])})
 
 
