@@ -253,3 +253,47 @@ def test_weight_range_mse_lp_is_brute_force_argmin(method, p, bits, symmetric, a
         best = clip.ALPHA_GRID[int(np.argmin(errors))]
         assert hi[c] == pytest.approx(best * base_hi, rel=1e-12, abs=0)
         assert lo[c] == pytest.approx(best * base_lo, rel=1e-12, abs=0)
+
+
+def test_wmse_is_the_weighted_squared_error_argmin_and_mse_where_weights_are_equal():
+    """Two channels: small values read by heavy weights, rare large values read by light ones.
+    The weighted histogram's mse range is the brute-force argmin of the weighted squared error
+    on the samples; it clips the light channel's outliers that plain mse keeps room for; with
+    equal weights it is plain mse."""
+    rng = np.random.default_rng(3)
+    heavy = np.abs(rng.standard_normal(20000)).astype(np.float32)
+    light = np.where(rng.random(20000) < 0.02, rng.uniform(10, 20, 20000), np.abs(rng.standard_normal(20000))).astype(np.float32)
+    x = np.stack([heavy, light], axis=1)  # [rows, channels]
+    for g in (np.array([100.0, 1.0]), np.array([1.0, 1.0])):
+        stats = TensorStats(1024, weighted=True)
+        plain = TensorStats(1024)
+        for part in np.array_split(x, 5):
+            stats.update(part, g.reshape(1, -1))
+            plain.update(part)
+        lo, hi = clip.activation_range(stats, "mse", 4, percentile=99.99, p=2.0)
+        fmt = QFormat(4, signed=False, symmetric=False)
+
+        def weighted_error(alpha):
+            s, z = scale_zero_point(0.0, alpha * float(x.max()), fmt)
+            return float((((x - fake_quantize(x, s, z, fmt)) ** 2).mean(axis=0) * g).sum())
+
+        best = clip.ALPHA_GRID[int(np.argmin([weighted_error(a) for a in clip.ALPHA_GRID]))]
+        assert weighted_error(hi / float(x.max())) <= 1.02 * weighted_error(best)
+        plain_hi = clip.activation_range(plain, "mse", 4, percentile=99.99, p=2.0)[1]
+        if g[0] == g[1]:
+            assert hi == pytest.approx(plain_hi, rel=1e-6)
+        else:
+            assert hi < 0.7 * plain_hi
+
+
+def test_wmse_runs_through_the_pipeline_on_its_weighted_observers():
+    """The digits CNN at W4A4: wmse's stage requests the weighted histograms and clips from
+    them (other ranges than mse's), and the exported model is checked as any other."""
+    import onnx_lapq
+    from conftest import digits
+    from onnx_lapq import QuantConfig
+    model, calibration = digits()
+    runs = {m: onnx_lapq.quantize(model, calibration, config=QuantConfig(weight_bits=4, act_bits=4, weights="nearest", method=m)) for m in ("mse", "wmse")}
+    ranges = {m: r.solution.ranges.activations for m, r in runs.items()}
+    assert ranges["wmse"].keys() == ranges["mse"].keys() and ranges["wmse"] != ranges["mse"]
+    assert runs["wmse"].report["config"]["method"] == "wmse"
