@@ -1,23 +1,23 @@
 """Mixed precision as a stage: each layer's weight width (and input width), chosen under a budget.
 
-The run's plan has every weight and activation at the widest candidate.  The stage measures,
-with loss evaluators that take any widths, the calibration loss increase of each layer at
-each narrower candidate with every other weight at the widest, and with candidate activation
-widths that of each activation group at each narrower one (its range chosen for that width
-by the run's calibrator, mse under lapq) (sensitivity.py; the probes run
-on the options' executor; where the run reconstructs weights, each probe's weight is
+The run's plan has every weight and activation at the widest candidate.  The stage
+measures, with loss evaluators that take any widths, the calibration loss increase of each
+layer at each narrower candidate with every other weight at the widest, and with candidate
+activation widths that of each activation group at each narrower one, its range chosen for
+that width by the run's calibrator, mse under lapq (sensitivity.py; the probes run on the
+options' executor; where the run reconstructs weights, each probe's weight is
 reconstructed for its width, probeweights.py; or, cheaper, a proxy from one random-noise
 probe per layer, noiseprobe.py), optionally the interactions of neighbouring layers
 (interactions.py), then solves the integer program of allocation.py over each layer's
-candidates (widthcosts.py): the least summed increase whose weights fit the budget (``target_size`` of the float32 weights' bytes, counting
-what the export stores: codes in their containers, scales and zero points; or ``target_bits``
-per weight on average, counting the grids' widths; or ``target_bops`` of the bit operations
-with float32 weights, bops.py, the budget under which input widths are chosen: layers
-reading one activation take one width for it).  Under an accuracy bound
-(``max_loss_increase``, ``max_loss_ratio`` against the widest model's loss) it bisects over
-the size budget, each step one allocation and one measurement of its loss, and keeps the
-smallest allocation within the bound.  Every allocation tried is in the record (the
-size/loss front, pareto.py).
+candidates (widthcosts.py): the least summed increase whose weights fit the budget
+(``target_size`` of the float32 weights' bytes, counting what the export stores: codes in
+their containers, scales and zero points; or ``target_bits`` per weight on average,
+counting the grids' widths; or ``target_bops`` of the bit operations with float32 weights,
+bops.py, the budget under which input widths are chosen: layers reading one activation
+take one width for it).  Under an accuracy bound (``max_loss_increase``,
+``max_loss_ratio`` against the widest model's loss) it bisects over the size budget, each
+step one allocation and one measurement of its loss, and keeps the smallest allocation
+within the bound.  Every allocation tried is in the record (the size/loss front, pareto.py).
 It returns the widths as the Solution's ``layer_bits``; the pipeline plans the model again
 at them before the later stages choose ranges.
 """
