@@ -12,11 +12,6 @@ An observer is a small class with ``update(values)`` and ``result()``, registere
 :data:`OBSERVERS`:
 
   * ``range``: count, exact min/max and a power-of-two histogram (:class:`stats.TensorStats`);
-  * ``weighted_range``: the same with each value counted by the weight its channel has in the
-    layers that read the tensor, Σ over their weights of w² along that input channel (an
-    error in a channel reaches their outputs scaled so; the channel axis is 1 for a
-    convolution's input, last for a Gemm's or MatMul's; weight 1 where no layer with a
-    constant weight reads the tensor);
   * ``channel_mean``: the mean of each channel (axis 1), E[x_c], which bias correction needs.
 """
 from __future__ import annotations
@@ -26,7 +21,6 @@ from typing import Any, Callable, Collection, Iterable, Mapping, Protocol
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 
 from .errors import CalibrationError, ConfigError
 from .runtime import session
@@ -56,24 +50,6 @@ class RangeObserver:
         return self.stats
 
 
-class WeightedRangeObserver:
-    """``weighted_range``: a weighted :class:`TensorStats`, each value counted by its channel's weight."""
-
-    def __init__(self, half_bins: int, weights: tuple[int, np.ndarray] | None):
-        self.stats = TensorStats(half_bins, weighted=True)
-        self.axis, self.weights = weights if weights is not None else (-1, np.ones(1))
-
-    def update(self, values: np.ndarray) -> None:
-        x = np.asarray(values, np.float32)
-        shape = [1] * x.ndim
-        if x.ndim and self.weights.size == x.shape[self.axis]:
-            shape[self.axis] = -1
-        self.stats.update(x, self.weights.reshape(shape) if -1 in shape else np.ones(1))
-
-    def result(self) -> TensorStats:
-        return self.stats
-
-
 class ChannelMean:
     """``channel_mean``: the mean of each channel along axis 1, from float64 sums of the
     float32 values (None when no value with a channel axis was seen)."""
@@ -97,12 +73,9 @@ class ChannelMean:
 
 # kind -> factory; every factory takes the pass's options as keywords and uses what it needs
 OBSERVERS: Mapping[str, Callable[..., Observer]] = {
-    "range": lambda *, half_bins, weights: RangeObserver(half_bins),
-    "weighted_range": lambda *, half_bins, weights: WeightedRangeObserver(half_bins, weights),
-    "channel_mean": lambda *, half_bins, weights: ChannelMean(),
+    "range": lambda *, half_bins: RangeObserver(half_bins),
+    "channel_mean": lambda *, half_bins: ChannelMean(),
 }
-WEIGHTED = "weighted_range"
-CHANNEL_AXIS = {"Conv": 1, "ConvTranspose": 1, "Gemm": -1, "MatMul": -1}  # a layer input's channel axis
 
 
 class Observations:
@@ -162,8 +135,7 @@ def observe(
     unknown = sorted({k for kinds in requests.values() for k in kinds} - set(OBSERVERS))
     if unknown:
         raise ConfigError(f"observer kind {unknown[0]!r} is unknown: use one of {', '.join(OBSERVERS)}")
-    weights = consumer_weights(model, [t for t, kinds in requests.items() if WEIGHTED in kinds])
-    observers = {t: {k: OBSERVERS[k](half_bins=half_bins, weights=weights.get(t)) for k in sorted(kinds)} for t, kinds in requests.items() if kinds}
+    observers = {t: {k: OBSERVERS[k](half_bins=half_bins) for k in sorted(kinds)} for t, kinds in requests.items() if kinds}
     tensors = list(observers)
     sess = session(model, outputs=tensors, arena="none") if tensors else None  # run sizes vary: no arena growth
     done, rows_per_run = 0, 1  # the first run is one sample, to learn how much one returns
@@ -187,42 +159,6 @@ def observe(
         if on_batch is not None:
             on_batch(done)
     return Observations(observers, done)
-
-
-def consumer_weights(model: onnx.ModelProto, tensors: Collection[str]) -> dict[str, tuple[int, np.ndarray]]:
-    """tensor -> (its channel axis, each channel's Σ w² over the constant weights of the layers
-    that read it as their first input), for those of ``tensors`` that such layers read."""
-    wanted = set(tensors)
-    constants = {t.name: t for t in model.graph.initializer}
-    out: dict[str, tuple[int, np.ndarray]] = {}
-    for node in model.graph.node:
-        if node.op_type not in CHANNEL_AXIS or not node.input or node.input[0] not in wanted or len(node.input) < 2 or node.input[1] not in constants:
-            continue
-        per_channel = _input_channel_weights(node, numpy_helper.to_array(constants[node.input[1]]).astype(np.float64) ** 2)
-        if per_channel is None:
-            continue
-        axis = CHANNEL_AXIS[node.op_type]
-        old = out.get(node.input[0])
-        if old is None:
-            out[node.input[0]] = (axis, per_channel)
-        elif old[0] == axis and old[1].shape == per_channel.shape:
-            out[node.input[0]] = (axis, old[1] + per_channel)
-    return out
-
-
-def _input_channel_weights(node: onnx.NodeProto, squares: np.ndarray) -> np.ndarray | None:
-    """Σ w² along each input channel of a layer's squared weight (None for another op or form)."""
-    attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
-    if node.op_type == "Gemm" and squares.ndim == 2 and not attrs.get("transA", 0):
-        return squares.sum(axis=0 if attrs.get("transB", 0) else 1)
-    if node.op_type == "MatMul" and squares.ndim >= 2:
-        return squares.reshape(-1, *squares.shape[-2:]).sum(axis=(0, 2))
-    if node.op_type == "Conv" and squares.ndim >= 3:  # [O, C/g, k...]: an output channel meets the inputs of its group only
-        summed = squares.sum(axis=tuple(range(2, squares.ndim)))
-        return summed.reshape(attrs.get("group", 1), -1, summed.shape[1]).sum(axis=1).ravel()
-    if node.op_type == "ConvTranspose" and squares.ndim >= 3:  # [C, O/g, k...]
-        return squares.sum(axis=tuple(range(1, squares.ndim)))
-    return None
 
 
 def _run(sess: ort.InferenceSession | None, tensors: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -17,7 +17,7 @@ from .bits import LayerBits
 from .errors import ConfigError
 from .nmmask import MASKS, parse_pattern
 
-CALIBRATORS = ("minmax", "percentile", "entropy", "mse", "wmse", "lp")  # per-tensor clipping methods (CalibrationOptions)
+CALIBRATORS = ("minmax", "percentile", "entropy", "mse", "lp")  # per-tensor clipping methods (CalibrationOptions)
 SEARCHES = ("powell", "coordinate")
 LOSSES = ("auto", "kl", "mse", "cosine", "ce")
 SEARCH_BIAS_CORRECTION = ("auto", "on", "off", "race")

@@ -3,10 +3,7 @@
 The histogram covers [-R, R) with ``2 * half_bins`` equal bins, where R is a power of
 two.  When a batch exceeds R, R doubles and adjacent bin pairs merge, which is exact,
 so the histogram never needs the data twice and memory never grows with the number
-of samples.  Two histograms merge exactly by coarsening the finer one.  A weighted
-histogram (``weighted=True``) counts each value with a weight given beside it (float
-counts; its ``count`` and ``zeros`` are weights too), such as the squared weights of the
-layer that reads the value's channel.
+of samples.  Two histograms merge exactly by coarsening the finer one.
 """
 from __future__ import annotations
 
@@ -25,41 +22,35 @@ class TensorStats:
     """Observer of one tensor: count, exact zeros, min, max and a symmetric power-of-two
     histogram."""
 
-    def __init__(self, half_bins: int = 2048, weighted: bool = False):
+    def __init__(self, half_bins: int = 2048):
         self.half_bins = half_bins
-        self.weighted = weighted
         self.count = 0
         self.zeros = 0
         self.min = math.inf
         self.max = -math.inf
         self.radius = 0.0
-        self.counts = np.zeros(2 * half_bins, np.float64 if weighted else np.int64)
+        self.counts = np.zeros(2 * half_bins, np.int64)
 
-    def update(self, x: np.ndarray, weights: np.ndarray | None = None) -> None:
-        """Fold a batch of values into the statistics (a weighted histogram takes ``weights``,
-        broadcastable to ``x``)."""
-        x = np.asarray(x, np.float32)
+    def update(self, x: np.ndarray) -> None:
+        """Fold a batch of values into the statistics."""
+        x = np.asarray(x, np.float32).ravel()
         if x.size == 0:
             return
-        if self.weighted != (weights is not None):
-            raise ValueError("a weighted histogram takes weights with its values, an unweighted one none")
-        w = None if weights is None else np.broadcast_to(np.asarray(weights, np.float64), x.shape).ravel()
-        x = x.ravel()
         lo, hi = float(x.min()), float(x.max())
-        self.count += x.size if w is None else float(w.sum())
-        self.zeros += int(np.count_nonzero(x == 0)) if w is None else float(w[x == 0].sum())
+        self.count += x.size
+        self.zeros += int(np.count_nonzero(x == 0))
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         self._grow_to(max(-lo, hi))
         width = self.radius / self.half_bins
         idx = np.floor(x.astype(np.float64) / width).astype(np.int64) + self.half_bins
         np.clip(idx, 0, 2 * self.half_bins - 1, out=idx)
-        self.counts += np.bincount(idx, weights=w, minlength=2 * self.half_bins)
+        self.counts += np.bincount(idx, minlength=2 * self.half_bins)
 
     def merge(self, other: "TensorStats") -> "TensorStats":
-        """A new observer holding the statistics of both (same bin count, both weighted or neither)."""
-        if other.half_bins != self.half_bins or other.weighted != self.weighted:
-            raise ValueError("cannot merge histograms with different bin counts or weighting")
-        out = TensorStats(self.half_bins, self.weighted)
+        """A new observer holding the statistics of both (same bin count)."""
+        if other.half_bins != self.half_bins:
+            raise ValueError("cannot merge histograms with different bin counts")
+        out = TensorStats(self.half_bins)
         out.count = self.count + other.count
         out.zeros = self.zeros + other.zeros
         out.min, out.max = min(self.min, other.min), max(self.max, other.max)
@@ -86,7 +77,7 @@ class TensorStats:
         group = min(int(round(radius / self.radius)), n)
         neg = self.counts[:n][::-1].reshape(-1, group).sum(axis=1)
         pos = self.counts[n:].reshape(-1, group).sum(axis=1)
-        out = np.zeros(2 * n, self.counts.dtype)
+        out = np.zeros(2 * n, np.int64)
         out[n - neg.size:n] = neg[::-1]
         out[n:n + pos.size] = pos
         return out

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 
 import onnx_lapq.observe as observe_module
 from onnx_lapq.errors import ConfigError
-from onnx_lapq.observe import OBSERVERS, consumer_weights, observe
+from onnx_lapq.observe import OBSERVERS, observe
 
 
 def _whole(model, batches, names):
@@ -37,9 +37,9 @@ def test_two_kinds_on_one_tensor_and_one_kind_on_another():
 
 
 def test_an_unknown_kind_is_a_config_error_naming_the_known_ones():
-    with pytest.raises(ConfigError, match="'gramm' is unknown: use one of range, weighted_range, channel_mean"):
+    with pytest.raises(ConfigError, match="'gramm' is unknown: use one of range, channel_mean"):
         observe(conv_chain_model(), {"relu1": {"range", "gramm"}}, [], half_bins=64)
-    assert set(OBSERVERS) == {"range", "weighted_range", "channel_mean"}
+    assert set(OBSERVERS) == {"range", "channel_mean"}
 
 
 def test_results_do_not_depend_on_the_batch_split_or_the_run_size(monkeypatch):
@@ -75,46 +75,3 @@ def test_padding_is_masked_out():
     real = x[mask == 1]
     assert observed.range("h").max == real.max() < 100.0 and observed.range("h").count == real.size
     np.testing.assert_allclose(observed.channel_mean("h"), real.astype(np.float64).mean(axis=0), rtol=1e-12)
-
-
-def test_a_weighted_range_counts_each_value_by_the_squared_weights_that_read_its_channel():
-    """``relu1`` is read by conv2 (weight [6, 4, 3, 3]): each value of channel c counts
-    Σ_{o, taps} w[o, c]²; the histogram is numpy's weighted one on the same bins."""
-    from onnx import numpy_helper
-    model = conv_chain_model()
-    batches = random_inputs(model, 24, batch=8)
-    observed = observe(model, {"relu1": ["weighted_range"]}, batches, half_bins=64)
-    weight = next(numpy_helper.to_array(t) for t in model.graph.initializer
-                  if t.name == next(n.input[1] for n in model.graph.node if n.input and n.input[0] == "relu1"))
-    g = (weight.astype(np.float64) ** 2).sum(axis=(0, 2, 3))
-    axis, found = consumer_weights(model, ["relu1"])["relu1"]
-    assert axis == 1
-    np.testing.assert_allclose(found, g, rtol=1e-12)
-    values = _whole(model, batches, ["relu1"])["relu1"]
-    stats = observed.get("weighted_range", "relu1")
-    per_value = np.broadcast_to(g.reshape(1, -1, 1, 1), values.shape)
-    assert stats.count == pytest.approx(per_value.sum(), rel=1e-9) and stats.zeros == pytest.approx(per_value[values == 0].sum(), rel=1e-9)
-    expected, _ = np.histogram(values.astype(np.float64), bins=stats.edges, weights=per_value)
-    np.testing.assert_allclose(stats.counts, expected, rtol=1e-9, atol=1e-9)
-
-
-def test_consumer_weights_follow_each_layers_input_channels():
-    """A grouped convolution's weights reach only their group's input channels; a Gemm with
-    transB sums its rows, a MatMul its columns; several readers add up."""
-    from onnx import numpy_helper
-    rng = np.random.default_rng(0)
-    conv_w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)  # group 2 over 4 input channels
-    gemm_w = rng.standard_normal((5, 4)).astype(np.float32)  # transB: [N, K]
-    mm_w = rng.standard_normal((4, 3)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "cw"], ["y"], group=2, pads=[1, 1, 1, 1]),
-         helper.make_node("Gemm", ["v", "gw"], ["g"], transB=1), helper.make_node("MatMul", ["v", "mw"], ["m"])],
-        "readers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5]), helper.make_tensor_value_info("v", TensorProto.FLOAT, [2, 4])],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "g", "m")],
-        [numpy_helper.from_array(conv_w, "cw"), numpy_helper.from_array(gemm_w, "gw"), numpy_helper.from_array(mm_w, "mw")],
-    )
-    found = consumer_weights(helper.make_model(graph), ["x", "v"])
-    squares = conv_w.astype(np.float64) ** 2
-    conv_g = np.concatenate([squares[:2].sum(axis=(0, 2, 3)), squares[2:].sum(axis=(0, 2, 3))])
-    assert found["x"][0] == 1 and np.allclose(found["x"][1], conv_g)
-    assert found["v"][0] == -1 and np.allclose(found["v"][1], (gemm_w.astype(np.float64) ** 2).sum(axis=0) + (mm_w.astype(np.float64) ** 2).sum(axis=1))

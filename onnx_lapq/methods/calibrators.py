@@ -1,9 +1,7 @@
 """Per-tensor calibrators as a stage: the clipping range of every site from its own statistics.
 
 Activation groups are clipped from their streamed histograms (clip.activation_range:
-minmax, percentile, entropy, mse or lp; wmse is mse on the histogram whose values count by
-the weight their channel has in the layers that read it, observe.py's ``weighted_range``:
-the error as those layers' outputs see it), weights exactly on their values
+minmax, percentile, entropy, mse or lp), weights exactly on their values
 (clip.weight_range), each site on its own: the 8-bit regime, where the loss landscape
 over clipping values is flat and separable.  Biases get the magnitude their int32 grid
 must hold, with room for bias correction to move them.
@@ -16,7 +14,6 @@ from typing import ClassVar
 import numpy as np
 
 from .. import clip
-from ..observe import WEIGHTED
 from ..options import CalibrationOptions
 from ..params import BIAS_HEADROOM, SiteRanges
 from ..plan import QuantPlan
@@ -26,14 +23,11 @@ from ..stats import TensorStats
 from .base import RunContext, StageRecord
 
 RANGE = "range"  # the observer kind of min/max and histograms
-WEIGHTED_METHODS = {"wmse": "mse"}  # calibrator -> the histogram method it runs on the weighted histogram
 
 
-def activation_observers(plan: QuantPlan, method: str) -> dict[str, frozenset[str]]:
-    """The statistics calibrator ``method`` reads (or any other name, the ranges a stage keeps
-    for later ones): the range and histogram of every activation site, weighted for wmse."""
-    kinds = frozenset({RANGE, WEIGHTED}) if method in WEIGHTED_METHODS else frozenset({RANGE})
-    return {a.tensor: kinds for a in plan.activations}
+def activation_observers(plan: QuantPlan) -> dict[str, frozenset[str]]:
+    """The statistics a calibrator reads: the range and histogram of every activation site."""
+    return {a.tensor: frozenset({RANGE}) for a in plan.activations}
 
 
 def choose_ranges(
@@ -44,12 +38,11 @@ def choose_ranges(
     default ``options.lp_norm``; weights by ``weight_method`` where given); the weights' values
     come from ``solution``, and a weight on a grid a method fixed (``solution.weight_grids``) keeps it."""
     p = options.lp_norm if lp_norm is None else lp_norm
-    kind, histogram_method = (WEIGHTED, WEIGHTED_METHODS[method]) if method in WEIGHTED_METHODS else (RANGE, method)
     acts = {}
     for group in plan.groups:
-        members = [stats.get(kind, a.tensor) for a in plan.activations if a.group == group]
+        members = [stats.range(a.tensor) for a in plan.activations if a.group == group]
         acts[group] = clip.activation_range(
-            _merged(members), histogram_method, plan.group_bits(group), percentile=options.percentile, p=p, symmetric=act_symmetric,
+            _merged(members), method, plan.group_bits(group), percentile=options.percentile, p=p, symmetric=act_symmetric,
         )
     weight_ranges = {
         site.tensor: solution.weight_grids.get(site.tensor) or clip.weight_range(
@@ -81,7 +74,7 @@ class Calibrate:
         return self.method
 
     def observers(self, plan: QuantPlan, config) -> dict[str, frozenset[str]]:
-        return activation_observers(plan, self.method)
+        return activation_observers(plan)
 
     def run(self, context: RunContext, solution: Solution) -> tuple[Solution, StageRecord]:
         config = context.config

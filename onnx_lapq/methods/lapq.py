@@ -44,7 +44,7 @@ class Lapq:
     keeps_batches: ClassVar[bool] = True
 
     def observers(self, plan: QuantPlan, config) -> dict[str, frozenset[str]]:
-        return activation_observers(plan, config.method)
+        return activation_observers(plan)
 
     def run(self, context: RunContext, solution: Solution) -> tuple[Solution, LapqRecord]:
         config, options, plan = context.config, context.config.lapq, context.plan

@@ -101,7 +101,7 @@ class MixedPrecision:
     keeps_batches: ClassVar[bool] = True
 
     def observers(self, plan: QuantPlan, config) -> dict[str, frozenset[str]]:
-        return activation_observers(plan, config.method)
+        return activation_observers(plan)
 
     def run(self, context: RunContext, solution: Solution) -> tuple[Solution, MixedPrecisionRecord]:
         started = time.perf_counter()

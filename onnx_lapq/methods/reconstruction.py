@@ -113,7 +113,7 @@ class Reconstruct:
         return self.solver
 
     def observers(self, plan: QuantPlan, config) -> dict[str, frozenset[str]]:
-        return activation_observers(plan, config.method)
+        return activation_observers(plan)
 
     def run(self, context: RunContext, solution: Solution) -> tuple[Solution, ReconstructionRecord]:
         config, plan, options = context.config, context.plan, context.config.reconstruction
