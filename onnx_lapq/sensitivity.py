@@ -9,8 +9,9 @@ for that width), every other site as the plan has it:
 and likewise for every activation group (:func:`activation_sensitivities`).  One loss
 evaluator per worker serves its probes: it takes all weights dequantized, as float graph
 inputs, and every activation behind a Clip in an 8-bit container
-(``LossEvaluator(any_widths=True)``), so a width is a change of the values fed, and each probe runs only the graph after the cut before the probed layer, the
-same numbers from any cut.  Probes are independent: an executor (executor.py) runs them in
+(``LossEvaluator(any_widths=True)``), so a width is a change of the values fed, and each
+probe runs only the graph after the cut before the probed layer, the same numbers from any
+cut.  Probes are independent: an executor (executor.py) runs them in
 this process, in local worker processes or on Ray, handing them out from the last layer to
 the first, so that restoring one layer's weight never reruns more than the next probe runs
 anyway.  :func:`pair_interactions` measures ΔL({l, m}) − ΔL(l) − ΔL(m) for chosen pairs of
