@@ -86,11 +86,13 @@ def sizes(solution: Solution, sites: list[WeightSite], candidates: Candidates, o
     """(size of each site at each candidate [sites, candidates], the budget, the float32
     weights' size, the unit): "bytes" as stored, "bits" (the grids' bits / 8, ``target_bits``)
     or "bops" (``target_bops``: ``macs`` × weight bits × input bits, ``in_bits`` the plan's
-    where the candidate sets none; the whole in float32 weights at the plan's input widths);
+    where the candidate or the layer's input sets none; the whole in float32 weights at the
+    plan's input widths);
     an accuracy bound's budget is every site at its widest."""
     if macs is not None:
         full = FLOAT_BITS * float((macs * in_bits).sum())
-        table = np.array([[m * w * (a if a is not None else b) for w, a in candidates.pairs] for m, b in zip(macs, in_bits)])
+        table = np.array([[m * w * (a if a is not None and g is not None else b) for w, a in candidates.pairs]
+                          for m, b, g in zip(macs, in_bits, candidates.groups)])
         return table, options.target_bops * full, full, "bops"
     count = sum(solution.weights[s.tensor].size for s in sites)
     float_bytes = 4.0 * count
