@@ -219,8 +219,9 @@ def test_a_bops_budget_counts_each_layers_multiply_accumulates():
 def test_input_widths_are_chosen_with_the_weights_under_a_bops_budget():
     """Candidate activation widths (--act-bits 4,8) join the allocation under a BOPs budget:
     the exported model holds the chosen widths (weights and layer inputs), its bit operations
-    stay within the budget, the activation probes are in the record; a size budget cannot
-    price input widths, a budget under every layer at its narrowest pair names the least."""
+    stay within the budget, the activation probes are in the record and the same from the
+    local workers as inline; a size budget cannot price input widths, a budget under every
+    layer at its narrowest pair names the least."""
     from onnx_lapq.bops import FLOAT_BITS, layer_macs
     model, calibration = digits()
     options = MixedPrecisionOptions(candidate_bits=(4, 8), candidate_act_bits=(4, 8), target_bops=0.09)
@@ -237,6 +238,10 @@ def test_input_widths_are_chosen_with_the_weights_under_a_bops_budget():
     used = sum(m * facts[s.node].weight_bits * facts[s.node].act_bits for s, m in zip(sites, macs))
     assert used <= 0.09 * FLOAT_BITS * 8 * macs.sum() * (1 + 1e-9)
     assert "inputs" in record.summary()
+    options_inline = MixedPrecisionOptions(candidate_bits=(4, 8), candidate_act_bits=(4, 8), target_bops=0.09, executor="inline")
+    inline = onnx_lapq.quantize(model, calibration, config=QuantConfig(weights="nearest", method="mse", mixed_precision=options_inline))
+    assert _record(inline).act_sensitivities == record.act_sensitivities  # the local workers' probes, bit for bit
+    assert inline.model.SerializeToString() == result.model.SerializeToString()
     from onnx_lapq.bits import bits_file_text
     written = json.loads(bits_file_text(result.plan, result.config.layer_bits))["layers"]
     assert {n: e["act_bits"] for n, e in written.items() if "act_bits" in e} == record.act_widths  # --bits-out keeps them
