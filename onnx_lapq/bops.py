@@ -37,10 +37,8 @@ def layer_macs(model: onnx.ModelProto, sites: list[WeightSite], weights: dict[st
 
 
 def input_bits(plan: QuantPlan, model: onnx.ModelProto, sites: list[WeightSite]) -> np.ndarray:
-    """The width of each site's layer input ([sites]): its activation site's bits, else FLOAT_BITS."""
-    nodes = {n.name: n for n in model.graph.node}
-    bits = {a.tensor: a.bits for a in plan.activations}
-    return np.asarray([bits.get(nodes[s.node].input[0], FLOAT_BITS) for s in sites], np.float64)
+    """The width of each site's layer input ([sites]): its activation group's bits, else FLOAT_BITS."""
+    return np.asarray([FLOAT_BITS if g is None else plan.group_bits(g) for g in input_groups(plan, model, sites)], np.float64)
 
 
 def input_groups(plan: QuantPlan, model: onnx.ModelProto, sites: list[WeightSite]) -> list[str | None]:

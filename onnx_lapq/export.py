@@ -134,6 +134,7 @@ def qdq_tensors(
     """
     floats = solution.values(plan, params, sites)
     weight_names = {w.tensor for w in plan.weights}
+    any_width = fed and any_widths
     out: dict[str, tuple[np.ndarray, int]] = {}
     for name in [w.tensor for w in plan.weights] + [b.tensor for b in plan.biases]:
         if sites is not None and name not in sites:
@@ -142,7 +143,7 @@ def qdq_tensors(
         values = floats[name]
         if qp.fmt.bits == 32 and not fed and np.any(np.abs(np.rint(values / broadcast(qp.scale, values.shape, qp.axis, None))) > qp.fmt.qmax):
             log.warning("bias %s overflows int32 at scale s_in*s_w; it saturates", name)
-        if fed and name in weight_names and (any_widths or container(qp.fmt) in FOUR_BIT):
+        if fed and name in weight_names and (any_width or container(qp.fmt) in FOUR_BIT):
             out[f"{name}_DequantizeLinear_Output"] = _entry(fake_quantize(values, qp.scale, qp.zero_point, qp.fmt, qp.axis, qp.block_size), None)
             continue
         codes = quantize(values, qp.scale, qp.zero_point, qp.fmt, qp.axis, qp.block_size)
@@ -153,11 +154,11 @@ def qdq_tensors(
         t, qp = site.tensor, params[site.tensor]
         if sites is not None and t not in sites:
             continue
-        if (fed and any_widths) or _clipped(site, qp):
+        if any_width or _clipped(site, qp):
             out[f"{t}_clip_min"] = _entry((qp.fmt.qmin - int(qp.zero_point)) * float(qp.scale), None)
             out[f"{t}_clip_max"] = _entry((qp.fmt.qmax - int(qp.zero_point)) * float(qp.scale), None)
         out[f"{t}_scale"] = _entry(qp.scale, None)
-        out[f"{t}_zero_point"] = _entry(qp.zero_point, qp.fmt, (fed and any_widths) or _wide(site, qp))
+        out[f"{t}_zero_point"] = _entry(qp.zero_point, qp.fmt, any_width or _wide(site, qp))
     return out
 
 

@@ -110,8 +110,8 @@ def _export(graph: gs.Graph) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
     graph, then the graph into the model); this way the caller copies it once."""
     originals = []
     for tensor in graph.tensors().values():
-        values = getattr(tensor, "_values", None)  # a Constant's values, read lazily from a TensorProto
-        if isinstance(values, gs.ir.tensor.LazyValues) and is_large(values.tensor):
+        values = _lazy(tensor)
+        if values is not None and is_large(values.tensor):
             originals.append((tensor, values, values.tensor))
             values.tensor = stub_of(values.tensor)
     try:
@@ -126,14 +126,21 @@ def _attach(graph: gs.Graph, tensors: list[onnx.TensorProto]) -> None:
     """Make the constants of ``graph`` imported from stubs read ``tensors`` (by name) instead."""
     by_name = {t.name: t for t in tensors}
     for name, tensor in graph.tensors().items():
-        values = getattr(tensor, "_values", None)
-        if isinstance(values, gs.ir.tensor.LazyValues) and name in by_name:
+        values = _lazy(tensor)
+        if values is not None and name in by_name:
             values.tensor = by_name[name]
             tensor.data_location = by_name[name].data_location if by_name[name].HasField("data_location") else None
 
 
+def _lazy(tensor) -> gs.ir.tensor.LazyValues | None:
+    """A Constant's values where it still reads them from its TensorProto (onnx-graphsurgeon's
+    ``_values``), else None (a variable, or values a fold made)."""
+    values = getattr(tensor, "_values", None)
+    return values if isinstance(values, gs.ir.tensor.LazyValues) else None
+
+
 def _named(tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
-    """``tensor`` under ``name`` (a renamed copy's header over the same data where the name differs)."""
+    """``tensor`` under ``name``: itself, or a renamed copy (data included) where the name differs."""
     if tensor.name == name:
         return tensor
     renamed = onnx.TensorProto()

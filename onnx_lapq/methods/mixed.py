@@ -167,8 +167,8 @@ class MixedPrecision:
 
 
 def _act_ranges(solution: Solution, plan: QuantPlan, stats, method: str, config, bits: int) -> dict[str, tuple[float, float]]:
-    """Each activation group's range chosen by ``method`` for a grid of ``bits``."""
-    narrowed = replace(plan, activations=tuple(replace(a, bits=bits) for a in plan.activations))
+    """Each activation group's range chosen by ``method`` for a grid of ``bits`` (the weights' are not wanted)."""
+    narrowed = replace(plan, weights=(), biases=(), activations=tuple(replace(a, bits=bits) for a in plan.activations))
     return choose_ranges(solution, narrowed, stats, method, config.calibration, weight_symmetric=config.symmetric_weights,
                          act_symmetric=config.act_symmetric, weight_method=config.reconstruction.weight_clipping).activations
 
